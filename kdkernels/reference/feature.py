@@ -1,0 +1,3 @@
+"""placeholder: being written"""
+def projected_mse(*a, **k):
+    raise NotImplementedError

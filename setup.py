@@ -1,0 +1,63 @@
+"""Build kdkernels' two extension modules.
+
+* ``kdkernels._C``      C++ CPU kernels and every op schema. Always built.
+* ``kdkernels._C_cuda`` C++/CUDA kernels. Built when nvcc and a CUDA build of torch are present,
+  decided without ``torch.cuda.is_available()`` so it builds on machines without a GPU.
+  Set ``KDKERNELS_SKIP_CUDA=1`` to skip it. ``TORCH_CUDA_ARCH_LIST`` defaults to Hopper (9.0).
+
+Install with ``pip install -e . --no-build-isolation`` (an isolated build would fetch another torch).
+"""
+import glob
+import os
+
+import torch
+from setuptools import setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+INCLUDE = [os.path.join(ROOT, "csrc", "include")]
+
+
+def _rel(paths):
+    return sorted(os.path.relpath(p, ROOT) for p in paths)
+
+
+def cuda_build_wanted() -> bool:
+    if os.environ.get("KDKERNELS_SKIP_CUDA", "0") == "1":
+        return False
+    if torch.version.cuda is None:  # CPU-only torch: nothing to link a CUDA module against
+        return False
+    home = cpp_extension.CUDA_HOME
+    return home is not None and os.path.exists(os.path.join(home, "bin", "nvcc"))
+
+
+def extensions():
+    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    exts = [
+        cpp_extension.CppExtension(
+            "kdkernels._C",
+            _rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))),
+            include_dirs=INCLUDE,
+            define_macros=[("KDKERNELS_MODULE_NAME", "_C")],
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"],
+        )
+    ]
+    if cuda_build_wanted():
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+        exts.append(
+            cpp_extension.CUDAExtension(
+                "kdkernels._C_cuda",
+                _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) + [os.path.join(ROOT, "csrc", "python_module.cpp")]),
+                include_dirs=INCLUDE,
+                define_macros=[("KDKERNELS_MODULE_NAME", "_C_cuda")],
+                extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+            )
+        )
+    return exts
+
+
+setup(
+    ext_modules=extensions(),
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)
