@@ -1,0 +1,20 @@
+"""kdkernels: fused, memory-lean knowledge-distillation losses for PyTorch.
+
+Response-based (softmax-KL: forward, reverse, JSD), feature-based (projected MSE) and
+relation-based (RKD distance / angle, similarity-preserving) losses, each as a functional
+(``kdkernels.functional``) and an ``nn.Module``, on the backends "torch" (eager reference),
+"cpu" (C++), "cuda" (C++/CUDA) and "triton".
+"""
+from kdkernels import backends, functional, ops, reference  # noqa: F401  (ops registers the dispatcher ops)
+from kdkernels.modules import (
+    ProjectedMSELoss,
+    RKDAngleLoss,
+    RKDDistanceLoss,
+    RKDLoss,
+    SimilarityPreservingLoss,
+    SoftmaxKLDivLoss,
+)
+
+__version__ = "0.1.0"
+__all__ = ["functional", "backends", "reference", "SoftmaxKLDivLoss", "ProjectedMSELoss", "RKDDistanceLoss",
+           "RKDAngleLoss", "SimilarityPreservingLoss", "RKDLoss"]

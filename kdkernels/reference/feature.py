@@ -1,3 +1,51 @@
-"""placeholder: being written"""
-def projected_mse(*a, **k):
-    raise NotImplementedError
+"""Reference projected MSE (DESIGN §2.2): a FitNets-style hint through a linear / 1x1-conv regressor."""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from kdkernels.reference._dtypes import opmath_dtype
+
+REDUCTIONS = ("mean", "sum", "batchmean")
+
+
+def projected_mse(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    feature_dim: int = -1,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """``reduce((x W^T + b - t)^2)``, the projection applied along ``feature_dim``.
+
+    Shapes (the feature axis is ``feature_dim``; ``...`` are all the other dims, in order):
+      student ``x``: (..., Ds, ...)   teacher ``t``: (..., Dt, ...), same other dims as ``x``
+      weight  ``W``: (Dt, Ds)         bias ``b``: (Dt,) or None
+      returns: () — a 0-d tensor.
+    With ``feature_dim=1`` and an (N, Ds, H, W) map this is a 1x1 convolution per pixel.
+
+    Reductions: "mean" — mean over every element of ``(y - t)^2`` (= ``F.mse_loss``; NaN for an
+    empty input, as there); "sum"; "batchmean" — the sum divided by the number of feature vectors
+    ``rows = t.numel() / Dt`` (every dim except ``feature_dim``), clamped to at least 1 like the
+    softmax-KL "batchmean", so an empty input gives 0.
+
+    Op-math (and the loss dtype) is float64 if any of ``x``, ``t``, ``W``, ``b`` is float64, else
+    float32 (bf16 / fp16 inputs are upcast). Gradients reach ``x``, ``W``, ``b`` and ``t`` (when
+    they require grad) through autograd, each in its own dtype. No validation here.
+    """
+    tensors = [student, teacher, weight] + ([] if bias is None else [bias])
+    dt = opmath_dtype(functools.reduce(torch.promote_types, [a.dtype for a in tensors]))
+    x = student.to(dt).movedim(feature_dim, -1)  # (..., Ds)
+    t = teacher.to(dt).movedim(feature_dim, -1)  # (..., Dt)
+    y = F.linear(x, weight.to(dt), None if bias is None else bias.to(dt))  # (..., Dt)
+    sq = (y - t).square()
+    if reduction == "mean":
+        return sq.mean()
+    total = sq.sum()
+    if reduction == "sum":
+        return total
+    rows = t.numel() // t.shape[-1] if t.shape[-1] else 0  # "batchmean"
+    return total / max(1, rows)

@@ -1,4 +1,104 @@
-"""placeholder: being written"""
-def rkd_distance(*a, **k):
-    raise NotImplementedError
-rkd_angle = similarity_preserving = rkd_distance
+"""Reference relation losses (DESIGN §2.3): RKD distance, RKD angle, similarity-preserving (SP).
+
+Shapes: ``student`` (B, ...) and ``teacher`` (B, ...) are flattened from dim 1 to (B, Ds) and
+(B, Dt); Ds and Dt may differ. Every loss returns a 0-d tensor. The teacher side is computed
+detached under ``torch.no_grad()``: it never receives a gradient. Op-math (and the loss dtype) is
+float64 if either input is float64, else float32. These materialise the B x B (distance, SP) and
+B x B x D / B x B x B (angle) tensors that the fused kernels avoid. No validation here (B >= 2 and
+the reductions are checked by ``kdkernels.functional``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kdkernels.reference._dtypes import opmath_dtype
+
+EPS = 1e-12
+
+
+def _flatten(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, ...), (B, ...) -> (B, Ds) student in the graph, (B, Dt) teacher detached; op-math dtype."""
+    dt = opmath_dtype(torch.promote_types(student.dtype, teacher.dtype))
+    return student.reshape(student.shape[0], -1).to(dt), teacher.detach().reshape(teacher.shape[0], -1).to(dt)
+
+
+def normalized_distances(e: torch.Tensor) -> torch.Tensor:
+    """(B, D) embeddings -> (B, B) distances ``d / mu``.
+
+    ``d_ij = sqrt(max(||e_i - e_j||^2, 1e-12))`` for i != j and ``d_ii = 0`` exactly. The squared
+    distance is the spec's ``||e_i||^2 + ||e_j||^2 - 2 e_i.e_j``, but computed here from the
+    differences (``cdist`` without the matmul trick), so it carries no Gram-expansion cancellation:
+    this is the accurate value the kernels are held to.
+
+    ``mu = mean{d_ij : d_ij > 0}``. Because of the clamp every off-diagonal d is >= sqrt(1e-12) =
+    1e-6 > 0 (also in float32, where that is a normal number), so the set is exactly the B(B-1)
+    off-diagonal entries and ``mu >= 1e-6`` is never 0 for finite input. Duplicate rows are at
+    distance 1e-6, and if every row is the same, ``mu = 1e-6`` and ``d / mu = 1`` off the diagonal
+    (all pairs equally far): finite, and what the original RKD code gives. The count is a tensor
+    op (no boolean indexing, no host sync); NaN input gives a NaN loss.
+    """
+    sq = torch.cdist(e, e, compute_mode="donot_use_mm_for_euclid_dist").square()  # (B, B)
+    d = sq.clamp_min(EPS).sqrt()
+    eye = torch.eye(e.shape[0], dtype=torch.bool, device=e.device)
+    d = d.masked_fill(eye, 0.0)
+    mu = d.sum() / (d > 0).sum()
+    return d / mu
+
+
+def angles(e: torch.Tensor) -> torch.Tensor:
+    """(B, D) embeddings -> (B, B, B) cosines ``psi[i, j, k] = <u_ij, u_ik>``.
+
+    ``u_ij = (e_j - e_i) / max(||e_j - e_i||, 1e-12)``, so ``u_ii = 0`` and a duplicate pair gives
+    ``u_ij = 0`` (zero gradient there, not NaN).
+    """
+    diff = e.unsqueeze(0) - e.unsqueeze(1)  # (B, B, D): diff[i, j] = e_j - e_i
+    u = F.normalize(diff, p=2.0, dim=2, eps=EPS)
+    return torch.bmm(u, u.transpose(1, 2))
+
+
+def normalized_gram(f: torch.Tensor) -> torch.Tensor:
+    """(B, D) features -> (B, B) ``G = F F^T`` with row i divided by ``max(||G_i||_2, 1e-12)``.
+
+    L2 row norm (the SP paper's / RepDistiller's form), not torchdistill's L1. An all-zero row of
+    ``F`` gives an all-zero row of the result.
+    """
+    return F.normalize(f @ f.T, p=2.0, dim=1, eps=EPS)
+
+
+def rkd_distance(student: torch.Tensor, teacher: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """RKD distance loss: smooth-L1 (beta = 1) between ``d_s / mu_s`` and ``d_t / mu_t``, (B, B) each.
+
+    student (B, ...), teacher (B, ...) -> (). "mean" averages over all B^2 entries (the diagonal,
+    0 vs 0, included); "sum" sums them. The student's ``mu`` is part of the graph.
+    """
+    s, t = _flatten(student, teacher)
+    with torch.no_grad():
+        dt_hat = normalized_distances(t)
+    return F.smooth_l1_loss(normalized_distances(s), dt_hat, reduction=reduction, beta=1.0)
+
+
+def rkd_angle(student: torch.Tensor, teacher: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """RKD angle loss: smooth-L1 (beta = 1) between the (B, B, B) ``psi_s`` and ``psi_t``.
+
+    student (B, ...), teacher (B, ...) -> (). "mean" averages over all B^3 entries (those with
+    j == i or k == i are 0 on both sides and included); "sum" sums them.
+    """
+    s, t = _flatten(student, teacher)
+    with torch.no_grad():
+        psi_t = angles(t)
+    return F.smooth_l1_loss(angles(s), psi_t, reduction=reduction, beta=1.0)
+
+
+def similarity_preserving(student: torch.Tensor, teacher: torch.Tensor, reduction: str = "batchmean") -> torch.Tensor:
+    """SP loss ``||G^_t - G^_s||_F^2`` over the (B, B) row-normalised Gram matrices.
+
+    student (B, ...), teacher (B, ...) -> (). "batchmean" divides by B^2 (default); "sum" does not.
+    """
+    s, t = _flatten(student, teacher)
+    with torch.no_grad():
+        g_t = normalized_gram(t)
+    total = (g_t - normalized_gram(s)).square().sum()
+    if reduction == "sum":
+        return total
+    return total / (s.shape[0] * s.shape[0])  # "batchmean"

@@ -6,7 +6,7 @@ import math
 import torch
 
 from kdkernels._reduction import reduce_rows
-from kdkernels.reference._dtypes import opmath_dtype
+from kdkernels._dtypes import opmath_dtype
 
 DIVERGENCES = ("forward", "reverse", "jsd")
 

@@ -1,0 +1,81 @@
+"""Argument checks shared by every loss (DESIGN §2.4): errors name the argument and what was expected."""
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+
+import torch
+
+FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_float_tensor(name: str, x: object) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOATING_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got {x.dtype}")
+    return x
+
+
+def check_same_dtype(**tensors: torch.Tensor) -> None:
+    names = list(tensors)
+    first = tensors[names[0]]
+    for n in names[1:]:
+        if tensors[n].dtype != first.dtype:
+            raise TypeError(f"{n} must have the same dtype as {names[0]} ({first.dtype}), got {tensors[n].dtype}")
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    present = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = present[0]
+    for n, t in present[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{n} must be on the same device as {first_name} ({first.device}), got {t.device}")
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_real(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def check_positive(name: str, value: object) -> float:
+    v = check_real(name, value)
+    if not v > 0:  # also rejects NaN
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    return v
+
+
+def check_open_unit_interval(name: str, value: object) -> float:
+    v = check_real(name, value)
+    if not 0 < v < 1:
+        raise ValueError(f"{name} must be in the open interval (0, 1), got {value!r}")
+    return v
+
+
+def check_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return int(value)
+
+
+def check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def check_same_shape(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{name_b} must have the same shape as {name_a} {tuple(a.shape)}, got {tuple(b.shape)}")
+
+
+def check_min_dim(name: str, x: torch.Tensor, ndim: int, what: str) -> None:
+    if x.dim() < ndim:
+        raise ValueError(f"{name} must have at least {ndim} dimension(s) ({what}), got shape {tuple(x.shape)}")

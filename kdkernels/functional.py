@@ -1,0 +1,185 @@
+"""Functional distillation losses: validate the inputs, pick a backend, run, reduce.
+
+Every function takes ``backend="auto"`` (see kdkernels.backends) and returns a float32 loss
+(float64 for float64 inputs); gradients come back in each input's own dtype.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from kdkernels import backends, reference
+from kdkernels import _validation as v
+from kdkernels._reduction import ROW_REDUCTIONS, reduce_rows
+from kdkernels.ops import response as response_ops
+
+__all__ = ["softmax_kl_div", "projected_mse", "rkd_distance", "rkd_angle", "similarity_preserving"]
+
+FEATURE_REDUCTIONS = ("mean", "sum", "batchmean")
+RKD_REDUCTIONS = ("mean", "sum")
+SP_REDUCTIONS = ("batchmean", "sum")
+
+
+def softmax_kl_div(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    divergence: str = "forward",
+    beta: float = 0.5,
+    reduction: str = "batchmean",
+    labels: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    t2_scale: bool = True,
+    backend: str = "auto",
+) -> Tensor:
+    """Temperature softmax-KL between student and teacher logits (DESIGN §2.1).
+
+    Args:
+        student_logits: (..., V) raw student logits; gradients flow here.
+        teacher_logits: (..., V) raw teacher logits, same shape and dtype; they get a gradient too
+            if they require one (mutual learning).
+        temperature: T > 0; both distributions are softmax(logits / T).
+        divergence: "forward" = KL(teacher || student) (Hinton), "reverse" = KL(student || teacher),
+            "jsd" = beta KL(q || m) + (1 - beta) KL(p || m), m = beta q + (1 - beta) p.
+        beta: in (0, 1), used by "jsd".
+        reduction: "batchmean" (sum / kept rows), "sum", "mean" (sum / (kept rows * V)) or
+            "none" (per-row losses of shape ...).
+        labels: optional integer tensor of shape (...); rows equal to ``ignore_index`` are skipped.
+        t2_scale: multiply by T^2 so gradient magnitudes do not shrink with T.
+        backend: "auto", "torch", "cpu", "cuda" or "triton".
+
+    Returns:
+        A float32 scalar (or (...) for reduction="none"); float64 for float64 inputs.
+    """
+    v.check_float_tensor("student_logits", student_logits)
+    v.check_float_tensor("teacher_logits", teacher_logits)
+    v.check_min_dim("student_logits", student_logits, 1, "..., vocab")
+    v.check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
+    v.check_same_dtype(student_logits=student_logits, teacher_logits=teacher_logits)
+    v.check_same_device(student_logits=student_logits, teacher_logits=teacher_logits, labels=labels)
+    temperature = v.check_positive("temperature", temperature)
+    v.check_choice("divergence", divergence, tuple(response_ops.DIVERGENCE_CODES))
+    beta = v.check_open_unit_interval("beta", beta)
+    v.check_choice("reduction", reduction, ROW_REDUCTIONS)
+    ignore_index = v.check_int("ignore_index", ignore_index)
+    t2_scale = v.check_bool("t2_scale", t2_scale)
+    lead, vocab = tuple(student_logits.shape[:-1]), student_logits.shape[-1]
+    if vocab < 1:
+        raise ValueError(f"student_logits must have a vocabulary dimension of size >= 1, got shape {tuple(student_logits.shape)}")
+    if labels is not None:
+        if not isinstance(labels, Tensor):
+            raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+        if tuple(labels.shape) != lead:
+            raise ValueError(f"labels must have the leading shape of the logits {lead}, got {tuple(labels.shape)}")
+
+    name = backends.resolve("softmax_kl_div", backend, student_logits.device)
+    if name == "torch":
+        return reference.softmax_kl_div(student_logits, teacher_logits, temperature, divergence, beta, reduction,
+                                        labels, ignore_index, t2_scale)
+    student = student_logits.reshape(-1, vocab).contiguous()
+    teacher = teacher_logits.reshape(-1, vocab).contiguous()
+    flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
+    rows, _stats = response_ops.softmax_kl_forward(name, student, teacher, flat_labels, temperature,
+                                                   response_ops.DIVERGENCE_CODES[divergence], beta, ignore_index,
+                                                   t2_scale)
+    return reduce_rows(rows, reduction, lead, vocab, flat_labels, ignore_index)
+
+
+def _check_feature_inputs(student, teacher, weight, bias, feature_dim, reduction):
+    v.check_float_tensor("student", student)
+    v.check_float_tensor("teacher", teacher)
+    v.check_float_tensor("weight", weight)
+    if bias is not None:
+        v.check_float_tensor("bias", bias)
+    v.check_same_dtype(student=student, teacher=teacher, weight=weight, **({} if bias is None else {"bias": bias}))
+    v.check_same_device(student=student, teacher=teacher, weight=weight, bias=bias)
+    feature_dim = v.check_int("feature_dim", feature_dim)
+    v.check_choice("reduction", reduction, FEATURE_REDUCTIONS)
+    v.check_min_dim("student", student, 1, "features")
+    if not -student.dim() <= feature_dim < student.dim():
+        raise ValueError(f"feature_dim must be in [{-student.dim()}, {student.dim() - 1}] for student of shape "
+                         f"{tuple(student.shape)}, got {feature_dim}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (teacher_dim, student_dim), got shape {tuple(weight.shape)}")
+    fd = feature_dim % student.dim()
+    if student.shape[fd] != weight.shape[1]:
+        raise ValueError(f"weight must have shape (teacher_dim, {student.shape[fd]}) to project student features "
+                         f"of size {student.shape[fd]} (feature_dim={feature_dim}), got {tuple(weight.shape)}")
+    expected_t = student.shape[:fd] + (weight.shape[0],) + student.shape[fd + 1:]
+    if teacher.shape != expected_t:
+        raise ValueError(f"teacher must have shape {tuple(expected_t)} (student's shape with the feature dim = "
+                         f"weight.shape[0]), got {tuple(teacher.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    return feature_dim
+
+
+def projected_mse(
+    student: Tensor,
+    teacher: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    feature_dim: int = -1,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> Tensor:
+    """FitNets hint: MSE between the projected student features and the teacher's (DESIGN §2.2).
+
+    Args:
+        student: (..., Ds, ...) with the features at ``feature_dim``.
+        teacher: same shape as ``student`` but Dt at ``feature_dim``.
+        weight: (Dt, Ds) projection; bias: (Dt,) or None. y = x W^T + b per feature vector;
+            ``feature_dim=1`` on an (N, C, H, W) map is a 1x1 convolution.
+        reduction: "mean" (as F.mse_loss), "sum" or "batchmean" (sum / number of feature vectors).
+    """
+    feature_dim = _check_feature_inputs(student, teacher, weight, bias, feature_dim, reduction)
+    backends.resolve("projected_mse", backend, student.device)
+    return reference.projected_mse(student, teacher, weight, bias, feature_dim, reduction)
+
+
+def _check_relation_inputs(student, teacher, reduction, reductions):
+    v.check_float_tensor("student", student)
+    v.check_float_tensor("teacher", teacher)
+    v.check_same_dtype(student=student, teacher=teacher)
+    v.check_same_device(student=student, teacher=teacher)
+    v.check_choice("reduction", reduction, reductions)
+    v.check_min_dim("student", student, 2, "batch, features...")
+    v.check_min_dim("teacher", teacher, 2, "batch, features...")
+    if student.shape[0] != teacher.shape[0]:
+        raise ValueError(f"teacher must have the same batch size as student ({student.shape[0]}), got {teacher.shape[0]}")
+    if student.shape[0] < 2:
+        raise ValueError(f"student must have a batch of at least 2 samples for relation losses, got {student.shape[0]}")
+
+
+def rkd_distance(student: Tensor, teacher: Tensor, reduction: str = "mean", backend: str = "auto") -> Tensor:
+    """RKD distance loss between (B, ...) student and teacher embeddings (DESIGN §2.3).
+
+    Smooth-L1 between the pairwise distance matrices, each divided by its mean positive distance.
+    The teacher gets no gradient. reduction: "mean" over the B^2 entries, or "sum".
+    """
+    _check_relation_inputs(student, teacher, reduction, RKD_REDUCTIONS)
+    backends.resolve("rkd_distance", backend, student.device)
+    return reference.rkd_distance(student, teacher, reduction)
+
+
+def rkd_angle(student: Tensor, teacher: Tensor, reduction: str = "mean", backend: str = "auto") -> Tensor:
+    """RKD angle loss between (B, ...) embeddings: smooth-L1 between the B^3 cosines <u_ij, u_ik>.
+
+    The teacher gets no gradient. reduction: "mean" over the B^3 entries, or "sum".
+    """
+    _check_relation_inputs(student, teacher, reduction, RKD_REDUCTIONS)
+    backends.resolve("rkd_angle", backend, student.device)
+    return reference.rkd_angle(student, teacher, reduction)
+
+
+def similarity_preserving(student: Tensor, teacher: Tensor, reduction: str = "batchmean",
+                          backend: str = "auto") -> Tensor:
+    """Similarity-preserving loss between (B, ...) features: ||G_t^ - G_s^||_F^2 of the L2
+    row-normalised Gram matrices; "batchmean" divides by B^2, "sum" does not."""
+    _check_relation_inputs(student, teacher, reduction, SP_REDUCTIONS)
+    backends.resolve("similarity_preserving", backend, student.device)
+    return reference.similarity_preserving(student, teacher, reduction)

@@ -1,0 +1,124 @@
+"""``nn.Module`` losses: hold the hyper-parameters (and, for the hint loss, the projection)."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from kdkernels import functional as F
+
+__all__ = ["SoftmaxKLDivLoss", "ProjectedMSELoss", "RKDDistanceLoss", "RKDAngleLoss", "SimilarityPreservingLoss",
+           "RKDLoss"]
+
+
+class SoftmaxKLDivLoss(nn.Module):
+    """Temperature softmax-KL distillation loss; ``forward(student_logits, teacher_logits, labels=None)``.
+
+    See :func:`kdkernels.functional.softmax_kl_div` for the arguments and shapes.
+    """
+
+    def __init__(self, temperature: float = 1.0, divergence: str = "forward", beta: float = 0.5,
+                 reduction: str = "batchmean", ignore_index: int = -100, t2_scale: bool = True,
+                 backend: str = "auto") -> None:
+        super().__init__()
+        self.temperature, self.divergence, self.beta = temperature, divergence, beta
+        self.reduction, self.ignore_index, self.t2_scale, self.backend = reduction, ignore_index, t2_scale, backend
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        return F.softmax_kl_div(student_logits, teacher_logits, self.temperature, self.divergence, self.beta,
+                                self.reduction, labels, self.ignore_index, self.t2_scale, self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, divergence={self.divergence!r}, beta={self.beta}, "
+                f"reduction={self.reduction!r}, backend={self.backend!r}")
+
+
+class ProjectedMSELoss(nn.Module):
+    """FitNets hint loss with a learned (teacher_dim, student_dim) projection, initialised like nn.Linear.
+
+    ``forward(student, teacher)``; with ``feature_dim=1`` an (N, Cs, H, W) map is projected per
+    pixel (a 1x1 convolution) to compare with an (N, Ct, H, W) teacher map.
+    """
+
+    def __init__(self, student_dim: int, teacher_dim: int, bias: bool = True, feature_dim: int = -1,
+                 reduction: str = "mean", backend: str = "auto", device=None, dtype=None) -> None:
+        super().__init__()
+        for name, value in (("student_dim", student_dim), ("teacher_dim", teacher_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.student_dim, self.teacher_dim = student_dim, teacher_dim
+        self.feature_dim, self.reduction, self.backend = feature_dim, reduction, backend
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(teacher_dim, student_dim, **factory))
+        self.bias = nn.Parameter(torch.empty(teacher_dim, **factory)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # exactly nn.Linear's initialisation
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.student_dim)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
+        return F.projected_mse(student, teacher, self.weight, self.bias, self.feature_dim, self.reduction,
+                               self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"student_dim={self.student_dim}, teacher_dim={self.teacher_dim}, bias={self.bias is not None}, "
+                f"feature_dim={self.feature_dim}, reduction={self.reduction!r}")
+
+
+class _RelationLoss(nn.Module):
+    _fn = None
+    _default_reduction = "mean"
+
+    def __init__(self, reduction: Optional[str] = None, backend: str = "auto") -> None:
+        super().__init__()
+        self.reduction = reduction or self._default_reduction
+        self.backend = backend
+
+    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
+        return type(self)._fn(student, teacher, self.reduction, self.backend)
+
+    def extra_repr(self) -> str:
+        return f"reduction={self.reduction!r}, backend={self.backend!r}"
+
+
+class RKDDistanceLoss(_RelationLoss):
+    """RKD distance loss over a batch of (B, ...) embeddings; see :func:`kdkernels.functional.rkd_distance`."""
+    _fn = staticmethod(F.rkd_distance)
+
+
+class RKDAngleLoss(_RelationLoss):
+    """RKD angle loss over a batch of (B, ...) embeddings; see :func:`kdkernels.functional.rkd_angle`."""
+    _fn = staticmethod(F.rkd_angle)
+
+
+class SimilarityPreservingLoss(_RelationLoss):
+    """Similarity-preserving loss; see :func:`kdkernels.functional.similarity_preserving`."""
+    _fn = staticmethod(F.similarity_preserving)
+    _default_reduction = "batchmean"
+
+
+class RKDLoss(nn.Module):
+    """``distance_weight * rkd_distance + angle_weight * rkd_angle`` (the RKD paper uses 25 and 50... see note).
+
+    Defaults follow the paper's recommended ratio (distance 1, angle 2).
+    """
+
+    def __init__(self, distance_weight: float = 1.0, angle_weight: float = 2.0, reduction: str = "mean",
+                 backend: str = "auto") -> None:
+        super().__init__()
+        self.distance_weight, self.angle_weight = float(distance_weight), float(angle_weight)
+        self.reduction, self.backend = reduction, backend
+
+    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
+        loss = student.new_zeros((), dtype=torch.float64 if student.dtype == torch.float64 else torch.float32)
+        if self.distance_weight:
+            loss = loss + self.distance_weight * F.rkd_distance(student, teacher, self.reduction, self.backend)
+        if self.angle_weight:
+            loss = loss + self.angle_weight * F.rkd_angle(student, teacher, self.reduction, self.backend)
+        return loss

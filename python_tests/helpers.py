@@ -1,0 +1,75 @@
+"""Shared test helpers: the per-dtype tolerance table, devices and backends under test."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kdkernels
+from kdkernels import backends
+
+# One table: (rtol, atol) per input dtype, applied to values scaled by the reference's magnitude
+# (atol is multiplied by max(1, max |expected|)). Losses are computed in float32 for every
+# reduced-precision input, so their tolerance is float32's; gradients come back in the input dtype.
+TOLERANCES = {
+    torch.float64: (1e-9, 1e-10),
+    torch.float32: (1e-4, 2e-5),
+    torch.float16: (1e-2, 2e-3),
+    torch.bfloat16: (2e-2, 1e-2),
+}
+LOSS_TOLERANCES = {
+    torch.float64: (1e-9, 1e-10),
+    torch.float32: (1e-4, 2e-5),
+    torch.float16: (1e-4, 2e-5),
+    torch.bfloat16: (1e-4, 2e-5),
+}
+
+HAS_CUDA = torch.cuda.is_available()
+cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+def devices() -> list:
+    out = [pytest.param(torch.device("cpu"), id="cpu")]
+    out.append(pytest.param(torch.device("cuda"), id="cuda", marks=[pytest.mark.cuda, cuda_only]))
+    return out
+
+
+def fused_backends(loss: str, device: torch.device) -> list[str]:
+    """Every backend except the reference itself that can run ``loss`` on ``device`` here."""
+    return [b for b in backends.implemented_backends(loss, device) if b != "torch"]
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, table=TOLERANCES, what=""):
+    rtol, atol = table[dtype]
+    expected = expected.to(torch.float64)
+    actual = actual.to(torch.float64)
+    finite = expected[torch.isfinite(expected)]
+    scale = max(1.0, finite.abs().max().item()) if finite.numel() else 1.0
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol * scale, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+__all__ = ["TOLERANCES", "LOSS_TOLERANCES", "HAS_CUDA", "cuda_only", "devices", "fused_backends", "assert_close",
+           "kdkernels"]
+
+
+ALL_DEVICES = ("cpu", "cuda")
+
+
+def backend_params(loss: str) -> list:
+    """pytest params (device, backend) for every fused backend of ``loss``; unavailable ones are
+    skipped with the reason (never counted as passes)."""
+    out = []
+    for dev in ALL_DEVICES:
+        device = torch.device(dev)
+        for b in ("cpu", "cuda", "triton"):
+            if b not in backends.IMPLEMENTED[loss]:
+                continue
+            if (b == "cpu" and dev != "cpu") or (b == "cuda" and dev != "cuda"):
+                continue
+            reason = None if (dev != "cuda" or HAS_CUDA) else "needs a CUDA GPU"
+            if reason is None:
+                reason = backends.unavailable_reason(b, device)
+            marks = [pytest.mark.skipif(reason is not None, reason=str(reason))]
+            if dev == "cuda":
+                marks.append(pytest.mark.cuda)
+            out.append(pytest.param(device, b, id=f"{dev}-{b}", marks=marks))
+    return out
