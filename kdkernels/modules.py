@@ -104,9 +104,9 @@ class SimilarityPreservingLoss(_RelationLoss):
 
 
 class RKDLoss(nn.Module):
-    """``distance_weight * rkd_distance + angle_weight * rkd_angle`` (the RKD paper uses 25 and 50... see note).
+    """``distance_weight * rkd_distance + angle_weight * rkd_angle``.
 
-    Defaults follow the paper's recommended ratio (distance 1, angle 2).
+    Defaults are the RKD paper's weights (lambda_D = 1, lambda_A = 2).
     """
 
     def __init__(self, distance_weight: float = 1.0, angle_weight: float = 2.0, reduction: str = "mean",

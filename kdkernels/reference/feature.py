@@ -6,7 +6,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from kdkernels.reference._dtypes import opmath_dtype
+from kdkernels._dtypes import opmath_dtype
 
 REDUCTIONS = ("mean", "sum", "batchmean")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kdkernels.reference._dtypes import opmath_dtype
+from kdkernels._dtypes import opmath_dtype
 
 EPS = 1e-12
 
