@@ -280,9 +280,9 @@ def test_softmax_kl_ignored_rows_zero_grad_even_if_nan(divergence):
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_softmax_kl_extreme_logits_float32_finite(divergence):
-    """Underflowing probabilities (+-1e4 logits, -inf masks) give a finite loss and gradient in float32."""
-    s = torch.tensor([[1e4, -1e4, 0.0, -INF], [-1e4, 1e4, 5.0, -INF]], requires_grad=True)
-    t = torch.tensor([[-1e4, 1e4, 0.0, -INF], [1e4, -1e4, 5.0, -INF]], requires_grad=True)
+    """Underflowing probabilities (+-1e4 logits) give a finite loss and gradient in float32."""
+    s = torch.tensor([[1e4, -1e4, 0.0], [-1e4, 1e4, 5.0]], requires_grad=True)
+    t = torch.tensor([[-1e4, 1e4, 0.0], [1e4, -1e4, 5.0]], requires_grad=True)
     loss = softmax_kl_div(s, t, temperature=0.5, divergence=divergence, reduction="sum")
     loss.backward()
     case = kl_case(s.detach().double().numpy(), t.detach().double().numpy(), T=0.5)
@@ -290,6 +290,30 @@ def test_softmax_kl_extreme_logits_float32_finite(divergence):
     assert math.isfinite(expected)
     torch.testing.assert_close(loss.double(), t64(expected), rtol=1e-5, atol=1e-3)
     assert torch.isfinite(s.grad).all() and torch.isfinite(t.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_softmax_kl_shared_inf_mask_is_dropping_the_columns(divergence, dtype):
+    """-inf in the same columns of student and teacher (a masked vocabulary) must act exactly like
+    removing those columns: same loss, same gradient on the kept columns, zero (not NaN) on the
+    masked ones, to student and teacher."""
+    gen = torch.Generator().manual_seed(4)
+    s0 = torch.randn(3, 5, dtype=dtype, generator=gen)
+    t0 = torch.randn(3, 5, dtype=dtype, generator=gen)
+    keep = torch.tensor([True, False, True, True, False])
+    s = s0.masked_fill(~keep, -INF).requires_grad_()
+    t = t0.masked_fill(~keep, -INF).requires_grad_()
+    s_small, t_small = s0[:, keep].requires_grad_(), t0[:, keep].requires_grad_()
+    loss = softmax_kl_div(s, t, temperature=1.5, divergence=divergence, beta=0.3)
+    loss_small = softmax_kl_div(s_small, t_small, temperature=1.5, divergence=divergence, beta=0.3)
+    loss.backward()
+    loss_small.backward()
+    torch.testing.assert_close(loss, loss_small)
+    for full, small in ((s.grad, s_small.grad), (t.grad, t_small.grad)):
+        assert torch.isfinite(full).all(), f"non-finite gradient with a shared -inf mask: {full}"
+        torch.testing.assert_close(full[:, keep], small)
+        assert torch.equal(full[:, ~keep], torch.zeros_like(full[:, ~keep]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])

@@ -39,8 +39,12 @@ def per_row_softmax_kl(
         return _weighted_log_ratio(q, log_q, log_p)
     if divergence == "reverse":
         return _weighted_log_ratio(p, log_p, log_q)
-    # log m = logsumexp(log q + log beta, log p + log(1 - beta)): stays finite where p, q underflow
-    log_m = torch.logaddexp(log_q + math.log(beta), log_p + math.log1p(-beta))
+    # log m = logsumexp(log q + log beta, log p + log(1 - beta)): stays finite where p, q underflow.
+    # Where both are -inf (a column masked in both rows) logaddexp's backward is 0 * NaN, so such
+    # entries are computed on a placeholder and set to -inf afterwards.
+    a, b = log_q + math.log(beta), log_p + math.log1p(-beta)
+    both = (a == -math.inf) & (b == -math.inf)
+    log_m = torch.where(both, -math.inf, torch.logaddexp(a.masked_fill(both, 0.0), b.masked_fill(both, 0.0)))
     return beta * _weighted_log_ratio(q, log_q, log_m) + (1 - beta) * _weighted_log_ratio(p, log_p, log_m)
 
 

@@ -1,2 +1,0 @@
-"""Temporary alias; use kdkernels._dtypes."""
-from kdkernels._dtypes import opmath_dtype  # noqa: F401
