@@ -28,6 +28,24 @@ __device__ __forceinline__ S shfl_xor(S v, int lane_mask) {
   return v;
 }
 
+// ---- NaN-propagating max -----------------------------------------------------------------------------
+// Same result as kdkernels::max_nan (NaN if either side is NaN), in one instruction on sm_80+ instead
+// of compare / NaN-test / select: the chunk maxima run once per element.
+template <typename T>
+__device__ __forceinline__ T fast_max_nan(T a, T b) {
+  return max_nan(a, b);
+}
+
+__device__ __forceinline__ float fast_max_nan(float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+#else
+  return max_nan(a, b);
+#endif
+}
+
 // ---- merge operators ----------------------------------------------------------------------------
 // All of them are symmetric (op(a, b) == op(b, a) bit for bit, NaN payloads aside), so a butterfly
 // leaves the same value in every lane.
@@ -138,20 +156,25 @@ struct alignas(sizeof(T) * N) AlignedVec {
 // scalar head (up to the first 16-byte boundary), a body of whole 16-byte vectors and a scalar tail.
 // Head and tail are numbered together as "scalar slots" 0..nscalar-1 so one strided loop covers both.
 // Without vectorisation (vec_ok == false: the tensors a kernel touches do not share their alignment)
-// the whole row is scalar.
+// the whole row is scalar. Offsets *within* a row are 32-bit (fewer registers); the host must check
+// V <= kMaxRowLength so that loop indices (< V + one block's stride) cannot overflow. Row starts are
+// computed by the caller in 64 bits.
+constexpr int64_t kMaxRowLength = (int64_t{1} << 31) - (int64_t{1} << 20);
+
 struct RowLayout {
-  int64_t head;        // elements before the first vector
-  int64_t nvec;        // whole vectors in the body
-  int64_t tail_start;  // first element after the body
-  int64_t nscalar;     // head + tail elements
+  int head;        // elements before the first vector
+  int nvec;        // whole vectors in the body
+  int tail_start;  // first element after the body
+  int nscalar;     // head + tail elements
 
   template <typename T>
-  __device__ __forceinline__ static RowLayout make(const T* row, int64_t V, bool vec_ok) {
+  __device__ __forceinline__ static RowLayout make(const T* row, int64_t V64, bool vec_ok) {
     constexpr int W = VecTraits<T>::kWidth;
+    const int V = static_cast<int>(V64);
     RowLayout L;
     if (vec_ok) {
-      const auto mis = static_cast<int64_t>(reinterpret_cast<uintptr_t>(row) % VecTraits<T>::kBytes);
-      int64_t h = mis == 0 ? 0 : (VecTraits<T>::kBytes - mis) / static_cast<int64_t>(sizeof(T));
+      const int mis = static_cast<int>(reinterpret_cast<uintptr_t>(row) % VecTraits<T>::kBytes);
+      const int h = mis == 0 ? 0 : (VecTraits<T>::kBytes - mis) / static_cast<int>(sizeof(T));
       L.head = h < V ? h : V;
     } else {
       L.head = V;
@@ -163,9 +186,7 @@ struct RowLayout {
   }
 
   // element index of scalar slot si (0 <= si < nscalar)
-  __device__ __forceinline__ int64_t scalar_index(int64_t si) const {
-    return si < head ? si : si + (tail_start - head);
-  }
+  __device__ __forceinline__ int scalar_index(int si) const { return si < head ? si : si + (tail_start - head); }
 };
 
 }  // namespace cuda
