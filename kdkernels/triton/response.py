@@ -54,9 +54,10 @@ def _log1p_01(e):
 
 @triton.jit
 def _log_add_exp(u, v):
-    """log(exp(u) + exp(v)); -inf + -inf = -inf (not NaN)."""
-    hi = tl.maximum(u, v)
-    lo = tl.minimum(u, v)
+    """log(exp(u) + exp(v)); -inf + -inf = -inf (not NaN); NaN on either side gives NaN."""
+    u_hi = (u > v) | (u != u)  # NaN-propagating max (tl.maximum may drop a NaN)
+    hi = tl.where(u_hi, u, v)
+    lo = tl.where(u_hi, v, u)
     hi_finite = hi != float("-inf")
     diff = tl.where(hi_finite, lo - hi, float("-inf"))
     return tl.where(hi_finite, hi + _log1p_01(tl.exp(diff)), hi)

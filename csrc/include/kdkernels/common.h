@@ -5,11 +5,27 @@
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define KDK_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// forced on the host too: the CPU kernels' loops only vectorise with these inlined
+#define KDK_HD inline __attribute__((always_inline))
 #else
 #define KDK_HD inline
 #endif
 
 namespace kdkernels {
+
+// The elementary functions the shared math calls. A kernel may pass its own policy with the same
+// static members as the `M` template argument (the CPU kernels pass one whose exp vectorises).
+struct StdMath {
+  template <typename T>
+  static KDK_HD T exp(T x) {
+    return std::exp(x);
+  }
+  template <typename T>
+  static KDK_HD T log1p(T x) {
+    return std::log1p(x);
+  }
+};
 
 template <typename T>
 KDK_HD T neg_inf() {
@@ -28,12 +44,12 @@ KDK_HD T max_nan(T a, T b) {
 }
 
 // log(exp(a) + exp(b)) without overflow; -inf + -inf = -inf (not NaN).
-template <typename T>
+template <typename T, typename M = StdMath>
 KDK_HD T log_add_exp(T a, T b) {
   T hi = max_nan(a, b);
   T lo = (hi == a) ? b : a;
   if (hi == neg_inf<T>()) return hi;
-  return hi + std::log1p(std::exp(lo - hi));
+  return hi + M::log1p(M::exp(lo - hi));
 }
 
 // Smooth-L1 (Huber with beta = 1), used by the relation family.

@@ -67,9 +67,9 @@ KDK_HD LogRatioState<T> log_ratio_empty() {
 }
 
 // One element's contribution to acc, for maxes (mw, mo) already known for its chunk.
-template <typename T>
+template <typename T, typename M = StdMath>
 KDK_HD T log_ratio_term(T x, T mw, T y, T mo) {
-  T w = std::exp(x - mw);
+  T w = M::exp(x - mw);
   if (!(w > T(0)) && !is_nan(w)) return T(0);  // 0 * log(0 / anything) = 0
   T ly = (y == neg_inf<T>()) ? neg_inf<T>() : y - mo;
   return w * ((x - mw) - ly);
@@ -116,16 +116,16 @@ KDK_HD JsdConstants<T> jsd_constants(T beta) {
   return {beta, T(1) - beta, std::log(beta), std::log1p(-beta)};
 }
 
-template <typename T>
+template <typename T, typename M = StdMath>
 KDK_HD T jsd_log_m(T log_q, T log_p, const JsdConstants<T>& k) {
-  return log_add_exp(log_q + k.log_beta, log_p + k.log_one_minus_beta);
+  return log_add_exp<T, M>(log_q + k.log_beta, log_p + k.log_one_minus_beta);
 }
 
 // Adds this element's share of c_s and c_t.
-template <typename T>
+template <typename T, typename M = StdMath>
 KDK_HD void jsd_accumulate(T log_q, T log_p, const JsdConstants<T>& k, T& c_s, T& c_t) {
-  T lm = jsd_log_m(log_q, log_p, k);
-  T p = std::exp(log_p), q = std::exp(log_q);
+  T lm = jsd_log_m<T, M>(log_q, log_p, k);
+  T p = M::exp(log_p), q = M::exp(log_q);
   if (p > T(0) || is_nan(p)) c_s += k.one_minus_beta * p * (log_p - lm);
   if (q > T(0) || is_nan(q)) c_t += k.beta * q * (log_q - lm);
 }
@@ -136,11 +136,11 @@ struct RowStats {
   T lse_s, lse_t, c_s, c_t;
 };
 
-template <typename T>
+template <typename T, typename M = StdMath>
 KDK_HD void softmax_kl_grad(int divergence, T a, T b, const RowStats<T>& st, const JsdConstants<T>& k,
                             T& grad_b, T& grad_a) {
   T log_p = b - st.lse_s, log_q = a - st.lse_t;
-  T p = std::exp(log_p), q = std::exp(log_q);
+  T p = M::exp(log_p), q = M::exp(log_q);
   bool p_pos = p > T(0) || is_nan(p), q_pos = q > T(0) || is_nan(q);
   if (divergence == kForwardKL) {
     grad_b = p - q;
@@ -149,7 +149,7 @@ KDK_HD void softmax_kl_grad(int divergence, T a, T b, const RowStats<T>& st, con
     grad_b = p_pos ? p * (log_p - log_q - st.c_s) : T(0);
     grad_a = q - p;
   } else {
-    T lm = jsd_log_m(log_q, log_p, k);
+    T lm = jsd_log_m<T, M>(log_q, log_p, k);
     grad_b = p_pos ? p * (k.one_minus_beta * (log_p - lm) - st.c_s) : T(0);
     grad_a = q_pos ? q * (k.beta * (log_q - lm) - st.c_t) : T(0);
   }

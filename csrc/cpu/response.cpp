@@ -1,0 +1,447 @@
+// CPU kernels of the temperature softmax-KL ops (DESIGN §2.1): kdkernels::softmax_kl_forward and
+// kdkernels::softmax_kl_backward. The per-element math and the meaning of stats come from
+// kdkernels/softmax_kl.h (shared with the CUDA kernel); this file only arranges memory passes,
+// vectorisation and threads.
+//
+// Forward, per row, in chunks that stay in L1 (so the row is read from DRAM once, whatever V):
+//   forward / reverse KL: pass A = max of both chunks, pass B = sum-exps and the centred log-ratio
+//     accumulator with those maxes; chunk states merge with log_ratio_merge. One DRAM pass.
+//   JSD: the same two passes give lse_s, lse_t; a second sweep of the row (from L2 for usual V)
+//     accumulates c_s, c_t, which need the final lse.
+// Backward: one pass per row, softmax_kl_grad per element.
+// Rows are spread over threads with at::parallel_for; chunk states are merged in double.
+
+#if defined(__GNUC__) && !defined(__clang__)
+// Floating-point exceptions are never unmasked here, so GCC may evaluate both arms of a select.
+// Without this it will not if-convert the header's `p > 0 ? p * (...) : 0` forms and the hot loops
+// stay scalar (except on AVX-512, which has masked arithmetic). Results are unchanged: rounding,
+// inf and NaN behave as before. It comes before every include so that all inline functions used in
+// the loops carry the same option (GCC does not inline across a mismatch).
+#pragma GCC optimize("no-trapping-math")
+#endif
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+
+#include "kdkernels/softmax_kl.h"
+#include "simd.h"
+
+namespace kdkernels {
+namespace cpu {
+namespace {
+
+// op-math type: float, double for double inputs
+template <typename S>
+using opmath_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
+
+// Per-chunk partial sums are in the op-math type (vector lanes); chunk and row states in double,
+// which costs nothing (a few scalar operations per chunk) and keeps long rows accurate.
+using acc_t = double;
+
+// Elements per chunk of one row. A chunk of both rows stays in L1 between its two passes; small
+// chunks keep DRAM streaming while the exps run (a long in-cache pass leaves the memory idle).
+#ifndef KDK_CHUNK_BYTES
+#define KDK_CHUNK_BYTES 8192
+#endif
+template <typename S>
+constexpr int64_t kChunk = KDK_CHUNK_BYTES / sizeof(S);
+
+// Element loads and stores in the op-math type; 16-bit floats through the branch-free bit
+// conversions of simd.h so that the loops vectorise.
+KDK_CPU_INLINE float to_op(float v) {
+  return v;
+}
+KDK_CPU_INLINE double to_op(double v) {
+  return v;
+}
+KDK_CPU_INLINE float to_op(c10::Half v) {
+  return half_to_float(v.x);
+}
+KDK_CPU_INLINE float to_op(c10::BFloat16 v) {
+  return bf16_to_float(v.x);
+}
+KDK_CPU_INLINE void store(float* p, float v) {
+  *p = v;
+}
+KDK_CPU_INLINE void store(double* p, double v) {
+  *p = v;
+}
+KDK_CPU_INLINE void store(c10::Half* p, float v) {
+  p->x = float_to_half(v);
+}
+KDK_CPU_INLINE void store(c10::BFloat16* p, float v) {
+  p->x = float_to_bf16(v);
+}
+
+template <typename T>
+struct Params {
+  int64_t V;
+  T inv_t;       // a = z_teacher * inv_t, b = z_student * inv_t, forward and backward alike
+  T loss_scale;  // T^2 with t2_scale, else 1
+  JsdConstants<T> k;
+  const int64_t* labels;  // null: no labels
+  int64_t label_stride;
+  int64_t ignore_index;
+};
+
+template <typename T>
+KDK_CPU_INLINE bool row_ignored(const Params<T>& p, int64_t r) {
+  return p.labels != nullptr && p.labels[r * p.label_stride] == p.ignore_index;
+}
+
+// Max of one chunk of each row (raw logits; scaling by inv_t > 0 keeps the order, so the max of
+// the scaled values is this max times inv_t exactly). A NaN may or may not win here: it reaches
+// the row result through the sums of pass B either way.
+template <typename S, typename T>
+KDK_CPU_INLINE void chunk_max(const S* s, const S* t, int64_t n, T& max_s, T& max_t) {
+  T ms = neg_inf<T>(), mt = neg_inf<T>();
+#pragma omp simd reduction(max : ms, mt)
+  for (int64_t i = 0; i < n; ++i) {
+    const T b = to_op(s[i]), a = to_op(t[i]);
+    ms = b > ms ? b : ms;
+    mt = a > mt ? a : mt;
+  }
+  max_s = ms;
+  max_t = mt;
+}
+
+// A chunk whose values are all -inf (masked vocabulary) has max -inf; centre it on 0 instead so
+// that exp(-inf - 0) = 0 rather than exp(-inf + inf) = NaN. Its sums are then 0, which the merges
+// read as "empty".
+template <typename T>
+KDK_CPU_INLINE T centre(T m) {
+  return m == neg_inf<T>() ? T(0) : m;
+}
+
+// A chunk is centred on the running max of its row (this chunk's max if larger): after the first
+// chunks it rarely changes, so the merges rarely rescale. A NaN running max stays NaN.
+template <typename T>
+KDK_CPU_INLINE T running_max(T chunk_max, acc_t row_max) {
+  const T r = static_cast<T>(row_max);
+  return chunk_max > r ? chunk_max : r;
+}
+
+// ---- forward: forward / reverse KL, one DRAM pass ------------------------------------------
+template <typename S, int DIV>
+KDK_CPU_HOT void forward_kl_rows(const S* student, const S* teacher, const Params<opmath_t<S>>& p,
+                                    int64_t r0, int64_t r1, opmath_t<S>* loss, opmath_t<S>* stats) {
+  using T = opmath_t<S>;
+  const int64_t V = p.V;
+  const T inv_t = p.inv_t;
+  for (int64_t r = r0; r < r1; ++r) {
+    T* st_out = stats + 4 * r;
+    if (row_ignored(p, r)) {
+      loss[r] = T(0);
+      st_out[0] = st_out[1] = st_out[2] = st_out[3] = T(0);
+      continue;
+    }
+    // x: the weighting row (teacher for forward KL, student for reverse), y: the other one.
+    const S* xrow = (DIV == kForwardKL ? teacher : student) + r * V;
+    const S* yrow = (DIV == kForwardKL ? student : teacher) + r * V;
+    LogRatioState<acc_t> row = log_ratio_empty<acc_t>();
+    for (int64_t c0 = 0; c0 < V; c0 += kChunk<S>) {
+      const int64_t n = std::min(kChunk<S>, V - c0);
+      const S* xs = xrow + c0;
+      const S* ys = yrow + c0;
+      T mx, my;
+      chunk_max(xs, ys, n, mx, my);
+      mx = running_max(mx * inv_t, row.mw);
+      my = running_max(my * inv_t, row.mo);
+      const T cx = centre(mx), cy = centre(my);
+      T sw = 0, so = 0, acc = 0;
+#pragma omp simd reduction(+ : sw, so, acc)
+      for (int64_t i = 0; i < n; ++i) {
+        const T x = to_op(xs[i]) * inv_t, y = to_op(ys[i]) * inv_t;
+        sw += VecMath::exp(x - cx);
+        so += VecMath::exp(y - cy);
+        acc += log_ratio_term<T, VecMath>(x, cx, y, cy);
+      }
+      LogRatioState<acc_t> part{mx, sw, my, so, acc};
+      // a NaN that lost the max above still poisoned the sums: make the merge see it
+      if (is_nan(sw) || is_nan(acc)) part.mw = std::numeric_limits<acc_t>::quiet_NaN();
+      if (is_nan(so)) part.mo = std::numeric_limits<acc_t>::quiet_NaN();
+      row = log_ratio_merge(row, part);
+    }
+    const acc_t lse_x = row.mw + std::log(row.sw), lse_y = row.mo + std::log(row.so);
+    const T kl = static_cast<T>(log_ratio_kl(row));
+    if (DIV == kForwardKL) {
+      st_out[0] = static_cast<T>(lse_y);
+      st_out[1] = static_cast<T>(lse_x);
+      st_out[2] = T(0);
+      st_out[3] = kl;
+    } else {
+      st_out[0] = static_cast<T>(lse_x);
+      st_out[1] = static_cast<T>(lse_y);
+      st_out[2] = kl;
+      st_out[3] = T(0);
+    }
+    loss[r] = kl * p.loss_scale;
+  }
+}
+
+// ---- forward: JSD, lse first, then c_s and c_t ---------------------------------------------
+template <typename S>
+KDK_CPU_HOT void forward_jsd_rows(const S* student, const S* teacher, const Params<opmath_t<S>>& p,
+                                     int64_t r0, int64_t r1, opmath_t<S>* loss, opmath_t<S>* stats) {
+  using T = opmath_t<S>;
+  const int64_t V = p.V;
+  const T inv_t = p.inv_t;
+  const JsdConstants<T> k = p.k;
+  for (int64_t r = r0; r < r1; ++r) {
+    T* st_out = stats + 4 * r;
+    if (row_ignored(p, r)) {
+      loss[r] = T(0);
+      st_out[0] = st_out[1] = st_out[2] = st_out[3] = T(0);
+      continue;
+    }
+    const S* srow = student + r * V;
+    const S* trow = teacher + r * V;
+    LseState<acc_t> ls = lse_empty<acc_t>(), lt = lse_empty<acc_t>();
+    for (int64_t c0 = 0; c0 < V; c0 += kChunk<S>) {
+      const int64_t n = std::min(kChunk<S>, V - c0);
+      T ms, mt;
+      chunk_max(srow + c0, trow + c0, n, ms, mt);
+      ms = running_max(ms * inv_t, ls.m);
+      mt = running_max(mt * inv_t, lt.m);
+      const T cs = centre(ms), ct = centre(mt);
+      T ss = 0, st = 0;
+#pragma omp simd reduction(+ : ss, st)
+      for (int64_t i = c0; i < c0 + n; ++i) {
+        ss += VecMath::exp(to_op(srow[i]) * inv_t - cs);
+        st += VecMath::exp(to_op(trow[i]) * inv_t - ct);
+      }
+      ls = lse_merge(ls, LseState<acc_t>{is_nan(ss) ? ss : ms, ss});
+      lt = lse_merge(lt, LseState<acc_t>{is_nan(st) ? st : mt, st});
+    }
+    // log p = (b - max) - log(sum): centred, so that logits of magnitude 1e4 keep their precision
+    // (a - lse_t with lse_t rounded to float would not).
+    const T max_s = static_cast<T>(ls.m), log_sum_s = static_cast<T>(std::log(ls.s));
+    const T max_t = static_cast<T>(lt.m), log_sum_t = static_cast<T>(std::log(lt.s));
+    T c_s = 0, c_t = 0;
+#pragma omp simd reduction(+ : c_s, c_t)
+    for (int64_t i = 0; i < V; ++i) {
+      const T log_p = (to_op(srow[i]) * inv_t - max_s) - log_sum_s;
+      const T log_q = (to_op(trow[i]) * inv_t - max_t) - log_sum_t;
+      T ds = 0, dt = 0;  // per-element locals keep the header's conditional `+=` vectorisable
+      jsd_accumulate<T, VecMath>(log_q, log_p, k, ds, dt);
+      c_s += ds;
+      c_t += dt;
+    }
+    st_out[0] = static_cast<T>(lse_value(ls));
+    st_out[1] = static_cast<T>(lse_value(lt));
+    st_out[2] = c_s;
+    st_out[3] = c_t;
+    loss[r] = (c_s + c_t) * p.loss_scale;
+  }
+}
+
+// ---- backward: one pass per row ------------------------------------------------------------
+template <typename S, int DIV, bool WANT_S, bool WANT_T>
+KDK_CPU_INLINE void backward_row(const S* srow, const S* trow, const RowStats<opmath_t<S>>& st,
+                                    const Params<opmath_t<S>>& p, opmath_t<S> g, S* gs, S* gt) {
+  using T = opmath_t<S>;
+  const int64_t V = p.V;
+  const T inv_t = p.inv_t;
+  const JsdConstants<T> k = p.k;
+#pragma omp simd
+  for (int64_t i = 0; i < V; ++i) {
+    T grad_b, grad_a;
+    softmax_kl_grad<T, VecMath>(DIV, to_op(trow[i]) * inv_t, to_op(srow[i]) * inv_t, st, k, grad_b, grad_a);
+    if (WANT_S) store(gs + i, grad_b * g);
+    if (WANT_T) store(gt + i, grad_a * g);
+  }
+}
+
+template <typename S, int DIV>
+KDK_CPU_HOT void backward_rows(const S* student, const S* teacher, const opmath_t<S>* stats, int64_t stats_s0,
+                                  int64_t stats_s1, const opmath_t<S>* grad_loss, int64_t grad_stride,
+                                  opmath_t<S> grad_scale, const Params<opmath_t<S>>& p, int64_t r0, int64_t r1,
+                                  S* grad_s, S* grad_t) {
+  using T = opmath_t<S>;
+  const int64_t V = p.V;
+  for (int64_t r = r0; r < r1; ++r) {
+    S* gs = grad_s == nullptr ? nullptr : grad_s + r * V;
+    S* gt = grad_t == nullptr ? nullptr : grad_t + r * V;
+    if (row_ignored(p, r)) {  // zero gradient, and the row's logits are not read
+      if (gs) std::memset(static_cast<void*>(gs), 0, sizeof(S) * V);
+      if (gt) std::memset(static_cast<void*>(gt), 0, sizeof(S) * V);
+      continue;
+    }
+    const T* sr = stats + r * stats_s0;
+    const RowStats<T> st{sr[0], sr[stats_s1], sr[2 * stats_s1], sr[3 * stats_s1]};
+    const T g = grad_loss[r * grad_stride] * grad_scale;
+    const S* srow = student + r * V;
+    const S* trow = teacher + r * V;
+    if (gs && gt) {
+      backward_row<S, DIV, true, true>(srow, trow, st, p, g, gs, gt);
+    } else if (gs) {
+      backward_row<S, DIV, true, false>(srow, trow, st, p, g, gs, gt);
+    } else if (gt) {
+      backward_row<S, DIV, false, true>(srow, trow, st, p, g, gs, gt);
+    }
+  }
+}
+
+// ---- op entry points -----------------------------------------------------------------------
+template <typename F>
+void with_divergence(int64_t divergence, F&& f) {
+  switch (divergence) {
+    case kForwardKL:
+      f(std::integral_constant<int, kForwardKL>{});
+      break;
+    case kReverseKL:
+      f(std::integral_constant<int, kReverseKL>{});
+      break;
+    default:
+      f(std::integral_constant<int, kJSD>{});
+      break;
+  }
+}
+
+at::ScalarType opmath_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Rows per parallel task: enough elements that a task outweighs its scheduling.
+int64_t row_grain(int64_t V) {
+  return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(V, 1));
+}
+
+void check_common(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
+                  double temperature, int64_t divergence, double beta) {
+  TORCH_CHECK(student.dim() == 2, "softmax_kl: student must be 2-D (rows, vocab), got ", student.dim(), "-D");
+  TORCH_CHECK(teacher.sizes() == student.sizes(), "softmax_kl: teacher shape ", teacher.sizes(),
+              " != student shape ", student.sizes());
+  TORCH_CHECK(teacher.scalar_type() == student.scalar_type(), "softmax_kl: teacher dtype ", teacher.scalar_type(),
+              " != student dtype ", student.scalar_type());
+  TORCH_CHECK(student.device().is_cpu() && teacher.device().is_cpu(), "softmax_kl (CPU): tensors must be on the CPU");
+  TORCH_CHECK(student.is_contiguous() && teacher.is_contiguous(), "softmax_kl: student and teacher must be contiguous");
+  const auto dt = student.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+              "softmax_kl: logits must be float32, float64, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(student.size(1) >= 1 || student.size(0) == 0, "softmax_kl: vocab size must be >= 1");
+  TORCH_CHECK(temperature > 0.0, "softmax_kl: temperature must be > 0, got ", temperature);
+  TORCH_CHECK(divergence >= kForwardKL && divergence <= kJSD, "softmax_kl: divergence must be 0, 1 or 2, got ",
+              divergence);
+  TORCH_CHECK(divergence != kJSD || (beta > 0.0 && beta < 1.0), "softmax_kl: beta must be in (0, 1), got ", beta);
+  if (labels.has_value()) {
+    const at::Tensor& l = *labels;
+    TORCH_CHECK(l.dim() == 1 && l.size(0) == student.size(0), "softmax_kl: labels must have shape (",
+                student.size(0), ",), got ", l.sizes());
+    TORCH_CHECK(l.scalar_type() == at::kLong, "softmax_kl: labels must be int64, got ", l.scalar_type());
+    TORCH_CHECK(l.device().is_cpu(), "softmax_kl (CPU): labels must be on the CPU");
+  }
+}
+
+template <typename T>
+Params<T> make_params(const at::Tensor& student, const std::optional<at::Tensor>& labels, double temperature,
+                      int64_t divergence, double beta, int64_t ignore_index, bool t2_scale) {
+  Params<T> p;
+  p.V = student.size(1);
+  p.inv_t = static_cast<T>(1.0 / temperature);
+  p.loss_scale = static_cast<T>(t2_scale ? temperature * temperature : 1.0);
+  // only JSD reads them; keep log(beta) finite for the other divergences
+  p.k = jsd_constants<T>(static_cast<T>(divergence == kJSD ? beta : 0.5));
+  p.labels = labels.has_value() ? labels->data_ptr<int64_t>() : nullptr;
+  p.label_stride = labels.has_value() ? labels->stride(0) : 0;
+  p.ignore_index = ignore_index;
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> softmax_kl_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                                          const std::optional<at::Tensor>& labels, double temperature,
+                                                          int64_t divergence, double beta, int64_t ignore_index,
+                                                          bool t2_scale) {
+  check_common(student, teacher, labels, temperature, divergence, beta);
+  const int64_t R = student.size(0), V = student.size(1);
+  const auto opts = student.options().dtype(opmath_dtype(student.scalar_type()));
+  at::Tensor loss = at::empty({R}, opts);
+  at::Tensor stats = at::empty({R, 4}, opts);
+  if (R == 0) return {loss, stats};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "softmax_kl_forward_cpu", [&] {
+    using T = opmath_t<scalar_t>;
+    const Params<T> p = make_params<T>(student, labels, temperature, divergence, beta, ignore_index, t2_scale);
+    const scalar_t* s = student.const_data_ptr<scalar_t>();
+    const scalar_t* t = teacher.const_data_ptr<scalar_t>();
+    T* loss_p = loss.mutable_data_ptr<T>();
+    T* stats_p = stats.mutable_data_ptr<T>();
+    with_divergence(divergence, [&](auto div) {
+      constexpr int DIV = decltype(div)::value;
+      at::parallel_for(0, R, row_grain(V), [&](int64_t r0, int64_t r1) {
+        if constexpr (DIV == kJSD) {
+          forward_jsd_rows<scalar_t>(s, t, p, r0, r1, loss_p, stats_p);
+        } else {
+          forward_kl_rows<scalar_t, DIV>(s, t, p, r0, r1, loss_p, stats_p);
+        }
+      });
+    });
+  });
+  return {loss, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor> softmax_kl_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& student,
+                                                           const at::Tensor& teacher,
+                                                           const std::optional<at::Tensor>& labels,
+                                                           const at::Tensor& stats, double temperature,
+                                                           int64_t divergence, double beta, int64_t ignore_index,
+                                                           bool t2_scale, bool student_grad, bool teacher_grad) {
+  check_common(student, teacher, labels, temperature, divergence, beta);
+  const int64_t R = student.size(0), V = student.size(1);
+  const auto op_dt = opmath_dtype(student.scalar_type());
+  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == R, "softmax_kl_backward: grad_loss must have shape (", R,
+              ",), got ", grad_loss.sizes());
+  TORCH_CHECK(grad_loss.scalar_type() == op_dt, "softmax_kl_backward: grad_loss must be ", op_dt, ", got ",
+              grad_loss.scalar_type());
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == R && stats.size(1) == 4,
+              "softmax_kl_backward: stats must have shape (", R, ", 4), got ", stats.sizes());
+  TORCH_CHECK(stats.scalar_type() == op_dt, "softmax_kl_backward: stats must be ", op_dt, ", got ",
+              stats.scalar_type());
+  TORCH_CHECK(grad_loss.device().is_cpu() && stats.device().is_cpu(),
+              "softmax_kl_backward (CPU): grad_loss and stats must be on the CPU");
+  // a gradient that is not asked for comes back as an empty (0,) tensor of its input's dtype
+  at::Tensor grad_s = student_grad ? at::empty({R, V}, student.options()) : at::empty({0}, student.options());
+  at::Tensor grad_t = teacher_grad ? at::empty({R, V}, teacher.options()) : at::empty({0}, teacher.options());
+  if (R == 0 || !(student_grad || teacher_grad)) return {grad_s, grad_t};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "softmax_kl_backward_cpu", [&] {
+    using T = opmath_t<scalar_t>;
+    const Params<T> p = make_params<T>(student, labels, temperature, divergence, beta, ignore_index, t2_scale);
+    // d loss / d logits = d loss / d (logits / T) / T, times T^2 with t2_scale
+    const T grad_scale = static_cast<T>(t2_scale ? temperature : 1.0 / temperature);
+    const scalar_t* s = student.const_data_ptr<scalar_t>();
+    const scalar_t* t = teacher.const_data_ptr<scalar_t>();
+    const T* st = stats.const_data_ptr<T>();
+    const T* gl = grad_loss.const_data_ptr<T>();
+    scalar_t* gs = student_grad ? grad_s.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gt = teacher_grad ? grad_t.mutable_data_ptr<scalar_t>() : nullptr;
+    const int64_t st0 = stats.stride(0), st1 = stats.stride(1), gl0 = grad_loss.stride(0);
+    with_divergence(divergence, [&](auto div) {
+      constexpr int DIV = decltype(div)::value;
+      at::parallel_for(0, R, row_grain(V), [&](int64_t r0, int64_t r1) {
+        backward_rows<scalar_t, DIV>(s, t, st, st0, st1, gl, gl0, grad_scale, p, r0, r1, gs, gt);
+      });
+    });
+  });
+  return {grad_s, grad_t};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace kdkernels
+
+TORCH_LIBRARY_IMPL(kdkernels, CPU, m) {
+  m.impl("softmax_kl_forward", &kdkernels::cpu::softmax_kl_forward_cpu);
+  m.impl("softmax_kl_backward", &kdkernels::cpu::softmax_kl_backward_cpu);
+}

@@ -1,0 +1,85 @@
+"""``python -m kdkernels.bench`` / ``kdkernels-bench`` / ``make bench``: the command line.
+
+Examples::
+
+    python -m kdkernels.bench                          # preset gpu with a GPU, else cpu
+    python -m kdkernels.bench --preset smoke --out /tmp/b
+    python -m kdkernels.bench --preset cpu --losses softmax_kl_div --backends torch,compile,cpu
+    python -m kdkernels.bench --preset gpu --no-scaling --out benchmarks/results/h200
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from kdkernels.bench.cases import LOSSES, PRESETS
+
+IMPL_NAMES = ("torch", "compile", "liger", "cpu", "cuda", "triton")
+
+
+def _csv_list(allowed):
+    def parse(text: str) -> list[str]:
+        items = [s.strip() for s in text.split(",") if s.strip()]
+        bad = [s for s in items if s not in allowed]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(bad)}; choose from {', '.join(allowed)}")
+        return items
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m kdkernels.bench",
+        description="Time and measure the kdkernels losses against eager PyTorch, torch.compile and Liger, "
+                    "in one run (DESIGN §5). Writes PRESET.json, PRESET.csv, PRESET_table.txt and PNG plots.")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="cpu (a few minutes on 2 cores), gpu (H100/H200 sizes) or smoke (tiny, < 60 s); "
+                        "default: gpu when CUDA is available, else cpu")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="override the preset's device")
+    p.add_argument("--losses", type=_csv_list(LOSSES), default=None,
+                   help=f"comma-separated subset of {','.join(LOSSES)}")
+    p.add_argument("--backends", type=_csv_list(IMPL_NAMES), default=None,
+                   help=f"comma-separated subset of {','.join(IMPL_NAMES)} (torch = eager, the baseline of "
+                        "every ratio; compile = torch.compile of the reference)")
+    p.add_argument("--out", default="bench_out", help="output directory (default: bench_out/)")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
+    p.add_argument("--no-scaling", action="store_true", help="skip the sweep over the batch size")
+    p.add_argument("--repeats", type=int, default=None, help="minimum timed repeats (median is reported)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps before timing")
+    p.add_argument("--max-case-seconds", type=float, default=None,
+                   help="skip an implementation predicted to take longer than this on a case")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    from kdkernels.bench import cases, report, runner
+
+    name = args.preset or ("gpu" if torch.cuda.is_available() else "cpu")
+    preset = cases.get_preset(name, args.device)
+    if args.no_scaling:
+        preset.cases = [c for c in preset.cases if c.group != "scaling"]
+    if args.repeats is not None:
+        preset.min_repeats = max(1, args.repeats)
+        preset.max_repeats = max(preset.max_repeats, preset.min_repeats)
+    if args.warmup is not None:
+        preset.warmup = max(0, args.warmup)
+    if args.max_case_seconds is not None:
+        preset.max_case_s = args.max_case_seconds
+    try:
+        result = runner.run(preset, args.losses, args.backends, memory=not args.no_memory)
+    except RuntimeError as e:
+        print(f"kdkernels bench: {e}", file=sys.stderr)
+        return 2
+    paths = report.write_all(result, args.out)
+    print()
+    print(report.full_report(result), flush=True)
+    print()
+    print(f"done in {result['meta']['elapsed_s']:.0f} s; wrote " + ", ".join(paths.values()), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

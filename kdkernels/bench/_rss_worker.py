@@ -1,0 +1,144 @@
+"""A fresh process that measures the CPU memory of one step: ``python -m kdkernels.bench._rss_worker JSON``.
+
+JSON: ``{"case": Case.to_dict(), "impl": name, "limit_bytes": int}``. Prints one line
+``KDKBENCH_RESULT {MemResult fields}`` on stdout. See :mod:`kdkernels.bench.memory` for the method.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import re
+import resource
+import sys
+import threading
+import time
+
+RESULT_TAG = "KDKBENCH_RESULT "  # same as memory.RESULT_TAG (not imported: keep the worker's imports lean)
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
+        return int(m.group(1)) * 1024 if m else None
+    except OSError:
+        return None
+
+
+def rss_bytes() -> int:
+    v = _status_kb("VmRSS")
+    if v is not None:
+        return v
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def reset_peak() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0). True if it worked."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    hwm, rss = _status_kb("VmHWM"), _status_kb("VmRSS")
+    return hwm is not None and rss is not None and hwm <= rss + (4 << 20)
+
+
+class _Poller:
+    """Fallback when VmHWM cannot be reset: poll the RSS every millisecond."""
+
+    def __init__(self):
+        self.peak = rss_bytes()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(0.001)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, rss_bytes())
+
+
+def _limit_address_space(limit_bytes: int) -> None:
+    """Cap this process's address space at what it has now plus ``limit_bytes``."""
+    vms = _status_kb("VmSize")
+    if vms is None or limit_bytes <= 0:
+        return
+    _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    want = vms + int(limit_bytes)
+    if hard != resource.RLIM_INFINITY:
+        want = min(want, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (want, hard))
+
+
+def measure(spec: dict) -> dict:
+    import torch
+
+    from kdkernels.bench import impls
+    from kdkernels.bench.cases import Case, make_inputs
+    from kdkernels.bench.timing import one_step
+
+    case, impl = Case.from_dict(spec["case"]), spec["impl"]
+    device = torch.device("cpu")
+    try:
+        impls.check_available(impl, case, device)
+    except impls.Unavailable as e:
+        return {"status": str(e)}
+    stage = "building inputs"
+    try:
+        before_inputs = rss_bytes()
+        _limit_address_space(spec.get("limit_bytes", 0))
+        inputs = make_inputs(case, device)
+        inputs_rss = rss_bytes() - before_inputs
+        stage = "first step"
+        fn = impls.make_callable(impl, case)
+        t0 = time.perf_counter()
+        one_step(fn, inputs)  # warm-up; for torch.compile also the compilation
+        compile_s = time.perf_counter() - t0 if impl == "compile" else None
+        inputs.zero_grad()
+        gc.collect()
+        stage = "measured step"
+        if reset_peak():
+            base = rss_bytes()
+            one_step(fn, inputs)
+            peak = _status_kb("VmHWM")
+            method = "fresh process: VmHWM after clear_refs - RSS before the step"
+        else:
+            base = rss_bytes()
+            with _Poller() as poller:
+                one_step(fn, inputs)
+            peak = poller.peak
+            method = "fresh process: polled RSS peak (1 ms) - RSS before the step"
+    except Exception as e:  # noqa: BLE001 - reported, never raised
+        if impls.is_not_implemented(e):
+            return {"status": "not implemented", "detail": impls.describe_error(e)}
+        if impls.is_oom(e):
+            return {"status": "OOM", "detail": f"{stage}: {impls.describe_error(e)}"}
+        if impl == "compile" and stage == "first step":
+            return {"status": "unavailable (compile failed)", "detail": impls.describe_error(e)}
+        return {"status": f"error: {impls.describe_error(e, 100)}", "detail": stage}
+    return {"status": "ok", "extra_bytes": max(0, peak - base), "baseline_bytes": base, "peak_bytes": peak,
+            "method": method, "compile_s": compile_s, "detail": f"inputs RSS {inputs_rss / 2**20:.1f} MiB"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        result = measure(json.loads(argv[0]))
+    except MemoryError:
+        result = {"status": "OOM", "detail": "MemoryError"}
+    print(RESULT_TAG + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

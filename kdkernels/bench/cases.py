@@ -1,0 +1,356 @@
+"""What to run: the losses, their benchmark inputs, and the presets.
+
+A :class:`Case` is one loss at one size, dtype and set of options. It is plain data (JSON
+round-trips it), so the fresh process that measures CPU memory rebuilds exactly the same inputs.
+Each loss has a :class:`LossSpec` that knows how to build its inputs and holds the coarse models the
+runner needs before it measures anything: useful FLOPs (for the tensor-core fraction on GPU), and an
+estimate of the extra memory of each implementation (to skip a case that would exhaust the machine
+instead of crashing it). Those models only guard and annotate; every reported number is measured.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+LOSSES = ("softmax_kl_div", "projected_mse", "rkd_distance", "rkd_angle", "similarity_preserving")
+RELATION_LOSSES = ("rkd_distance", "rkd_angle", "similarity_preserving")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
+
+
+# --------------------------------------------------------------------------------------------- case
+@dataclass
+class Case:
+    """One loss at one size. ``dims`` are the sizes, ``options`` the loss's keyword arguments."""
+
+    loss: str
+    dims: dict[str, int]
+    dtype: str = "float32"
+    options: dict[str, Any] = field(default_factory=dict)
+    group: str = "main"  # "main" (the headline table) or "scaling" (the sweep over B)
+    targets: dict[str, float] = field(default_factory=dict)  # issue targets checked for kdkernels backends
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def label(self) -> str:
+        return SPECS[self.loss].label(self)
+
+    def key(self) -> str:
+        """Identity of the measurement (the group does not count: a scaling point equal to a main case is the same)."""
+        return json.dumps([self.loss, self.dims, self.dtype, self.options], sort_keys=True)
+
+    def to_dict(self) -> dict:
+        return {"loss": self.loss, "dims": dict(self.dims), "dtype": self.dtype, "options": dict(self.options),
+                "group": self.group, "targets": dict(self.targets)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Case":
+        return cls(d["loss"], dict(d["dims"]), d.get("dtype", "float32"), dict(d.get("options", {})),
+                   d.get("group", "main"), dict(d.get("targets", {})))
+
+
+@dataclass
+class Inputs:
+    """Positional and keyword arguments of one call; tensors that require grad get gradients."""
+
+    args: tuple
+    kwargs: dict
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [a for a in (*self.args, *self.kwargs.values()) if isinstance(a, torch.Tensor)]
+
+    def grad_tensors(self) -> list[torch.Tensor]:
+        return [t for t in self.tensors() if t.requires_grad]
+
+    def zero_grad(self) -> None:
+        for t in self.grad_tensors():
+            t.grad = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    @property
+    def grad_nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.grad_tensors())
+
+
+def _randn(shape, dtype, device, gen, scale=1.0, requires_grad=False) -> torch.Tensor:
+    if device.type == "meta":  # sizes only: bytes and guards before anything is allocated
+        return torch.empty(shape, dtype=dtype, device=device).requires_grad_(requires_grad)
+    t = torch.randn(shape, dtype=dtype, device=device, generator=gen)
+    if scale != 1.0:
+        t.mul_(scale)
+    return t.requires_grad_(requires_grad)
+
+
+def _generator(device: torch.device, seed: int) -> torch.Generator | None:
+    if device.type == "meta":
+        return None
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------- loss specs
+@dataclass
+class LossSpec:
+    """How to build a loss's inputs, plus the coarse models the runner uses before measuring."""
+
+    make_inputs: Callable[[Case, torch.device, int], Inputs]
+    label: Callable[[Case], str]
+    # useful FLOPs per phase ({"fwd", "bwd", "step"}) for the tensor-core fraction; None: memory-bound
+    flops: Callable[[Case], dict | None]
+    # rough extra bytes above the inputs, per implementation kind ("eager", "compile", "peer", "kernel")
+    est_extra_bytes: Callable[[Case, str], float]
+    # rough arithmetic work of a step, to predict run time when nothing smaller was measured yet
+    work: Callable[[Case], float]
+    scale_dim: str | None = None  # the dimension a scaling sweep varies
+    scale_power: float = 1.0  # run time grows as scale_dim ** scale_power
+
+
+OPMATH_BYTES = 4  # every backend computes in fp32 (DESIGN §2)
+
+
+# softmax_kl_div ---------------------------------------------------------------------------------
+def _kl_inputs(case: Case, device: torch.device, seed: int) -> Inputs:
+    g = _generator(device, seed)
+    shape = (case.dims["R"], case.dims["V"])
+    s = _randn(shape, case.torch_dtype, device, g, scale=2.0, requires_grad=True)
+    t = _randn(shape, case.torch_dtype, device, g, scale=2.0)
+    return Inputs((s, t), dict(case.options))
+
+
+def _kl_label(case: Case) -> str:
+    o = case.options
+    div = o.get("divergence", "forward")
+    extra = f" beta={o['beta']}" if div == "jsd" and "beta" in o else ""
+    return f"{case.dims['R']}x{case.dims['V']} {DTYPE_SHORT[case.dtype]} {div}{extra} T={o.get('temperature', 1.0)}"
+
+
+def _kl_est(case: Case, kind: str) -> float:
+    rv = case.dims["R"] * case.dims["V"]
+    esize = case.torch_dtype.itemsize
+    return {"eager": 14 * rv * OPMATH_BYTES, "compile": 3 * rv * OPMATH_BYTES,
+            "peer": 4 * rv * esize}.get(kind, 1.2 * rv * esize)
+
+
+# projected_mse ----------------------------------------------------------------------------------
+def _pm_sizes(case: Case) -> tuple[int, int, int]:
+    """(rows, Ds, Dt): rows = N*H*W for a feature map with feature_dim=1."""
+    d = case.dims
+    if "N" in d:
+        return d["N"] * d["H"] * d["W"], d["Cs"], d["Ct"]
+    return d["R"], d["Ds"], d["Dt"]
+
+
+def _pm_inputs(case: Case, device: torch.device, seed: int) -> Inputs:
+    g = _generator(device, seed)
+    d, dt = case.dims, case.torch_dtype
+    rows, ds, dtt = _pm_sizes(case)
+    if "N" in d:  # (N, C, H, W) feature maps, projected per pixel (a 1x1 convolution)
+        x = _randn((d["N"], ds, d["H"], d["W"]), dt, device, g, requires_grad=True)
+        t = _randn((d["N"], dtt, d["H"], d["W"]), dt, device, g)
+    else:
+        x = _randn((rows, ds), dt, device, g, requires_grad=True)
+        t = _randn((rows, dtt), dt, device, g)
+    w = _randn((dtt, ds), dt, device, g, scale=ds ** -0.5, requires_grad=True)
+    b = _randn((dtt,), dt, device, g, scale=0.1, requires_grad=True)
+    return Inputs((x, t, w), {"bias": b, **case.options})
+
+
+def _pm_label(case: Case) -> str:
+    d, fd = case.dims, case.options.get("feature_dim", -1)
+    if "N" in d:
+        return f"N{d['N']} Cs{d['Cs']}->Ct{d['Ct']} {d['H']}x{d['W']} fd={fd} {DTYPE_SHORT[case.dtype]}"
+    return f"{d['R']} rows Ds{d['Ds']}->Dt{d['Dt']} {DTYPE_SHORT[case.dtype]}"
+
+
+def _pm_flops(case: Case) -> dict:
+    rows, ds, dtt = _pm_sizes(case)
+    mm = 2.0 * rows * ds * dtt  # one projection-sized matmul
+    return {"fwd": mm, "bwd": 2 * mm, "step": 3 * mm}  # y = xW^T; dx = dy W, dW = dy^T x
+
+
+def _pm_est(case: Case, kind: str) -> float:
+    rows, ds, dtt = _pm_sizes(case)
+    y = rows * dtt * OPMATH_BYTES
+    return {"eager": 5 * y, "compile": 3 * y, "peer": 5 * y}.get(kind, 1.2 * y) + rows * ds * OPMATH_BYTES
+
+
+def _pm_work(case: Case) -> float:
+    rows, _, dtt = _pm_sizes(case)
+    return _pm_flops(case)["step"] + 30.0 * rows * dtt
+
+
+# relation losses --------------------------------------------------------------------------------
+def _rel_inputs(case: Case, device: torch.device, seed: int) -> Inputs:
+    g = _generator(device, seed)
+    d = case.dims
+    s = _randn((d["B"], d.get("Ds", d.get("D"))), case.torch_dtype, device, g, requires_grad=True)
+    t = _randn((d["B"], d.get("Dt", d.get("D"))), case.torch_dtype, device, g)
+    return Inputs((s, t), dict(case.options))
+
+
+def _rel_dims(case: Case) -> tuple[int, int, int]:
+    d = case.dims
+    return d["B"], d.get("Ds", d.get("D")), d.get("Dt", d.get("D"))
+
+
+def _rel_label(case: Case) -> str:
+    b, ds, dt = _rel_dims(case)
+    dims = f"D{ds}" if ds == dt else f"Ds{ds} Dt{dt}"
+    return f"B{b} {dims} {DTYPE_SHORT[case.dtype]}"
+
+
+def _gram_flops(case: Case) -> dict:
+    """Two Gram matrices forward (student, teacher), one B x B x Ds matmul for the student gradient."""
+    b, ds, dt = _rel_dims(case)
+    fwd, bwd = 2.0 * b * b * (ds + dt), 2.0 * b * b * ds
+    return {"fwd": fwd, "bwd": bwd, "step": fwd + bwd}
+
+
+def _pair_est(n_bxb_eager: float, n_bxb_compile: float):
+    def est(case: Case, kind: str) -> float:
+        b, ds, dt = _rel_dims(case)
+        bxb = b * b * OPMATH_BYTES
+        rows = 4 * b * (ds + dt) * OPMATH_BYTES
+        return {"eager": n_bxb_eager * bxb, "compile": n_bxb_compile * bxb}.get(kind, 0.0) + rows
+    return est
+
+
+def _angle_est(case: Case, kind: str) -> float:
+    b, ds, dt = _rel_dims(case)
+    b3, b2d = float(b) ** 3 * OPMATH_BYTES, b * b * (ds + dt) * OPMATH_BYTES
+    return {"eager": 8 * b3 + 3 * b2d, "compile": 3 * b3 + b2d}.get(kind, 4.0 * b * b * OPMATH_BYTES) + 4 * b * (ds + dt) * OPMATH_BYTES
+
+
+def _pair_work(case: Case) -> float:
+    b, _, _ = _rel_dims(case)
+    return _gram_flops(case)["step"] + 60.0 * b * b
+
+
+def _angle_work(case: Case) -> float:
+    b, ds, dt = _rel_dims(case)
+    return _gram_flops(case)["step"] + 60.0 * float(b) ** 3 + 2.0 * float(b) ** 3 * (ds + dt)
+
+
+SPECS: dict[str, LossSpec] = {
+    "softmax_kl_div": LossSpec(_kl_inputs, _kl_label, lambda c: None, _kl_est,
+                               lambda c: 80.0 * c.dims["R"] * c.dims["V"]),
+    "projected_mse": LossSpec(_pm_inputs, _pm_label, _pm_flops, _pm_est, _pm_work),
+    "rkd_distance": LossSpec(_rel_inputs, _rel_label, _gram_flops, _pair_est(12, 4), _pair_work, "B", 2.0),
+    "similarity_preserving": LossSpec(_rel_inputs, _rel_label, _gram_flops, _pair_est(10, 4), _pair_work, "B", 2.0),
+    # angle: the work is B^3 element-wise triples, not matmul FLOPs, so no tensor-core fraction
+    "rkd_angle": LossSpec(_rel_inputs, _rel_label, lambda c: None, _angle_est, _angle_work, "B", 3.0),
+}
+
+
+def make_inputs(case: Case, device: torch.device | str, seed: int = 0) -> Inputs:
+    return SPECS[case.loss].make_inputs(case, torch.device(device), seed)
+
+
+# ----------------------------------------------------------------------------------------- presets
+@dataclass
+class Preset:
+    """A list of cases plus how hard to measure them."""
+
+    name: str
+    device: str
+    cases: list[Case]
+    warmup: int = 1  # untimed full steps before timing (after compilation, for torch.compile)
+    min_repeats: int = 3
+    max_repeats: int = 20
+    budget_s: float = 2.0  # aim for this much timed work per (case, implementation)
+    max_case_s: float = 90.0  # skip a (case, implementation) predicted to take longer than this
+    copy_mib: int = 256  # buffer of the copy-bandwidth measurement
+    memory: bool = True
+    memory_losses: tuple[str, ...] | None = None  # losses whose memory is measured; None: all
+    memory_skip_impls: tuple[str, ...] = ()  # implementations whose memory is not measured
+    compile_losses: tuple[str, ...] | None = None  # losses to torch.compile; None: all
+    scaling_skip_impls: tuple[str, ...] = ("compile",)  # the sweep compares eager and the kernels
+    worker_timeout_s: float = 600.0
+    assumed_flops_per_s: float = 50e9  # to predict run time before anything comparable was measured
+
+
+KL_CPU_TARGETS = {"vs_eager_step": 3.0, "vs_compile_step": 1.5, "x_floor": 1.5, "mem_ratio": 1.05}
+
+
+def _kl(r, v, dtype="float32", group="main", targets=None, **opts) -> Case:
+    return Case("softmax_kl_div", {"R": r, "V": v}, dtype, {"temperature": 2.0, **opts}, group, targets or {})
+
+
+def _rel(loss, b, d, dtype="float32", group="main") -> Case:
+    return Case(loss, {"B": b, "D": d}, dtype, {}, group)
+
+
+def _scaling(loss_sizes: dict[str, list[int]], d: int, dtype: str) -> list[Case]:
+    return [_rel(loss, b, d, dtype, "scaling") for loss, sizes in loss_sizes.items() for b in sizes]
+
+
+def preset_cpu() -> Preset:
+    cases = [
+        _kl(4096, 32000, targets=KL_CPU_TARGETS),
+        Case("projected_mse", {"N": 64, "Cs": 128, "Ct": 256, "H": 32, "W": 32}, "float32", {"feature_dim": 1}),
+        _rel("rkd_distance", 4096, 512),
+        _rel("similarity_preserving", 4096, 512),
+        _rel("rkd_angle", 512, 512),
+    ]
+    cases += _scaling({"rkd_distance": [1024, 2048, 4096, 8192, 16384],
+                       "similarity_preserving": [1024, 2048, 4096, 8192, 16384],
+                       "rkd_angle": [128, 256, 512, 1024]}, 512, "float32")
+    return Preset("cpu", "cpu", cases, warmup=1, min_repeats=3, max_repeats=10, budget_s=2.0,
+                  max_case_s=60.0, copy_mib=256, assumed_flops_per_s=50e9)
+
+
+def preset_gpu() -> Preset:
+    cases = [
+        _kl(4096, 128256, "float32"),
+        _kl(4096, 128256, "bfloat16"),
+        _kl(4096, 32000, "bfloat16"),
+        _kl(4096, 256000, "bfloat16"),
+        _kl(4096, 128256, "bfloat16", divergence="jsd", beta=0.5),
+        Case("projected_mse", {"R": 16384, "Ds": 768, "Dt": 4096}, "bfloat16"),
+        _rel("rkd_distance", 16384, 1024, "bfloat16"),
+        _rel("similarity_preserving", 16384, 1024, "bfloat16"),
+        _rel("rkd_angle", 1024, 1024, "bfloat16"),
+    ]
+    cases += _scaling({"rkd_distance": [4096, 16384, 65536],
+                       "similarity_preserving": [4096, 16384, 65536],
+                       "rkd_angle": [512, 1024, 2048]}, 1024, "bfloat16")
+    return Preset("gpu", "cuda", cases, warmup=3, min_repeats=5, max_repeats=50, budget_s=0.5,
+                  max_case_s=45.0, copy_mib=2048, worker_timeout_s=300.0, assumed_flops_per_s=50e12)
+
+
+def preset_smoke(device: str = "cpu") -> Preset:
+    cases = [
+        _kl(64, 512),
+        Case("projected_mse", {"N": 2, "Cs": 8, "Ct": 16, "H": 4, "W": 4}, "float32", {"feature_dim": 1}),
+        _rel("rkd_distance", 64, 16),
+        _rel("similarity_preserving", 64, 16),
+        _rel("rkd_angle", 16, 8),
+        # the sweep's last point is far too big on purpose: it must be skipped by the guards, not run
+        _rel("rkd_distance", 32, 16, group="scaling"),
+        _rel("rkd_distance", 1 << 20, 16, group="scaling"),
+    ]
+    return Preset("smoke", device, cases, warmup=1, min_repeats=3, max_repeats=5, budget_s=0.05,
+                  max_case_s=20.0, copy_mib=16, compile_losses=("softmax_kl_div",), worker_timeout_s=60.0,
+                  memory_losses=("softmax_kl_div",), memory_skip_impls=("compile",),
+                  assumed_flops_per_s=50e9 if device == "cpu" else 50e12)
+
+
+PRESETS = {"cpu": preset_cpu, "gpu": preset_gpu, "smoke": preset_smoke}
+
+
+def get_preset(name: str, device: str | None = None) -> Preset:
+    if name == "smoke":
+        return preset_smoke(device or "cpu")
+    preset = PRESETS[name]()
+    if device is not None:
+        preset.device = device
+    return preset
