@@ -28,6 +28,7 @@
 #include <torch/library.h>
 
 #include "kdkernels/feature.h"
+#include "kdkernels/feature_args.h"
 
 namespace kdkernels {
 namespace {
@@ -196,40 +197,10 @@ void residual_grads_block(const In* r, int64_t r_rs, acc_t s, T* grad_t, int64_t
   }
 }
 
-// ---- argument checks ----------------------------------------------------------------------------------
-void check_reduction(int64_t reduction) {
-  TORCH_CHECK(valid_feature_reduction(reduction),
-              "projected_mse: reduction must be 0 (mean), 1 (sum) or 2 (batchmean), got ", reduction);
-}
-
-void check_forward_args(const Tensor& x, const Tensor& t, const Tensor& weight, const std::optional<Tensor>& bias,
-                        int64_t reduction) {
-  check_reduction(reduction);
-  TORCH_CHECK(x.dim() == 3 && t.dim() == 3, "projected_mse_forward: x and t must be 3-D (B, P, D), got ", x.sizes(),
-              " and ", t.sizes());
-  TORCH_CHECK(x.size(0) == t.size(0) && x.size(1) == t.size(1),
-              "projected_mse_forward: x and t must share (B, P), got ", x.sizes(), " and ", t.sizes());
-  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == t.size(2) && weight.size(1) == x.size(2),
-              "projected_mse_forward: weight must be (Dt, Ds) = (", t.size(2), ", ", x.size(2), "), got ",
-              weight.sizes());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type() && weight.scalar_type() == x.scalar_type(),
-              "projected_mse_forward: x, t and weight must share a dtype");
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == t.size(2), "projected_mse_forward: bias must be (Dt,) = (",
-                t.size(2), ",), got ", bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "projected_mse_forward: bias must have x's dtype");
-  }
-}
-
-// Storage for a (B, P, D) result in the layout the rule of feature.h gives.
-Tensor empty_in_layout(int64_t B, int64_t P, int64_t D, bool fmajor, const at::TensorOptions& opts) {
-  return fmajor ? at::empty({B, D, P}, opts).transpose(1, 2) : at::empty({B, P, D}, opts);
-}
-
 // ---- forward -------------------------------------------------------------------------------------------
 std::tuple<Tensor, Tensor> projected_mse_forward_cpu(const Tensor& x, const Tensor& t, const Tensor& weight,
                                                      const std::optional<Tensor>& bias, int64_t reduction) {
-  check_forward_args(x, t, weight, bias, reduction);
+  check_projected_mse_forward_args(x, t, weight, bias, reduction);
   // The ATen calls below must not record autograd even if the op is called with grad-requiring tensors
   // (e.g. through the autograd fallback, which re-dispatches without excluding the autograd keys).
   at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -290,26 +261,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> projected_mse_backward_cpu(const Tens
                                                                       const Tensor& weight, const Tensor& residual,
                                                                       int64_t reduction, bool x_grad, bool t_grad,
                                                                       bool weight_grad, bool bias_grad) {
-  check_reduction(reduction);
+  const int64_t Ds =
+      check_projected_mse_backward_args(grad_loss, x, weight, residual, reduction, x_grad, weight_grad);
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in the forward
-  TORCH_CHECK(residual.dim() == 3, "projected_mse_backward: residual must be 3-D (B, P, Dt), got ", residual.sizes());
-  TORCH_CHECK(grad_loss.numel() == 1, "projected_mse_backward: grad_loss must hold one value, got ",
-              grad_loss.sizes());
   const int64_t B = residual.size(0), P = residual.size(1), Dt = residual.size(2);
   const auto dtype = residual.scalar_type();
-  int64_t Ds = 0;
-  if (x_grad) {
-    TORCH_CHECK(weight.dim() == 2 && weight.size(0) == Dt, "projected_mse_backward: weight must be (", Dt,
-                ", Ds) for grad_x, got ", weight.sizes());
-    TORCH_CHECK(weight.scalar_type() == dtype, "projected_mse_backward: weight must have the residual's dtype");
-    Ds = weight.size(1);
-  }
-  if (weight_grad) {
-    TORCH_CHECK(x.dim() == 3 && x.size(0) == B && x.size(1) == P && (!x_grad || x.size(2) == Ds),
-                "projected_mse_backward: x must be (", B, ", ", P, ", Ds) for grad_weight, got ", x.sizes());
-    TORCH_CHECK(x.scalar_type() == dtype, "projected_mse_backward: x must have the residual's dtype");
-    Ds = x.size(2);
-  }
   const bool fmajor = feature_major(P, Dt, residual.stride(1));
   const auto opts = residual.options();
   const auto acc_type = at::toOpMathType(dtype);

@@ -50,12 +50,18 @@ def _setup_context(ctx, inputs, output):
     # x only serves grad_weight and the weight only grad_x; the residual serves every gradient
     ctx.save_for_backward(x if need_w else None, weight if need_x else None, output[1])
     ctx.reduction = reduction
+    # The residual is an output only to be saved: without these, autograd hands the backward a
+    # materialised (B, P, Dt) zero gradient for it, as large as the residual itself.
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
 def _autograd_backward(backward_op):
     def backward(ctx, grad_loss, _grad_residual):
         x, weight, residual = ctx.saved_tensors
         need_x, need_t, need_w, need_b = ctx.needs_input_grad[:4]
+        if grad_loss is None:  # the loss took no part in what is being differentiated
+            return (None,) * 5
         empty = residual.new_empty((0,))
         grad_x, grad_t, grad_w, grad_b = backward_op(
             grad_loss, empty if x is None else x, empty if weight is None else weight, residual, ctx.reduction,
