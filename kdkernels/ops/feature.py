@@ -35,12 +35,11 @@ def _backward_fake(grad_loss, x, weight, residual, reduction, x_grad, t_grad, we
     B, P, Dt = residual.shape
     Ds = weight.shape[1] if x_grad else (x.shape[2] if weight_grad else 0)
     fmajor = feature_major(P, Dt, residual.stride(1))
-    empty = residual.new_empty((0,))
     return (
-        empty_in_layout(B, P, Ds, fmajor, residual) if x_grad else empty,
-        empty_in_layout(B, P, Dt, fmajor, residual) if t_grad else empty,
-        residual.new_empty((Dt, Ds)) if weight_grad else empty,
-        residual.new_empty((Dt,)) if bias_grad else empty,
+        empty_in_layout(B, P, Ds, fmajor, residual) if x_grad else residual.new_empty((0,)),
+        empty_in_layout(B, P, Dt, fmajor, residual) if t_grad else residual.new_empty((0,)),
+        residual.new_empty((Dt, Ds)) if weight_grad else residual.new_empty((0,)),
+        residual.new_empty((Dt,)) if bias_grad else residual.new_empty((0,)),
     )
 
 

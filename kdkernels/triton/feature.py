@@ -219,9 +219,11 @@ def projected_mse_backward(grad_loss: Tensor, x: Tensor, weight: Tensor, residua
     Ds = weight.shape[1] if x_grad else (x.shape[2] if weight_grad else 0)
     dtype, acc_dtype = residual.dtype, opmath_dtype(residual.dtype)
     fmajor = feature_major(P, Dt, residual.stride(1))
-    empty = residual.new_empty((0,))
-    grad_x = empty_in_layout(B, P, Ds, fmajor, residual) if x_grad else empty
-    grad_t = empty_in_layout(B, P, Dt, fmajor, residual) if t_grad else empty
+    def empty():  # one per unrequested gradient: custom-op outputs must not alias each other
+        return residual.new_empty((0,))
+
+    grad_x = empty_in_layout(B, P, Ds, fmajor, residual) if x_grad else empty()
+    grad_t = empty_in_layout(B, P, Dt, fmajor, residual) if t_grad else empty()
     factor = grad_factor(reduction, B * P, Dt)
     s = (grad_loss.reshape(()).to(acc_dtype) * factor).reshape(1)  # stays on the device: no host sync
     block_m, block_n, block_k, num_warps = _tiles(dtype)
@@ -242,8 +244,8 @@ def projected_mse_backward(grad_loss: Tensor, x: Tensor, weight: Tensor, residua
         if t_grad and not (x_grad and B * tiles_p and Ds):  # no grad_x program wrote it
             torch.mul(residual, -s.reshape(()), out=grad_t)  # a 0-d factor keeps the residual's dtype
 
-        grad_w = empty
-        grad_b = empty
+        grad_w = empty()
+        grad_b = empty()
         w_kernel = weight_grad and Ds > 0
         if w_kernel or bias_grad:
             tiles_n = triton.cdiv(Dt, block_n)
