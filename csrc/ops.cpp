@@ -19,4 +19,21 @@ TORCH_LIBRARY(kdkernels, m) {
       "softmax_kl_backward(Tensor grad_loss, Tensor student, Tensor teacher, Tensor? labels, "
       "Tensor stats, float temperature, int divergence, float beta, int ignore_index, bool t2_scale, "
       "bool student_grad, bool teacher_grad) -> (Tensor, Tensor)");
+
+  // ---- feature family: projected MSE (DESIGN §2.2) -----------------------------------------
+  // x: (B, P, Ds) student features, t: (B, P, Dt) teacher features, same dtype, any strides:
+  // B * P feature vectors ("rows"), P > 1 only when the features were not the last dim (NCHW maps
+  // arrive as (N, H*W, C) views, no copy). weight: (Dt, Ds); bias: (Dt,) or None.
+  // reduction: 0 "mean" (/ (rows * Dt)), 1 "sum", 2 "batchmean" (/ max(1, rows)).
+  // Returns loss () in the op-math dtype and residual = x W^T + b - t, (B, P, Dt) in the input
+  // dtype, which is all the backward needs besides x and W (y itself is never stored). Its layout
+  // follows t (csrc/include/kdkernels/feature.h, feature_major): (B, P, Dt) contiguous, or for
+  // feature-major teachers (stride 1 along P) the transpose of a contiguous (B, Dt, P) tensor.
+  m.def("projected_mse_forward(Tensor x, Tensor t, Tensor weight, Tensor? bias, int reduction) -> (Tensor, Tensor)");
+  // grad_loss: () op-math dtype. x is read only for grad_weight and weight only for grad_x (pass an
+  // empty tensor otherwise). Returns (grad_x, grad_t, grad_weight, grad_bias); grad_x and grad_t have
+  // the residual's layout, a gradient that is not requested is an empty (0,) tensor.
+  m.def(
+      "projected_mse_backward(Tensor grad_loss, Tensor x, Tensor weight, Tensor residual, int reduction, "
+      "bool x_grad, bool t_grad, bool weight_grad, bool bias_grad) -> (Tensor, Tensor, Tensor, Tensor)");
 }

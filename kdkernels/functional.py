@@ -12,12 +12,15 @@ from torch import Tensor
 
 from kdkernels import backends, reference
 from kdkernels import _validation as v
+from kdkernels._feature import REDUCTION_CODES as FEATURE_REDUCTION_CODES
+from kdkernels._feature import rows_3d
 from kdkernels._reduction import ROW_REDUCTIONS, reduce_rows
+from kdkernels.ops import feature as feature_ops
 from kdkernels.ops import response as response_ops
 
 __all__ = ["softmax_kl_div", "projected_mse", "rkd_distance", "rkd_angle", "similarity_preserving"]
 
-FEATURE_REDUCTIONS = ("mean", "sum", "batchmean")
+FEATURE_REDUCTIONS = tuple(FEATURE_REDUCTION_CODES)
 RKD_REDUCTIONS = ("mean", "sum")
 SP_REDUCTIONS = ("batchmean", "sum")
 
@@ -135,10 +138,23 @@ def projected_mse(
         weight: (Dt, Ds) projection; bias: (Dt,) or None. y = x W^T + b per feature vector;
             ``feature_dim=1`` on an (N, C, H, W) map is a 1x1 convolution.
         reduction: "mean" (as F.mse_loss), "sum" or "batchmean" (sum / number of feature vectors).
+        backend: "auto", "torch", "cpu", "cuda" or "triton".
+
+    Returns:
+        A 0-d float32 loss (float64 for float64 inputs); gradients reach student, weight, bias and
+        teacher (when it requires grad) in their own dtype.
+
+    Inputs of any layout are accepted: the fused backends see the student as a (B, P, Ds) view
+    (e.g. an NCHW map with feature_dim=1 as (N, H*W, Cs) with stride 1 along H*W), never a
+    permuted copy; see kdkernels._feature.rows_3d for the rare inputs that are copied once.
     """
     feature_dim = _check_feature_inputs(student, teacher, weight, bias, feature_dim, reduction)
-    backends.resolve("projected_mse", backend, student.device)
-    return reference.projected_mse(student, teacher, weight, bias, feature_dim, reduction)
+    name = backends.resolve("projected_mse", backend, student.device)
+    if name == "torch":
+        return reference.projected_mse(student, teacher, weight, bias, feature_dim, reduction)
+    x, t = rows_3d(student, teacher, feature_dim)
+    loss, _residual = feature_ops.projected_mse_forward(name, x, t, weight, bias, FEATURE_REDUCTION_CODES[reduction])
+    return loss
 
 
 def _check_relation_inputs(student, teacher, reduction, reductions):

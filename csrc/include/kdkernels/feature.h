@@ -1,0 +1,45 @@
+// Projected-MSE math and layout rules (DESIGN §2.2), written once for the CPU and CUDA kernels.
+//
+// The ops see x as (B, P, Ds) and t as (B, P, Dt): B * P feature vectors ("rows"). Per row
+//   y = W x + b,   r = y - t (the residual),   loss = reduce(sum r^2)
+// and with g = d loss / d r = grad_loss * 2 / denominator:
+//   grad_x = g r W,   grad_W = sum_rows g r x^T,   grad_b = sum_rows g r,   grad_t = -g r.
+// The forward saves r (input dtype) for the backward; y is never stored.
+#pragma once
+#include <cstdint>
+
+#include "kdkernels/common.h"
+
+namespace kdkernels {
+
+enum FeatureReduction : int { kFeatureMean = 0, kFeatureSum = 1, kFeatureBatchMean = 2 };
+
+KDK_HD bool valid_feature_reduction(int64_t reduction) {
+  return reduction == kFeatureMean || reduction == kFeatureSum || reduction == kFeatureBatchMean;
+}
+
+// What the sum of squared residuals is divided by. "mean" divides by the element count, which is 0
+// for an empty input: the loss is then 0 / 0 = NaN, as for F.mse_loss. "batchmean" never divides by 0.
+KDK_HD double projected_mse_denominator(int64_t reduction, int64_t rows, int64_t teacher_dim) {
+  if (reduction == kFeatureSum) return 1.0;
+  if (reduction == kFeatureBatchMean) return rows > 1 ? static_cast<double>(rows) : 1.0;
+  return static_cast<double>(rows) * static_cast<double>(teacher_dim);
+}
+
+// d loss / d r per unit grad_loss: 2 / denominator. An empty residual has nothing to differentiate;
+// returning 0 there keeps 0 * inf = NaN out of grad_W and grad_b (which are sums over no rows).
+KDK_HD double projected_mse_grad_factor(int64_t reduction, int64_t rows, int64_t teacher_dim) {
+  double d = projected_mse_denominator(reduction, rows, teacher_dim);
+  return d > 0.0 ? 2.0 / d : 0.0;
+}
+
+// Layout rule shared by every backend (and by the Python fake kernels): a (B, P, D) tensor is
+// "feature-major" when its P axis has stride 1 (NCHW maps viewed as (N, H*W, C)); both P and D must be
+// > 1 for the rule to mean anything. The residual, grad_x and grad_t of a feature-major teacher are the
+// transposes of contiguous (B, D, P) tensors, so they keep the teacher's memory layout; otherwise they
+// are contiguous (B, P, D).
+KDK_HD bool feature_major(int64_t positions, int64_t features, int64_t position_stride) {
+  return positions > 1 && features > 1 && position_stride == 1;
+}
+
+}  // namespace kdkernels

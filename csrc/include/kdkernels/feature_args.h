@@ -1,0 +1,75 @@
+// Host-side argument checks and result allocation of the projected-MSE ops, shared by the CPU
+// (csrc/cpu/feature.cpp) and CUDA (csrc/cuda/feature.cu) kernels so both reject and lay out alike.
+#pragma once
+#include <cstdint>
+#include <optional>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+
+#include "kdkernels/feature.h"
+
+namespace kdkernels {
+
+inline void check_projected_mse_reduction(int64_t reduction) {
+  TORCH_CHECK(valid_feature_reduction(reduction),
+              "projected_mse: reduction must be 0 (mean), 1 (sum) or 2 (batchmean), got ", reduction);
+}
+
+inline void check_projected_mse_forward_args(const at::Tensor& x, const at::Tensor& t, const at::Tensor& weight,
+                                             const std::optional<at::Tensor>& bias, int64_t reduction) {
+  check_projected_mse_reduction(reduction);
+  TORCH_CHECK(x.dim() == 3 && t.dim() == 3, "projected_mse_forward: x and t must be 3-D (B, P, D), got ", x.sizes(),
+              " and ", t.sizes());
+  TORCH_CHECK(x.size(0) == t.size(0) && x.size(1) == t.size(1),
+              "projected_mse_forward: x and t must share (B, P), got ", x.sizes(), " and ", t.sizes());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == t.size(2) && weight.size(1) == x.size(2),
+              "projected_mse_forward: weight must be (Dt, Ds) = (", t.size(2), ", ", x.size(2), "), got ",
+              weight.sizes());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type() && weight.scalar_type() == x.scalar_type(),
+              "projected_mse_forward: x, t and weight must share a dtype");
+  TORCH_CHECK(t.device() == x.device() && weight.device() == x.device(),
+              "projected_mse_forward: x, t and weight must be on one device");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == t.size(2), "projected_mse_forward: bias must be (Dt,) = (",
+                t.size(2), ",), got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->device() == x.device(),
+                "projected_mse_forward: bias must have x's dtype and device");
+  }
+}
+
+// Checks the backward's arguments and returns Ds (0 when neither grad_x nor grad_weight is asked for:
+// x is read only for grad_weight and the weight only for grad_x, either may then be an empty tensor).
+inline int64_t check_projected_mse_backward_args(const at::Tensor& grad_loss, const at::Tensor& x,
+                                                 const at::Tensor& weight, const at::Tensor& residual,
+                                                 int64_t reduction, bool x_grad, bool weight_grad) {
+  check_projected_mse_reduction(reduction);
+  TORCH_CHECK(residual.dim() == 3, "projected_mse_backward: residual must be 3-D (B, P, Dt), got ", residual.sizes());
+  TORCH_CHECK(grad_loss.numel() == 1, "projected_mse_backward: grad_loss must hold one value, got ",
+              grad_loss.sizes());
+  const int64_t B = residual.size(0), P = residual.size(1), Dt = residual.size(2);
+  int64_t Ds = 0;
+  if (x_grad) {
+    TORCH_CHECK(weight.dim() == 2 && weight.size(0) == Dt, "projected_mse_backward: weight must be (", Dt,
+                ", Ds) for grad_x, got ", weight.sizes());
+    TORCH_CHECK(weight.scalar_type() == residual.scalar_type() && weight.device() == residual.device(),
+                "projected_mse_backward: weight must have the residual's dtype and device");
+    Ds = weight.size(1);
+  }
+  if (weight_grad) {
+    TORCH_CHECK(x.dim() == 3 && x.size(0) == B && x.size(1) == P && (!x_grad || x.size(2) == Ds),
+                "projected_mse_backward: x must be (", B, ", ", P, ", Ds) for grad_weight, got ", x.sizes());
+    TORCH_CHECK(x.scalar_type() == residual.scalar_type() && x.device() == residual.device(),
+                "projected_mse_backward: x must have the residual's dtype and device");
+    Ds = x.size(2);
+  }
+  return Ds;
+}
+
+// Storage for a (B, P, D) result in the layout of feature.h's feature_major rule.
+inline at::Tensor empty_in_layout(int64_t B, int64_t P, int64_t D, bool fmajor, const at::TensorOptions& opts) {
+  return fmajor ? at::empty({B, D, P}, opts).transpose(1, 2) : at::empty({B, P, D}, opts);
+}
+
+}  // namespace kdkernels
