@@ -3,13 +3,15 @@
 // kdkernels/softmax_kl.h (shared with the CUDA kernel); this file only arranges memory passes,
 // vectorisation and threads.
 //
-// Forward, per row, in chunks that stay in L1 (so the row is read from DRAM once, whatever V):
-//   forward / reverse KL: pass A = max of both chunks, pass B = sum-exps and the centred log-ratio
-//     accumulator with those maxes; chunk states merge with log_ratio_merge. One DRAM pass.
-//   JSD: the same two passes give lse_s, lse_t; a second sweep of the row (from L2 for usual V)
-//     accumulates c_s, c_t, which need the final lse.
-// Backward: one pass per row, softmax_kl_grad per element.
-// Rows are spread over threads with at::parallel_for; chunk states are merged in double.
+// Each row is processed in chunks: a chunk of both rows is scaled by 1/T into L1 buffers, then
+// read from there (so DRAM sees each row once per sweep, whatever V).
+//   forward / reverse KL: per chunk, the maxes come with the scaling; one more in-cache pass gives
+//     the sum-exps and the centred log-ratio accumulator; chunk states merge with log_ratio_merge.
+//     The loss comes out of one DRAM sweep.
+//   JSD: the same gives lse_s and lse_t; c_s and c_t need them, so a second sweep of the row
+//     (from L2 for usual V) accumulates those.
+//   Backward: one sweep per row, softmax_kl_grad per element.
+// Rows are spread over threads with at::parallel_for; chunk and row states are kept in double.
 
 #if defined(__GNUC__) && !defined(__clang__)
 // Floating-point exceptions are never unmasked here, so GCC may evaluate both arms of a select.
@@ -51,13 +53,10 @@ using opmath_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
 // which costs nothing (a few scalar operations per chunk) and keeps long rows accurate.
 using acc_t = double;
 
-// Elements per chunk of one row. A chunk of both rows stays in L1 between its two passes; small
-// chunks keep DRAM streaming while the exps run (a long in-cache pass leaves the memory idle).
-#ifndef KDK_CHUNK_BYTES
-#define KDK_CHUNK_BYTES 8192
-#endif
-template <typename S>
-constexpr int64_t kChunk = KDK_CHUNK_BYTES / sizeof(S);
+// Elements per chunk: the logits of a chunk of both rows are scaled by 1/T into two op-math
+// buffers of 8 KiB each, which the following pass(es) read from L1.
+template <typename T>
+constexpr int64_t kChunk = 8192 / sizeof(T);
 
 // Element loads and stores in the op-math type; 16-bit floats through the branch-free bit
 // conversions of simd.h so that the loops vectorise.
@@ -102,15 +101,27 @@ KDK_CPU_INLINE bool row_ignored(const Params<T>& p, int64_t r) {
   return p.labels != nullptr && p.labels[r * p.label_stride] == p.ignore_index;
 }
 
-// Max of one chunk of each row (raw logits; scaling by inv_t > 0 keeps the order, so the max of
-// the scaled values is this max times inv_t exactly). A NaN may or may not win here: it reaches
-// the row result through the sums of pass B either way.
+// a = z * (1/T), rounded to T, the one definition of the scaled logits in the forward and the
+// backward. The `+ 0` (which the compiler may not drop: it turns -0 into +0) keeps it from fusing
+// the product into the subtraction that follows, as an FMA that would skip this rounding: then
+// `a - max a` would not be exactly 0 at the max, and the exact cancellations that keep one-hot
+// rows of huge logits (+-1e4) exact, as they are in eager PyTorch, would be lost (errors ~1e-3).
+template <typename T>
+KDK_CPU_INLINE T rounded_scale(T z, T inv_t) {
+  return z * inv_t + T(0);
+}
+
+// Scales one chunk of both rows into the buffers (b = z_s / T, a = z_t / T, as rounded_scale
+// gives them everywhere) and returns their maxes. A NaN may or may not win the max; it reaches
+// the row result through the sums either way.
 template <typename S, typename T>
-KDK_CPU_INLINE void chunk_max(const S* s, const S* t, int64_t n, T& max_s, T& max_t) {
+KDK_CPU_INLINE void scale_chunk(const S* s, const S* t, int64_t n, T inv_t, T* bs, T* bt, T& max_s, T& max_t) {
   T ms = neg_inf<T>(), mt = neg_inf<T>();
 #pragma omp simd reduction(max : ms, mt)
   for (int64_t i = 0; i < n; ++i) {
-    const T b = to_op(s[i]), a = to_op(t[i]);
+    const T b = rounded_scale(to_op(s[i]), inv_t), a = rounded_scale(to_op(t[i]), inv_t);
+    bs[i] = b;
+    bt[i] = a;
     ms = b > ms ? b : ms;
     mt = a > mt ? a : mt;
   }
@@ -118,29 +129,34 @@ KDK_CPU_INLINE void chunk_max(const S* s, const S* t, int64_t n, T& max_s, T& ma
   max_t = mt;
 }
 
-// A chunk whose values are all -inf (masked vocabulary) has max -inf; centre it on 0 instead so
-// that exp(-inf - 0) = 0 rather than exp(-inf + inf) = NaN. Its sums are then 0, which the merges
-// read as "empty".
-template <typename T>
-KDK_CPU_INLINE T centre(T m) {
-  return m == neg_inf<T>() ? T(0) : m;
-}
-
 // A chunk is centred on the running max of its row (this chunk's max if larger): after the first
-// chunks it rarely changes, so the merges rarely rescale. A NaN running max stays NaN.
+// chunks it rarely changes, so the merges rarely rescale. A NaN running max stays NaN. A chunk
+// whose values are all -inf (masked vocabulary) with nothing finite before it is centred on 0,
+// so that exp(-inf - 0) = 0 rather than exp(-inf + inf) = NaN; its sums are then 0, which the
+// merges read as "empty".
 template <typename T>
 KDK_CPU_INLINE T running_max(T chunk_max, acc_t row_max) {
   const T r = static_cast<T>(row_max);
   return chunk_max > r ? chunk_max : r;
 }
 
+template <typename T>
+KDK_CPU_INLINE T centre(T m) {
+  return m == neg_inf<T>() ? T(0) : m;
+}
+
 // ---- forward: forward / reverse KL, one DRAM pass ------------------------------------------
 template <typename S, int DIV>
-KDK_CPU_HOT void forward_kl_rows(const S* student, const S* teacher, const Params<opmath_t<S>>& p,
-                                    int64_t r0, int64_t r1, opmath_t<S>* loss, opmath_t<S>* stats) {
+KDK_CPU_HOT void forward_kl_rows(const S* student, const S* teacher, const Params<opmath_t<S>>& p, int64_t r0,
+                                 int64_t r1, opmath_t<S>* loss, opmath_t<S>* stats) {
   using T = opmath_t<S>;
+  constexpr int64_t C = kChunk<T>;
+  alignas(64) T bs[C];
+  alignas(64) T bt[C];
+  // x: the weighting row (teacher for forward KL, student for reverse), y: the other one.
+  const T* xb = DIV == kForwardKL ? bt : bs;
+  const T* yb = DIV == kForwardKL ? bs : bt;
   const int64_t V = p.V;
-  const T inv_t = p.inv_t;
   for (int64_t r = r0; r < r1; ++r) {
     T* st_out = stats + 4 * r;
     if (row_ignored(p, r)) {
@@ -148,23 +164,20 @@ KDK_CPU_HOT void forward_kl_rows(const S* student, const S* teacher, const Param
       st_out[0] = st_out[1] = st_out[2] = st_out[3] = T(0);
       continue;
     }
-    // x: the weighting row (teacher for forward KL, student for reverse), y: the other one.
-    const S* xrow = (DIV == kForwardKL ? teacher : student) + r * V;
-    const S* yrow = (DIV == kForwardKL ? student : teacher) + r * V;
+    const S* srow = student + r * V;
+    const S* trow = teacher + r * V;
     LogRatioState<acc_t> row = log_ratio_empty<acc_t>();
-    for (int64_t c0 = 0; c0 < V; c0 += kChunk<S>) {
-      const int64_t n = std::min(kChunk<S>, V - c0);
-      const S* xs = xrow + c0;
-      const S* ys = yrow + c0;
-      T mx, my;
-      chunk_max(xs, ys, n, mx, my);
-      mx = running_max(mx * inv_t, row.mw);
-      my = running_max(my * inv_t, row.mo);
+    for (int64_t c0 = 0; c0 < V; c0 += C) {
+      const int64_t n = std::min(C, V - c0);
+      T ms, mt;
+      scale_chunk(srow + c0, trow + c0, n, p.inv_t, bs, bt, ms, mt);
+      const T mx = running_max(DIV == kForwardKL ? mt : ms, row.mw);
+      const T my = running_max(DIV == kForwardKL ? ms : mt, row.mo);
       const T cx = centre(mx), cy = centre(my);
       T sw = 0, so = 0, acc = 0;
 #pragma omp simd reduction(+ : sw, so, acc)
       for (int64_t i = 0; i < n; ++i) {
-        const T x = to_op(xs[i]) * inv_t, y = to_op(ys[i]) * inv_t;
+        const T x = xb[i], y = yb[i];
         sw += VecMath::exp(x - cx);
         so += VecMath::exp(y - cy);
         acc += log_ratio_term<T, VecMath>(x, cx, y, cy);
@@ -194,11 +207,13 @@ KDK_CPU_HOT void forward_kl_rows(const S* student, const S* teacher, const Param
 
 // ---- forward: JSD, lse first, then c_s and c_t ---------------------------------------------
 template <typename S>
-KDK_CPU_HOT void forward_jsd_rows(const S* student, const S* teacher, const Params<opmath_t<S>>& p,
-                                     int64_t r0, int64_t r1, opmath_t<S>* loss, opmath_t<S>* stats) {
+KDK_CPU_HOT void forward_jsd_rows(const S* student, const S* teacher, const Params<opmath_t<S>>& p, int64_t r0,
+                                  int64_t r1, opmath_t<S>* loss, opmath_t<S>* stats) {
   using T = opmath_t<S>;
+  constexpr int64_t C = kChunk<T>;
+  alignas(64) T bs[C];
+  alignas(64) T bt[C];
   const int64_t V = p.V;
-  const T inv_t = p.inv_t;
   const JsdConstants<T> k = p.k;
   for (int64_t r = r0; r < r1; ++r) {
     T* st_out = stats + 4 * r;
@@ -210,48 +225,57 @@ KDK_CPU_HOT void forward_jsd_rows(const S* student, const S* teacher, const Para
     const S* srow = student + r * V;
     const S* trow = teacher + r * V;
     LseState<acc_t> ls = lse_empty<acc_t>(), lt = lse_empty<acc_t>();
-    for (int64_t c0 = 0; c0 < V; c0 += kChunk<S>) {
-      const int64_t n = std::min(kChunk<S>, V - c0);
+    for (int64_t c0 = 0; c0 < V; c0 += C) {
+      const int64_t n = std::min(C, V - c0);
       T ms, mt;
-      chunk_max(srow + c0, trow + c0, n, ms, mt);
-      ms = running_max(ms * inv_t, ls.m);
-      mt = running_max(mt * inv_t, lt.m);
+      scale_chunk(srow + c0, trow + c0, n, p.inv_t, bs, bt, ms, mt);
+      ms = running_max(ms, ls.m);
+      mt = running_max(mt, lt.m);
       const T cs = centre(ms), ct = centre(mt);
       T ss = 0, st = 0;
 #pragma omp simd reduction(+ : ss, st)
-      for (int64_t i = c0; i < c0 + n; ++i) {
-        ss += VecMath::exp(to_op(srow[i]) * inv_t - cs);
-        st += VecMath::exp(to_op(trow[i]) * inv_t - ct);
+      for (int64_t i = 0; i < n; ++i) {
+        ss += VecMath::exp(bs[i] - cs);
+        st += VecMath::exp(bt[i] - ct);
       }
       ls = lse_merge(ls, LseState<acc_t>{is_nan(ss) ? ss : ms, ss});
       lt = lse_merge(lt, LseState<acc_t>{is_nan(st) ? st : mt, st});
     }
     // log p = (b - max) - log(sum): centred, so that logits of magnitude 1e4 keep their precision
-    // (a - lse_t with lse_t rounded to float would not).
+    // (b - lse_s with lse_s rounded to float would not).
     const T max_s = static_cast<T>(ls.m), log_sum_s = static_cast<T>(std::log(ls.s));
     const T max_t = static_cast<T>(lt.m), log_sum_t = static_cast<T>(std::log(lt.s));
-    T c_s = 0, c_t = 0;
-#pragma omp simd reduction(+ : c_s, c_t)
-    for (int64_t i = 0; i < V; ++i) {
-      const T log_p = (to_op(srow[i]) * inv_t - max_s) - log_sum_s;
-      const T log_q = (to_op(trow[i]) * inv_t - max_t) - log_sum_t;
-      T ds = 0, dt = 0;  // per-element locals keep the header's conditional `+=` vectorisable
-      jsd_accumulate<T, VecMath>(log_q, log_p, k, ds, dt);
-      c_s += ds;
-      c_t += dt;
+    acc_t c_s = 0, c_t = 0;
+    const T inv_t = p.inv_t;
+    for (int64_t c0 = 0; c0 < V; c0 += C) {  // the row again, from L2 for usual V
+      const int64_t n = std::min(C, V - c0);
+      const S* sc = srow + c0;
+      const S* tc = trow + c0;
+      T cs = 0, ct = 0;  // partial sums per chunk, added up in double
+#pragma omp simd reduction(+ : cs, ct)
+      for (int64_t i = 0; i < n; ++i) {
+        const T log_p = (rounded_scale(to_op(sc[i]), inv_t) - max_s) - log_sum_s;
+        const T log_q = (rounded_scale(to_op(tc[i]), inv_t) - max_t) - log_sum_t;
+        T ds = 0, dt = 0;  // per-element locals keep the header's conditional `+=` vectorisable
+        jsd_accumulate<T, VecMath>(log_q, log_p, k, ds, dt);
+        cs += ds;
+        ct += dt;
+      }
+      c_s += cs;
+      c_t += ct;
     }
     st_out[0] = static_cast<T>(lse_value(ls));
     st_out[1] = static_cast<T>(lse_value(lt));
-    st_out[2] = c_s;
-    st_out[3] = c_t;
-    loss[r] = (c_s + c_t) * p.loss_scale;
+    st_out[2] = static_cast<T>(c_s);
+    st_out[3] = static_cast<T>(c_t);
+    loss[r] = static_cast<T>((c_s + c_t) * p.loss_scale);
   }
 }
 
 // ---- backward: one pass per row ------------------------------------------------------------
 template <typename S, int DIV, bool WANT_S, bool WANT_T>
 KDK_CPU_INLINE void backward_row(const S* srow, const S* trow, const RowStats<opmath_t<S>>& st,
-                                    const Params<opmath_t<S>>& p, opmath_t<S> g, S* gs, S* gt) {
+                                 const Params<opmath_t<S>>& p, opmath_t<S> g, S* gs, S* gt) {
   using T = opmath_t<S>;
   const int64_t V = p.V;
   const T inv_t = p.inv_t;
@@ -259,7 +283,8 @@ KDK_CPU_INLINE void backward_row(const S* srow, const S* trow, const RowStats<op
 #pragma omp simd
   for (int64_t i = 0; i < V; ++i) {
     T grad_b, grad_a;
-    softmax_kl_grad<T, VecMath>(DIV, to_op(trow[i]) * inv_t, to_op(srow[i]) * inv_t, st, k, grad_b, grad_a);
+    softmax_kl_grad<T, VecMath>(DIV, rounded_scale(to_op(trow[i]), inv_t), rounded_scale(to_op(srow[i]), inv_t), st, k,
+                                grad_b, grad_a);
     if (WANT_S) store(gs + i, grad_b * g);
     if (WANT_T) store(gt + i, grad_a * g);
   }
@@ -267,9 +292,9 @@ KDK_CPU_INLINE void backward_row(const S* srow, const S* trow, const RowStats<op
 
 template <typename S, int DIV>
 KDK_CPU_HOT void backward_rows(const S* student, const S* teacher, const opmath_t<S>* stats, int64_t stats_s0,
-                                  int64_t stats_s1, const opmath_t<S>* grad_loss, int64_t grad_stride,
-                                  opmath_t<S> grad_scale, const Params<opmath_t<S>>& p, int64_t r0, int64_t r1,
-                                  S* grad_s, S* grad_t) {
+                               int64_t stats_s1, const opmath_t<S>* grad_loss, int64_t grad_stride,
+                               opmath_t<S> grad_scale, const Params<opmath_t<S>>& p, int64_t r0, int64_t r1,
+                               S* grad_s, S* grad_t) {
   using T = opmath_t<S>;
   const int64_t V = p.V;
   for (int64_t r = r0; r < r1; ++r) {

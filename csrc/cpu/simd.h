@@ -3,7 +3,10 @@
 // that hands them to the shared header math, and a macro that builds hot functions for several
 // x86-64 levels so that one binary runs everywhere and still uses AVX-512 where it exists.
 //
-// Everything here is branch-free (selects only), so it vectorises under `#pragma omp simd`.
+// Everything here is branch-free (selects only), so it vectorises under `#pragma omp simd`. With
+// GCC, a TU that uses it in hot loops should start with `#pragma GCC optimize("no-trapping-math")`
+// (or be built with -fno-trapping-math): otherwise GCC will not if-convert selects whose arms do
+// floating-point arithmetic, and such loops stay scalar except on AVX-512 (see csrc/cpu/response.cpp).
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -122,9 +125,10 @@ KDK_CPU_INLINE float log1p_poly(float x) {
   // u0 <= 0, +inf and NaN get their answer added at the end; the arithmetic runs on a harmless
   // stand-in instead of being skipped, which keeps the loop branch-free (GCC will not
   // if-convert a division that a select would make conditional).
-  const bool special = !(u0 > 0.0f) | (u0 == std::numeric_limits<float>::infinity());
-  const float adj = !special ? 0.0f
-                             : (u0 == 0.0f ? -std::numeric_limits<float>::infinity() : (u0 == std::numeric_limits<float>::infinity() ? u0 : std::numeric_limits<float>::quiet_NaN()));
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  const bool special = !(u0 > 0.0f) | (u0 == kInf);
+  const float adj =
+      !special ? 0.0f : (u0 == 0.0f ? -kInf : (u0 == kInf ? kInf : std::numeric_limits<float>::quiet_NaN()));
   x = special ? 0.0f : x;
   const float u = special ? 1.0f : u0;
   const uint32_t ub = bits_of(u);
@@ -150,9 +154,10 @@ KDK_CPU_INLINE float log1p_poly(float x) {
 KDK_CPU_INLINE double log1p_poly(double x) {
   constexpr double kLn2 = 0.6931471805599453094;
   const double u0 = 1.0 + x;
-  const bool special = !(u0 > 0.0) | (u0 == std::numeric_limits<double>::infinity());  // as for float
-  const double adj = !special ? 0.0
-                              : (u0 == 0.0 ? -std::numeric_limits<double>::infinity() : (u0 == std::numeric_limits<double>::infinity() ? u0 : std::numeric_limits<double>::quiet_NaN()));
+  constexpr double kInf = std::numeric_limits<double>::infinity();
+  const bool special = !(u0 > 0.0) | (u0 == kInf);  // as for float
+  const double adj =
+      !special ? 0.0 : (u0 == 0.0 ? -kInf : (u0 == kInf ? kInf : std::numeric_limits<double>::quiet_NaN()));
   x = special ? 0.0 : x;
   const double u = special ? 1.0 : u0;
   const uint64_t ub = bits_of(u);
@@ -166,15 +171,17 @@ KDK_CPU_INLINE double log1p_poly(double x) {
   const double s = f / (2.0 + f);
   const double s2 = s * s;
   // s^2/3 + ... + s^20/21: truncation below 0.1 ulp
+  constexpr double kC[9] = {1.0 / 19.0, 1.0 / 17.0, 1.0 / 15.0, 1.0 / 13.0, 1.0 / 11.0,
+                            1.0 / 9.0,  1.0 / 7.0,  1.0 / 5.0,  1.0 / 3.0};
   double q = 1.0 / 21.0;
-  for (int j = 19; j >= 3; j -= 2) q = q * s2 + 1.0 / j;
+  for (int j = 0; j < 9; ++j) q = q * s2 + kC[j];
   const double two_s = s + s;
   const double r = static_cast<double>(k) * kLn2 + (two_s + (two_s * s2 * q + corr));
   return r + adj;
 }
 
 // ---- 16-bit floats, as raw bits (c10::Half / c10::BFloat16 hold them in their member `x`) -----
-// Branch-free conversions (the c10 ones go through memory or branch, which stops vectorisation).
+// Branch-free conversions: loops that construct c10::Half / c10::BFloat16 values do not vectorise.
 // Rounding is to nearest even, as the hardware instructions do.
 KDK_CPU_INLINE float bf16_to_float(uint16_t h) {
   return float_of(static_cast<uint32_t>(h) << 16);

@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m kdkernels.bench",
         description="Time and measure the kdkernels losses against eager PyTorch, torch.compile and Liger, "
-                    "in one run (DESIGN §5). Writes PRESET.json, PRESET.csv, PRESET_table.txt and PNG plots.")
+                    "in one run (DESIGN §5). Writes results.json, results.csv, speedup.png and scaling.png to --out.")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="cpu (a few minutes on 2 cores), gpu (H100/H200 sizes) or smoke (tiny, < 60 s); "
                         "default: gpu when CUDA is available, else cpu")
@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps before timing")
     p.add_argument("--max-case-seconds", type=float, default=None,
                    help="skip an implementation predicted to take longer than this on a case")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="seconds after which cases not yet started are reported as skipped (the gpu preset "
+                        "defaults to 200 so that it ends inside benchmarks/gpu_check.sh; 0: no limit)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (torch.set_num_threads) for the bench and its memory workers")
     return p
 
 
@@ -59,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
 
     name = args.preset or ("gpu" if torch.cuda.is_available() else "cpu")
     preset = cases.get_preset(name, args.device)
+    if args.threads:
+        preset.threads = args.threads
     if args.no_scaling:
         preset.cases = [c for c in preset.cases if c.group != "scaling"]
     if args.repeats is not None:
@@ -68,8 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         preset.warmup = max(0, args.warmup)
     if args.max_case_seconds is not None:
         preset.max_case_s = args.max_case_seconds
+    if args.time_limit is not None:
+        preset.time_limit_s = args.time_limit if args.time_limit > 0 else None
     try:
-        result = runner.run(preset, args.losses, args.backends, memory=not args.no_memory)
+        result = runner.run(preset, args.losses, args.backends, memory=not args.no_memory,
+                            on_case=lambda partial: report.write_data(partial, args.out))
     except RuntimeError as e:
         print(f"kdkernels bench: {e}", file=sys.stderr)
         return 2

@@ -1,6 +1,6 @@
 """A fresh process that measures the CPU memory of one step: ``python -m kdkernels.bench._rss_worker JSON``.
 
-JSON: ``{"case": Case.to_dict(), "impl": name, "limit_bytes": int}``. Prints one line
+JSON: ``{"case": Case.to_dict(), "impl": name, "limit_bytes": int, "threads": int}``. Prints one line
 ``KDKBENCH_RESULT {MemResult fields}`` on stdout. See :mod:`kdkernels.bench.memory` for the method.
 """
 from __future__ import annotations
@@ -88,6 +88,8 @@ def measure(spec: dict) -> dict:
     from kdkernels.bench.timing import one_step
 
     case, impl = Case.from_dict(spec["case"]), spec["impl"]
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))  # the same as the bench process
     device = torch.device("cpu")
     try:
         impls.check_available(impl, case, device)

@@ -27,7 +27,6 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass
 
-import psutil
 import torch
 
 from kdkernels.bench.cases import Case, Inputs
@@ -56,7 +55,16 @@ def available_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(free)
-    return int(psutil.virtual_memory().available)
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # psutil is in the "bench" extra; /proc/meminfo does the same on Linux
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        raise
 
 
 def cuda_extra(fn, inputs: Inputs, device: torch.device) -> MemResult:
@@ -90,7 +98,8 @@ def worker_env() -> dict:
 
 def cpu_extra_subprocess(case: Case, impl: str, limit_bytes: int, timeout_s: float = 600.0) -> MemResult:
     """Run one step of ``impl`` on ``case`` in a fresh process and return its peak RSS above the inputs."""
-    spec = json.dumps({"case": case.to_dict(), "impl": impl, "limit_bytes": int(limit_bytes)})
+    spec = json.dumps({"case": case.to_dict(), "impl": impl, "limit_bytes": int(limit_bytes),
+                       "threads": torch.get_num_threads()})
     proc = subprocess.Popen([sys.executable, "-m", WORKER_MODULE, spec], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=worker_env(), start_new_session=True)
     try:

@@ -1,9 +1,10 @@
 """Results out: the final text table, JSON, CSV and PNG plots (matplotlib, Agg backend).
 
-Files written under the output directory, named after the preset ``P``:
-``P.json`` (meta + every row), ``P.csv`` (the rows), ``P_table.txt`` (the printed tables),
-``P_speedup.png`` (speed-up vs eager per loss / implementation / phase) and, when the preset has a
-sweep, ``P_scaling.png`` (step time and extra memory against B for the relation losses).
+Files written under the output directory (at most four: a lent GPU machine brings few back):
+``results.json`` (meta, every row, and the printed report as text), ``results.csv`` (the rows),
+``speedup.png`` (speed-up vs eager per loss / implementation / phase) and, when the preset has a
+sweep, ``scaling.png`` (step time and extra memory against B for the relation losses). JSON and
+CSV are rewritten after every case, so a run cut short still leaves its numbers.
 """
 from __future__ import annotations
 
@@ -102,7 +103,7 @@ def full_report(result: dict) -> str:
     meta, rows = result["meta"], result["rows"]
     bw = meta.get("copy_bandwidth", {})
     out = [f"kdkernels bench -- preset {meta['preset']['name']} on {meta['device_name']}, torch {meta['torch']}, "
-           f"{meta['threads']} threads, commit {meta.get('kdkernels_commit')}",
+           f"{meta['threads']} thread(s), commit {meta.get('kdkernels_commit')}",
            f"copy bandwidth {bw.get('GBps', float('nan')):.1f} GB/s; ratios are eager/impl and compile/impl times "
            "from this run; xfloor = step time / (bytes that must move / copy bandwidth); "
            "mem ratio = (inputs + extra) / (inputs + gradients)", "", main_table(rows)]
@@ -165,7 +166,7 @@ def plot_speedup(rows: list[dict], path: str, title: str = "") -> None:
     n = max(1, len(groups))
     cols = min(3, n)
     nrows = math.ceil(n / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 3.6 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, cols, figsize=(max(6.5, 5.2 * cols), 3.6 * nrows + 0.6), squeeze=False)
     colors = {"fwd": "#4C72B0", "bwd": "#DD8452", "step": "#55A868"}
     for ax, ((loss, case), rs) in zip(axes.flat, groups.items()):
         x = range(len(rs))
@@ -210,7 +211,7 @@ def plot_scaling(rows: list[dict], path: str, title: str = "") -> bool:
     if not sweeps:
         return False
     plt = _plt()
-    fig, axes = plt.subplots(2, len(sweeps), figsize=(5 * len(sweeps), 7), squeeze=False)
+    fig, axes = plt.subplots(2, len(sweeps), figsize=(max(6, 5 * len(sweeps)), 7.5), squeeze=False)
     for j, ((loss, _key), rs) in enumerate(sweeps.items()):
         sd = SPECS[loss].scale_dim
         impls = list(dict.fromkeys(r["impl"] for r in rs))
@@ -227,12 +228,12 @@ def plot_scaling(rows: list[dict], path: str, title: str = "") -> bool:
                                 color=None if line is None else line.get_color())
             # points that did not run: a cross at the top of the time axis
             for r in rs:
-                if r["impl"] == impl and r["status"] != "ok":
+                if r["impl"] == impl and r["status"].startswith(("skipped", "OOM", "error", "timeout")):
                     axes[0, j].plot([r["dims"][sd]], [0.97], "x", color="grey" if line is None else line.get_color(),
                                     transform=axes[0, j].get_xaxis_transform(), clip_on=False)
         notes: dict[int, list[str]] = {}  # ... and the reasons, one note per size
-        for r in rs:
-            if r["status"] != "ok":
+        for r in rs:  # only what depends on the size (not "not implemented", "unavailable")
+            if r["status"].startswith(("skipped", "OOM", "error", "timeout")):
                 notes.setdefault(r["dims"][sd], []).append(f"{r['impl']}: {r['status'].split(' (')[0]}")
         for b, lines in notes.items():
             axes[0, j].annotate("\n".join(lines), (b, 0.93), xycoords=axes[0, j].get_xaxis_transform(),
@@ -256,20 +257,30 @@ def plot_scaling(rows: list[dict], path: str, title: str = "") -> bool:
     return True
 
 
-def write_all(result: dict, out_dir: str) -> dict:
-    """Write every output file; returns {kind: path}."""
+FILES = {"json": "results.json", "csv": "results.csv", "png": "speedup.png", "scaling_png": "scaling.png"}
+
+
+def write_data(result: dict, out_dir: str) -> dict:
+    """The numbers only (JSON with the printed report inside, CSV): cheap, written after every case."""
     os.makedirs(out_dir, exist_ok=True)
-    name = result["meta"]["preset"]["name"]
-    paths = {"json": os.path.join(out_dir, f"{name}.json"), "csv": os.path.join(out_dir, f"{name}.csv"),
-             "table": os.path.join(out_dir, f"{name}_table.txt"), "png": os.path.join(out_dir, f"{name}_speedup.png")}
-    write_json(result, paths["json"])
+    paths = {k: os.path.join(out_dir, FILES[k]) for k in ("json", "csv")}
+    write_json({**result, "report": full_report(result)}, paths["json"])
     write_csv(result["rows"], paths["csv"])
-    with open(paths["table"], "w") as f:
-        f.write(full_report(result) + "\n")
+    return paths
+
+
+def write_all(result: dict, out_dir: str) -> dict:
+    """Every output file; returns {kind: path}. Four files at most (a device run brings back few)."""
+    paths = write_data(result, out_dir)
     meta = result["meta"]
-    plot_speedup(result["rows"], paths["png"],
-                 f"speed-up vs eager, same run -- preset {name}, {meta['device_name']}")
-    scaling = os.path.join(out_dir, f"{name}_scaling.png")
-    if plot_scaling(result["rows"], scaling, f"scaling -- preset {name}, {meta['device_name']}"):
-        paths["scaling_png"] = scaling
+    name = meta["preset"]["name"]
+    try:
+        png = os.path.join(out_dir, FILES["png"])
+        plot_speedup(result["rows"], png, f"speed-up vs eager, same run\npreset {name}, {meta['device_name']}")
+        paths["png"] = png
+        scaling = os.path.join(out_dir, FILES["scaling_png"])
+        if plot_scaling(result["rows"], scaling, f"scaling\npreset {name}, {meta['device_name']}"):
+            paths["scaling_png"] = scaling
+    except ImportError as e:  # matplotlib is in the "bench" extra: the numbers are written anyway
+        print(f"kdkernels bench: no plots ({e})", flush=True)
     return paths

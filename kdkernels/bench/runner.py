@@ -86,7 +86,7 @@ def predict_step_s(case: C.Case, impl: str, done: list[dict], assumed_flops_per_
 
 class Runner:
     def __init__(self, preset: C.Preset, losses=None, impls=None, memory: bool | None = None,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, on_case: Callable[[dict], None] | None = None):
         self.preset = preset
         self.device = torch.device(preset.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -98,15 +98,18 @@ class Runner:
         self.rows: list[dict] = []
         self.bw: F.CopyBandwidth | None = None
         self._log_order: list[dict] = []
+        self.on_case = on_case  # called with the partial result after every case (to save it)
 
     # ------------------------------------------------------------------ top level
     def run(self) -> dict:
         t0 = time.perf_counter()
+        if self.preset.threads:
+            torch.set_num_threads(self.preset.threads)  # the memory workers follow (memory.py)
         meta = environment(self.preset, self.device)
         self.bw = F.copy_bandwidth(self.device, self.preset.copy_mib)
         meta["copy_bandwidth"] = self.bw.as_dict()
         self.log(f"kdkernels bench: preset {self.preset.name} on {meta['device_name']} "
-                 f"({meta['threads']} threads); copy bandwidth {self.bw.bytes_per_s / 1e9:.1f} GB/s "
+                 f"({meta['threads']} thread(s)); copy bandwidth {self.bw.bytes_per_s / 1e9:.1f} GB/s "
                  f"({self.preset.copy_mib} MiB buffer)")
         for k, v in I.api().errors.items():
             self.log(f"  note: {k} not importable ({v})")
@@ -120,22 +123,41 @@ class Runner:
                 continue
             seen.add(case.key())
             todo.append(case)
+        limit = self.preset.time_limit_s
         for i, case in enumerate(todo, 1):
-            self.log(f"[{i}/{len(todo)} at {time.perf_counter() - t0:.0f} s] {case.group}: {case.loss} {case.label}")
-            self.run_case(case)
+            elapsed = time.perf_counter() - t0
+            self.log(f"[{i}/{len(todo)} at {elapsed:.0f} s] {case.group}: {case.loss} {case.label}")
+            if limit is not None and elapsed > limit:
+                self.skip_case(case, f"skipped (time limit of {limit:.0f} s reached)")
+            else:
+                self.run_case(case)
+            if self.on_case is not None:
+                meta["elapsed_s"] = time.perf_counter() - t0
+                self.on_case({"meta": meta, "rows": self.rows})
         meta["elapsed_s"] = time.perf_counter() - t0
         meta["loadavg_end"] = _loadavg()
         return {"meta": meta, "rows": self.rows}
 
     # ------------------------------------------------------------------ one case
+    def _case_rows(self, case: C.Case, meta_inputs: C.Inputs) -> dict:
+        names = [n for n in I.candidates(case.loss, self.device) if self.impls is None or n in self.impls]
+        if case.group == "scaling":
+            names = [n for n in names if n not in self.preset.scaling_skip_impls]
+        rows = {n: _new_row(case, n, self.device, meta_inputs) for n in names}
+        self._log_order = list(rows.values())  # progress lines come out in this order
+        return rows
+
+    def skip_case(self, case: C.Case, status: str) -> list[dict]:
+        rows = self._case_rows(case, C.make_inputs(case, "meta"))
+        for row in rows.values():
+            self._finish(row, status)
+        return list(rows.values())
+
     def run_case(self, case: C.Case) -> list[dict]:
         p, dev = self.preset, self.device
         meta_inputs = C.make_inputs(case, "meta")
-        names = [n for n in I.candidates(case.loss, dev) if self.impls is None or n in self.impls]
-        if case.group == "scaling":
-            names = [n for n in names if n not in p.scaling_skip_impls]
-        rows = {n: _new_row(case, n, dev, meta_inputs) for n in names}
-        self._log_order = list(rows.values())  # progress lines come out in this order
+        rows = self._case_rows(case, meta_inputs)
+        names = list(rows)
         plan = []
         for name in names:
             status = self._plan_status(case, name, rows, meta_inputs)
@@ -169,6 +191,9 @@ class Runner:
             I.check_available(name, case, dev)
         except I.Unavailable as e:
             return str(e)
+        if any(r["impl"] == name and r["status"] == "not implemented" and r["loss"] == case.loss
+               and r["dtype"] == case.dtype and r["options"] == case.options for r in self.rows):
+            return "not implemented"  # it said so at another size of the same loss: no need to ask again
         if name == "compile":
             if p.compile_losses is not None and case.loss not in p.compile_losses:
                 return f"skipped (preset {p.name} compiles {', '.join(p.compile_losses)} only)"
@@ -326,7 +351,8 @@ def progress_line(r: dict) -> str:
     head = f"  {r['impl']:<8} "
     if r["status"] != "ok":
         return head + r["status"]
-    parts = [f"fwd {_fmt_ms(r['fwd_ms'])} ms  bwd {_fmt_ms(r['bwd_ms'])} ms  step {_fmt_ms(r['step_ms'])} ms"]
+    parts = [f"fwd {_fmt_ms(r['fwd_ms'])} ms  bwd {_fmt_ms(r['bwd_ms'])} ms  step {_fmt_ms(r['step_ms'])} ms "
+             f"(median of {r['repeats']})"]
     if r["vs_eager_step"] is not None and r["impl"] != "torch":
         parts.append(f"x{r['vs_eager_step']:.2f} eager")
     if r["vs_compile_step"] is not None and r["impl"] not in ("torch", "compile"):
@@ -396,5 +422,5 @@ def _loadavg() -> list[float] | None:
         return None
 
 
-def run(preset: C.Preset, losses=None, impls=None, memory: bool | None = None, log=None) -> dict:
-    return Runner(preset, losses, impls, memory, log).run()
+def run(preset: C.Preset, losses=None, impls=None, memory: bool | None = None, log=None, on_case=None) -> dict:
+    return Runner(preset, losses, impls, memory, log, on_case).run()

@@ -22,6 +22,7 @@ import sys
 import time
 
 from kdkernels.bench.cases import LOSSES, preset_smoke
+from kdkernels.bench.report import FILES
 from kdkernels.bench.runner import ROW_FIELDS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -83,8 +84,8 @@ def check_result(result: dict, csv_path: str | None = None) -> dict:
 def run_smoke(tmpdir, timeout_s: float = 300.0, extra_args: list[str] | None = None) -> dict:
     """Run ``python -m kdkernels.bench --preset smoke --out tmpdir`` in a fresh process and check it.
 
-    Checks: exit status 0; ``smoke.json``, ``smoke.csv``, ``smoke_table.txt``, ``smoke_speedup.png``
-    and ``smoke_scaling.png`` exist (PNGs are real PNGs); every case of the preset has a row for
+    Checks: exit status 0; ``results.json`` (with the printed report), ``results.csv``,
+    ``speedup.png`` and ``scaling.png`` exist (PNGs are real PNGs); every case of the preset has a row for
     eager PyTorch that ran ("ok"); every row is complete (``check_result``); the oversized sweep
     point was skipped by the guards, not run.
     """
@@ -94,9 +95,7 @@ def run_smoke(tmpdir, timeout_s: float = 300.0, extra_args: list[str] | None = N
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     elapsed = time.perf_counter() - t0
     assert proc.returncode == 0, f"bench exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    paths = {k: os.path.join(out, f) for k, f in (("json", "smoke.json"), ("csv", "smoke.csv"),
-                                                   ("table", "smoke_table.txt"), ("png", "smoke_speedup.png"),
-                                                   ("scaling_png", "smoke_scaling.png"))}
+    paths = {k: os.path.join(out, f) for k, f in FILES.items()}
     for kind, path in paths.items():
         assert os.path.isfile(path) and os.path.getsize(path) > 0, f"{kind} output missing: {path}"
     for kind in ("png", "scaling_png"):
@@ -104,6 +103,7 @@ def run_smoke(tmpdir, timeout_s: float = 300.0, extra_args: list[str] | None = N
             assert f.read(8) == PNG_MAGIC, f"{paths[kind]} is not a PNG"
     with open(paths["json"]) as f:
         result = json.load(f)
+    assert "report" in result and "scaling:" in result["report"], "the printed report is not in the JSON"
     statuses = check_result(result, paths["csv"])
     rows = result["rows"]
     preset = preset_smoke()
