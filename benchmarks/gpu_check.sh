@@ -2,8 +2,9 @@
 # The one command for a lent GPU machine (DESIGN §4): builds kdkernels in place, runs the whole
 # test suite on CUDA (Triton + CUDA backends, bf16 included) and the GPU benchmark preset.
 # Works with the device image's python3 (torch 2.11 cu130, Triton 3.6, no network). Everything
-# lands under $OUT (at most 8 files come back from the device tool): env.txt, build.log,
-# tests.log, bench.log and bench/{results.json,results.csv,speedup.png}. Sized for < 8 minutes.
+# lands under $OUT (at most 8 files come back from the device tool): build.log (starts with the
+# machine's versions), tests.log, bench.log and bench/gpu.{json,csv}, gpu_table.txt,
+# gpu_speedup.png, gpu_scaling.png. Sized for < 8 minutes.
 #
 #   device run:  bash benchmarks/gpu_check.sh          (timeout_s ~ 540)
 set -uo pipefail
@@ -17,21 +18,21 @@ status=0
 step() { echo "== $(date +%T) $*"; }
 
 step env
-{ nvidia-smi; $PY -c "import sys, torch, triton; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"; } >"$OUT/env.txt" 2>&1
-cat "$OUT/env.txt" | tail -3
+{ nvidia-smi; $PY -c "import sys, torch, triton; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"; } >"$OUT/build.log" 2>&1
+tail -3 "$OUT/build.log"
 
 step "build (in place; no pip: nothing can be fetched there)"
-if ! timeout 300 $PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
+if ! timeout 180 $PY setup.py build_ext --inplace >>"$OUT/build.log" 2>&1; then
   echo "BUILD FAILED"; tail -40 "$OUT/build.log"; status=1
 fi
 tail -2 "$OUT/build.log"
 
 step "tests (CUDA + CPU; Triton compiled for real)"
-timeout 240 $PY -m pytest python_tests -q -rs -p no:cacheprovider >"$OUT/tests.log" 2>&1 || status=1
+timeout 180 $PY -m pytest python_tests -q -rs -p no:cacheprovider >"$OUT/tests.log" 2>&1 || status=1
 tail -25 "$OUT/tests.log"
 
 step "benchmarks (--preset gpu)"
-timeout 240 $PY -m kdkernels.bench --preset gpu --out "$OUT/bench" >"$OUT/bench.log" 2>&1 || status=1
+timeout 150 $PY -m kdkernels.bench --preset gpu --out "$OUT/bench" >"$OUT/bench.log" 2>&1 || status=1
 tail -40 "$OUT/bench.log"
 step "done (status $status)"
 exit $status
