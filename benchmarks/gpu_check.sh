@@ -3,8 +3,8 @@
 # test suite on CUDA (Triton + CUDA backends, bf16 included) and the GPU benchmark preset.
 # Works with the device image's python3 (torch 2.11 cu130, Triton 3.6, no network). Everything
 # lands under $OUT (at most 8 files come back from the device tool): build.log (starts with the
-# machine's versions), tests.log, bench.log and bench/gpu.{json,csv}, gpu_table.txt,
-# gpu_speedup.png, gpu_scaling.png. Sized for < 8 minutes.
+# machine's versions), tests.log, bench.log and bench/{results.json, results.csv, speedup.png,
+# scaling.png}. Sized for < 8 minutes.
 #
 #   device run:  bash benchmarks/gpu_check.sh          (timeout_s ~ 540)
 set -uo pipefail

@@ -49,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-case-seconds", type=float, default=None,
                    help="skip an implementation predicted to take longer than this on a case")
     p.add_argument("--time-limit", type=float, default=None,
-                   help="seconds after which cases not yet started are reported as skipped (the gpu preset "
-                        "defaults to 200 so that it ends inside benchmarks/gpu_check.sh; 0: no limit)")
+                   help="seconds after which what has not started is reported as skipped (the gpu preset "
+                        "defaults to 100 so that it ends inside benchmarks/gpu_check.sh; 0: no limit)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (torch.set_num_threads) for the bench and its memory workers")
     return p

@@ -99,6 +99,7 @@ class Runner:
         self.bw: F.CopyBandwidth | None = None
         self._log_order: list[dict] = []
         self.on_case = on_case  # called with the partial result after every case (to save it)
+        self._t0 = time.perf_counter()
 
     # ------------------------------------------------------------------ top level
     def run(self) -> dict:
@@ -123,12 +124,12 @@ class Runner:
                 continue
             seen.add(case.key())
             todo.append(case)
-        limit = self.preset.time_limit_s
+        self._t0 = t0
         for i, case in enumerate(todo, 1):
             elapsed = time.perf_counter() - t0
             self.log(f"[{i}/{len(todo)} at {elapsed:.0f} s] {case.group}: {case.loss} {case.label}")
-            if limit is not None and elapsed > limit:
-                self.skip_case(case, f"skipped (time limit of {limit:.0f} s reached)")
+            if self._time_up():
+                self.skip_case(case, self._time_up())
             else:
                 self.run_case(case)
             if self.on_case is not None:
@@ -185,8 +186,17 @@ class Runner:
         self.rows = [r for r in self.rows if id(r) not in ids] + ordered
         return ordered
 
+    def _time_up(self) -> str | None:
+        """The status of whatever has not started once the preset's time limit has passed, else None."""
+        limit = self.preset.time_limit_s
+        if limit is not None and time.perf_counter() - self._t0 > limit:
+            return f"skipped (time limit of {limit:.0f} s reached)"
+        return None
+
     def _plan_status(self, case: C.Case, name: str, rows: dict, meta_inputs: C.Inputs) -> str | None:
         p, dev = self.preset, self.device
+        if self._time_up():
+            return self._time_up()
         try:
             I.check_available(name, case, dev)
         except I.Unavailable as e:
@@ -220,6 +230,9 @@ class Runner:
             return
         for name in plan:
             row = rows[name]
+            if self._time_up():
+                self._finish(row, self._time_up())
+                continue
             fn = None
             stage = "first step"
             try:
