@@ -8,8 +8,9 @@ TORCH_LIBRARY(kdkernels, m) {
   // student, teacher: (R, V) contiguous, same dtype. labels: (R,) int64 or None.
   // divergence: 0 forward KL(q||p), 1 reverse KL(p||q), 2 generalised JSD(beta).
   // Returns loss (R,) in the op-math dtype (float32; float64 for float64 inputs), already T^2-scaled
-  // when t2_scale and 0 for ignored rows, and stats (R, 4) = [lse_s, lse_t, c_s, c_t] (see
-  // csrc/include/kdkernels/softmax_kl.h) which is all the backward needs besides the logits.
+  // when t2_scale and 0 for ignored rows, and stats (R, 6) = [m_s, log_sum_s, m_t, log_sum_t, c_s, c_t]
+  // (row maxes of z/T, log sum exp(z/T - max), divergence parts; see csrc/include/kdkernels/softmax_kl.h)
+  // which is all the backward needs besides the logits.
   m.def(
       "softmax_kl_forward(Tensor student, Tensor teacher, Tensor? labels, float temperature, "
       "int divergence, float beta, int ignore_index, bool t2_scale) -> (Tensor, Tensor)");

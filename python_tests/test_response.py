@@ -29,7 +29,8 @@ class Case:
     reduction: str = "batchmean"
     labels: str = "none"      # "none" | "some" (some rows ignored) | "all" (every row ignored)
     teacher_grad: bool = False
-    scale: float = 3.0        # logit magnitude
+    scale: float = 3.0        # logit spread (std of the random logits)
+    offset: float = 0.0       # added to every student and teacher logit: large-magnitude, non-one-hot rows
     mask: str = "none"        # "none" | "shared" (-inf in both) | "one-sided" (-inf where it stays finite)
     t2_scale: bool = True
     seed: int = 0
@@ -40,6 +41,7 @@ def make_inputs(case: Case, device):
     shape = case.lead + (case.vocab,)
     s = torch.randn(shape, generator=gen, dtype=torch.float64) * case.scale
     t = torch.randn(shape, generator=gen, dtype=torch.float64) * case.scale
+    s, t = s + case.offset, t + case.offset
     if case.mask != "none" and case.vocab > 1:
         masked = torch.rand(shape, generator=gen) < 0.3
         masked[..., 0] = False  # every row keeps a finite logit
@@ -109,6 +111,7 @@ def cases(backend: str):
         labels=st.sampled_from(["none", "some", "all"]),
         teacher_grad=st.booleans(),
         scale=st.sampled_from([0.1, 1.0, 3.0, 30.0]),
+        offset=st.sampled_from([0.0, 1e3, 1e4]),
         mask=st.sampled_from(["none", "shared", "one-sided"]),
         t2_scale=st.booleans(),
         seed=st.integers(0, 2**16),
@@ -123,6 +126,14 @@ EDGE_CASES = [
     Case(scale=1e4, divergence="forward", teacher_grad=True),             # +-1e4 logits
     Case(scale=1e4, divergence="reverse", teacher_grad=True, vocab=300),
     Case(scale=1e4, divergence="jsd", beta=0.1, teacher_grad=True, vocab=300),
+    # logits of magnitude 1e4..1e5 with a spread distribution (not one-hot): the centred stats
+    Case(offset=1e4, divergence="forward", teacher_grad=True, vocab=300),
+    Case(offset=-1e4, divergence="reverse", teacher_grad=True, vocab=300, temperature=2.0),
+    Case(offset=1e4, divergence="jsd", beta=0.3, teacher_grad=True, vocab=300),
+    Case(offset=1e5, divergence="forward", teacher_grad=True, vocab=300, temperature=0.5),
+    Case(offset=1e5, divergence="reverse", teacher_grad=True, vocab=300),
+    Case(offset=1e5, divergence="jsd", teacher_grad=True, vocab=300, temperature=2.0),
+    Case(offset=1e4, divergence="jsd", teacher_grad=True, vocab=4097, lead=(2,)),  # several chunks
     Case(mask="shared", divergence="jsd", vocab=2049, teacher_grad=True),  # -inf masked vocabulary
     Case(mask="one-sided", divergence="forward", vocab=129, teacher_grad=True),
     Case(mask="one-sided", divergence="reverse", vocab=129, teacher_grad=True),

@@ -8,7 +8,7 @@
 //   forward / reverse KL: per chunk, the maxes come with the scaling; one more in-cache pass gives
 //     the sum-exps and the centred log-ratio accumulator; chunk states merge with log_ratio_merge.
 //     The loss comes out of one DRAM sweep.
-//   JSD: the same gives lse_s and lse_t; c_s and c_t need them, so a second sweep of the row
+//   JSD: the same gives the maxes and log-sums; c_s and c_t need them, so a second sweep of the row
 //     (from L2 for usual V) accumulates those.
 //   Backward: one sweep per row, softmax_kl_grad per element.
 // Rows are spread over threads with at::parallel_for; chunk and row states are kept in double.
@@ -158,10 +158,10 @@ KDK_CPU_HOT void forward_kl_rows(const S* student, const S* teacher, const Param
   const T* yb = DIV == kForwardKL ? bs : bt;
   const int64_t V = p.V;
   for (int64_t r = r0; r < r1; ++r) {
-    T* st_out = stats + 4 * r;
+    T* st_out = stats + kRowStats * r;
     if (row_ignored(p, r)) {
       loss[r] = T(0);
-      st_out[0] = st_out[1] = st_out[2] = st_out[3] = T(0);
+      std::fill(st_out, st_out + kRowStats, T(0));
       continue;
     }
     const S* srow = student + r * V;
@@ -188,24 +188,30 @@ KDK_CPU_HOT void forward_kl_rows(const S* student, const S* teacher, const Param
       if (is_nan(so)) part.mo = std::numeric_limits<acc_t>::quiet_NaN();
       row = log_ratio_merge(row, part);
     }
-    const acc_t lse_x = row.mw + std::log(row.sw), lse_y = row.mo + std::log(row.so);
+    // the maxes are maxes of op-math values, so exact in T; the backward centres on them
+    const T max_x = static_cast<T>(row.mw), log_sum_x = static_cast<T>(std::log(row.sw));
+    const T max_y = static_cast<T>(row.mo), log_sum_y = static_cast<T>(std::log(row.so));
     const T kl = static_cast<T>(log_ratio_kl(row));
-    if (DIV == kForwardKL) {
-      st_out[0] = static_cast<T>(lse_y);
-      st_out[1] = static_cast<T>(lse_x);
-      st_out[2] = T(0);
-      st_out[3] = kl;
-    } else {
-      st_out[0] = static_cast<T>(lse_x);
-      st_out[1] = static_cast<T>(lse_y);
-      st_out[2] = kl;
-      st_out[3] = T(0);
+    if (DIV == kForwardKL) {  // x = teacher, y = student
+      st_out[0] = max_y;
+      st_out[1] = log_sum_y;
+      st_out[2] = max_x;
+      st_out[3] = log_sum_x;
+      st_out[4] = T(0);
+      st_out[5] = kl;
+    } else {  // x = student, y = teacher
+      st_out[0] = max_x;
+      st_out[1] = log_sum_x;
+      st_out[2] = max_y;
+      st_out[3] = log_sum_y;
+      st_out[4] = kl;
+      st_out[5] = T(0);
     }
     loss[r] = kl * p.loss_scale;
   }
 }
 
-// ---- forward: JSD, lse first, then c_s and c_t ---------------------------------------------
+// ---- forward: JSD, maxes and log-sums first, then c_s and c_t ------------------------------
 template <typename S>
 KDK_CPU_HOT void forward_jsd_rows(const S* student, const S* teacher, const Params<opmath_t<S>>& p, int64_t r0,
                                   int64_t r1, opmath_t<S>* loss, opmath_t<S>* stats) {
@@ -216,10 +222,10 @@ KDK_CPU_HOT void forward_jsd_rows(const S* student, const S* teacher, const Para
   const int64_t V = p.V;
   const JsdConstants<T> k = p.k;
   for (int64_t r = r0; r < r1; ++r) {
-    T* st_out = stats + 4 * r;
+    T* st_out = stats + kRowStats * r;
     if (row_ignored(p, r)) {
       loss[r] = T(0);
-      st_out[0] = st_out[1] = st_out[2] = st_out[3] = T(0);
+      std::fill(st_out, st_out + kRowStats, T(0));
       continue;
     }
     const S* srow = student + r * V;
@@ -242,7 +248,7 @@ KDK_CPU_HOT void forward_jsd_rows(const S* student, const S* teacher, const Para
       lt = lse_merge(lt, LseState<acc_t>{is_nan(st) ? st : mt, st});
     }
     // log p = (b - max) - log(sum): centred, so that logits of magnitude 1e4 keep their precision
-    // (b - lse_s with lse_s rounded to float would not).
+    // (b - lse_s with lse_s rounded to float would not). The backward uses the same four numbers.
     const T max_s = static_cast<T>(ls.m), log_sum_s = static_cast<T>(std::log(ls.s));
     const T max_t = static_cast<T>(lt.m), log_sum_t = static_cast<T>(std::log(lt.s));
     acc_t c_s = 0, c_t = 0;
@@ -264,10 +270,12 @@ KDK_CPU_HOT void forward_jsd_rows(const S* student, const S* teacher, const Para
       c_s += cs;
       c_t += ct;
     }
-    st_out[0] = static_cast<T>(lse_value(ls));
-    st_out[1] = static_cast<T>(lse_value(lt));
-    st_out[2] = static_cast<T>(c_s);
-    st_out[3] = static_cast<T>(c_t);
+    st_out[0] = max_s;
+    st_out[1] = log_sum_s;
+    st_out[2] = max_t;
+    st_out[3] = log_sum_t;
+    st_out[4] = static_cast<T>(c_s);
+    st_out[5] = static_cast<T>(c_t);
     loss[r] = static_cast<T>((c_s + c_t) * p.loss_scale);
   }
 }
@@ -306,7 +314,8 @@ KDK_CPU_HOT void backward_rows(const S* student, const S* teacher, const opmath_
       continue;
     }
     const T* sr = stats + r * stats_s0;
-    const RowStats<T> st{sr[0], sr[stats_s1], sr[2 * stats_s1], sr[3 * stats_s1]};
+    const RowStats<T> st{sr[0],          sr[stats_s1],     sr[2 * stats_s1],
+                         sr[3 * stats_s1], sr[4 * stats_s1], sr[5 * stats_s1]};
     const T g = grad_loss[r * grad_stride] * grad_scale;
     const S* srow = student + r * V;
     const S* trow = teacher + r * V;
@@ -394,7 +403,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_kl_forward_cpu(const at::Tensor& stud
   const int64_t R = student.size(0), V = student.size(1);
   const auto opts = student.options().dtype(opmath_dtype(student.scalar_type()));
   at::Tensor loss = at::empty({R}, opts);
-  at::Tensor stats = at::empty({R, 4}, opts);
+  at::Tensor stats = at::empty({R, kRowStats}, opts);
   if (R == 0) return {loss, stats};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "softmax_kl_forward_cpu", [&] {
     using T = opmath_t<scalar_t>;
@@ -430,8 +439,8 @@ std::tuple<at::Tensor, at::Tensor> softmax_kl_backward_cpu(const at::Tensor& gra
               ",), got ", grad_loss.sizes());
   TORCH_CHECK(grad_loss.scalar_type() == op_dt, "softmax_kl_backward: grad_loss must be ", op_dt, ", got ",
               grad_loss.scalar_type());
-  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == R && stats.size(1) == 4,
-              "softmax_kl_backward: stats must have shape (", R, ", 4), got ", stats.sizes());
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == R && stats.size(1) == kRowStats,
+              "softmax_kl_backward: stats must have shape (", R, ", ", kRowStats, "), got ", stats.sizes());
   TORCH_CHECK(stats.scalar_type() == op_dt, "softmax_kl_backward: stats must be ", op_dt, ", got ",
               stats.scalar_type());
   TORCH_CHECK(grad_loss.device().is_cpu() && stats.device().is_cpu(),

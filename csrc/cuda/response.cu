@@ -47,9 +47,23 @@ struct Tile {
   static constexpr int kScalarChunk = kVec;
 };
 
+// ---- scaled logits ------------------------------------------------------------------------------------
+// a = z * (1/T) rounded to the op-math type: the one definition of the scaled logits in every pass of
+// the forward and the backward (as rounded_scale in csrc/cpu/response.cpp). nvcc contracts a product
+// followed by a subtraction into an FMA by default (and --use_fast_math implies it), which would skip
+// this rounding in `a - max a`: that would no longer be exactly 0 at the max, and the centred logs
+// of softmax_kl.h would lose their exactness for logits of magnitude 1e4. The _rn intrinsics are
+// never contracted.
+__device__ __forceinline__ float mul_rn(float x, float y) {
+  return __fmul_rn(x, y);
+}
+__device__ __forceinline__ double mul_rn(double x, double y) {
+  return __dmul_rn(x, y);
+}
+
 // ---- chunks -------------------------------------------------------------------------------------------
 // One step's worth of two rows x, y (same layout) held raw in registers (16-bit data stays packed, half
-// the registers of floats) and converted to op-math, times `scale` (1/T), on use. Slots past the end of
+// the registers of floats) and converted to op-math, times `scale` (1/T, by mul_rn), on use. Slots past the end of
 // the row hold -inf, which every consumer below treats as "no element" (zero probability).
 template <typename scalar_t, typename acc_t>
 struct Chunk {
@@ -59,10 +73,10 @@ struct Chunk {
   acc_t scale;
 
   __device__ __forceinline__ acc_t x(int j) const {
-    return static_cast<acc_t>(xv[j / TL::kVec].v[j % TL::kVec]) * scale;
+    return mul_rn(static_cast<acc_t>(xv[j / TL::kVec].v[j % TL::kVec]), scale);
   }
   __device__ __forceinline__ acc_t y(int j) const {
-    return static_cast<acc_t>(yv[j / TL::kVec].v[j % TL::kVec]) * scale;
+    return mul_rn(static_cast<acc_t>(yv[j / TL::kVec].v[j % TL::kVec]), scale);
   }
 
   // Vector part: vectors base + u * G + t, u < kUnroll (consecutive threads read consecutive vectors).
@@ -235,7 +249,7 @@ struct ForwardArgs {
   const scalar_t* teacher;
   const int64_t* labels;  // null: no labels
   acc_t* loss;            // (R,)
-  acc_t* stats;           // (R, 4)
+  acc_t* stats;           // (R, kRowStats)
   int64_t R, V, ignore_index;
   acc_t inv_t, loss_scale;
   JsdConstants<acc_t> jsd;
@@ -256,11 +270,12 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) softmax_kl_
   // row is uniform over a group, so every barrier inside group_allreduce is reached by the whole block
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * rows_per_block + threadIdx.x / G; row < a.R;
        row += row_step) {
-    acc_t* st_out = a.stats + row * 4;
+    acc_t* st_out = a.stats + row * kRowStats;
     if (a.labels != nullptr && a.labels[row] == a.ignore_index) {
       if (t == 0) {
         a.loss[row] = acc_t(0);
-        st_out[0] = st_out[1] = st_out[2] = st_out[3] = acc_t(0);
+#pragma unroll
+        for (int i = 0; i < kRowStats; ++i) st_out[i] = acc_t(0);
       }
       continue;
     }
@@ -278,13 +293,14 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) softmax_kl_
                                       [&](const Chunk<scalar_t, acc_t>& c) { st = log_ratio_merge(st, chunk_log_ratio(c)); });
       st = group_allreduce(st, LogRatioMergeOp{}, log_ratio_empty<acc_t>(), smem, G);
       if (t == 0) {
-        const acc_t lse_w = lse_value(LseState<acc_t>{st.mw, st.sw});
-        const acc_t lse_o = lse_value(LseState<acc_t>{st.mo, st.so});
+        const acc_t log_sum_w = std::log(st.sw), log_sum_o = std::log(st.so);
         const acc_t kl = log_ratio_kl(st);
-        st_out[0] = fwd ? lse_o : lse_w;  // lse_s
-        st_out[1] = fwd ? lse_w : lse_o;  // lse_t
-        st_out[2] = fwd ? acc_t(0) : kl;  // c_s
-        st_out[3] = fwd ? kl : acc_t(0);  // c_t
+        st_out[0] = fwd ? st.mo : st.mw;          // m_s
+        st_out[1] = fwd ? log_sum_o : log_sum_w;  // log_sum_s
+        st_out[2] = fwd ? st.mw : st.mo;          // m_t
+        st_out[3] = fwd ? log_sum_w : log_sum_o;  // log_sum_t
+        st_out[4] = fwd ? acc_t(0) : kl;          // c_s
+        st_out[5] = fwd ? kl : acc_t(0);          // c_t
         a.loss[row] = kl * a.loss_scale;
       }
     } else {
@@ -296,22 +312,26 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) softmax_kl_
       });
       ls = group_allreduce(ls, LsePairMergeOp{}, Pair<LseState<acc_t>>{lse_empty<acc_t>(), lse_empty<acc_t>()},
                            smem, G);
-      const acc_t lse_s = lse_value(ls.first);
-      const acc_t lse_t = lse_value(ls.second);
-      // pass 2 (the row is usually still in L2): c_s, c_t. Padding slots give log p = log q = -inf,
-      // which jsd_accumulate skips (zero probability).
+      const acc_t m_s = ls.first.m, log_sum_s = std::log(ls.first.s);
+      const acc_t m_t = ls.second.m, log_sum_t = std::log(ls.second.s);
+      // pass 2 (the row is usually still in L2): c_s, c_t, with the centred logs of softmax_kl.h.
+      // Padding slots give log p = log q = -inf, which jsd_accumulate skips (zero probability).
       Pair<acc_t> c{acc_t(0), acc_t(0)};
       const JsdConstants<acc_t> k = a.jsd;
       for_each_chunk<scalar_t, acc_t>(srow, trow, L, t, G, a.inv_t, [&](const Chunk<scalar_t, acc_t>& ch) {
 #pragma unroll
-        for (int j = 0; j < N; ++j) jsd_accumulate(ch.y(j) - lse_t, ch.x(j) - lse_s, k, c.first, c.second);
+        for (int j = 0; j < N; ++j) {
+          jsd_accumulate((ch.y(j) - m_t) - log_sum_t, (ch.x(j) - m_s) - log_sum_s, k, c.first, c.second);
+        }
       });
       c = group_allreduce(c, PairSumOp{}, Pair<acc_t>{acc_t(0), acc_t(0)}, smem, G);
       if (t == 0) {
-        st_out[0] = lse_s;
-        st_out[1] = lse_t;
-        st_out[2] = c.first;
-        st_out[3] = c.second;
+        st_out[0] = m_s;
+        st_out[1] = log_sum_s;
+        st_out[2] = m_t;
+        st_out[3] = log_sum_t;
+        st_out[4] = c.first;
+        st_out[5] = c.second;
         a.loss[row] = (c.first + c.second) * a.loss_scale;
       }
     }
@@ -326,7 +346,7 @@ struct BackwardArgs {
   const scalar_t* student;
   const scalar_t* teacher;
   const int64_t* labels;  // null: no labels
-  const acc_t* stats;     // (R, 4) contiguous
+  const acc_t* stats;     // (R, kRowStats) contiguous
   scalar_t* grad_student;  // null: not requested
   scalar_t* grad_teacher;  // null: not requested
   int64_t R, V, ignore_index;
@@ -355,8 +375,8 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) softmax_kl_
       if (gt != nullptr) zero_row(gt, L, t, G);
       continue;
     }
-    const acc_t* sp = a.stats + row * 4;
-    const RowStats<acc_t> st{sp[0], sp[1], sp[2], sp[3]};
+    const acc_t* sp = a.stats + row * kRowStats;
+    const RowStats<acc_t> st{sp[0], sp[1], sp[2], sp[3], sp[4], sp[5]};
     const acc_t g = a.grad_loss[row * a.grad_loss_stride] * a.grad_scale;
     const JsdConstants<acc_t> k = a.jsd;
     // x = student (b), y = teacher (a); outputs ox -> grad_student, oy -> grad_teacher
@@ -453,7 +473,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_kl_forward_cuda(const at::Tensor& stu
   const int64_t R = student.size(0), V = student.size(1);
   const auto acc_opts = student.options().dtype(opmath_dtype(student.scalar_type()));
   at::Tensor loss = at::empty({R}, acc_opts);
-  at::Tensor stats = at::empty({R, 4}, acc_opts);
+  at::Tensor stats = at::empty({R, kRowStats}, acc_opts);
   if (R == 0) return {loss, stats};
   at::Tensor labels;
   if (labels_in.has_value()) labels = labels_in->contiguous();
@@ -498,8 +518,8 @@ std::tuple<at::Tensor, at::Tensor> softmax_kl_backward_cuda(const at::Tensor& gr
   const int64_t R = student_in.size(0), V = student_in.size(1);
   TORCH_CHECK_VALUE(grad_loss_in.dim() == 1 && grad_loss_in.size(0) == R, "softmax_kl_backward: grad_loss must have shape (",
                     R, "), got ", grad_loss_in.sizes());
-  TORCH_CHECK_VALUE(stats_in.dim() == 2 && stats_in.size(0) == R && stats_in.size(1) == 4,
-                    "softmax_kl_backward: stats must have shape (", R, ", 4), got ", stats_in.sizes());
+  TORCH_CHECK_VALUE(stats_in.dim() == 2 && stats_in.size(0) == R && stats_in.size(1) == kRowStats,
+                    "softmax_kl_backward: stats must have shape (", R, ", ", kRowStats, "), got ", stats_in.sizes());
   TORCH_CHECK_VALUE(grad_loss_in.device() == student_in.device() && stats_in.device() == student_in.device(),
                     "softmax_kl_backward: grad_loss and stats must be on ", student_in.device());
   c10::cuda::CUDAGuard guard(student_in.device());

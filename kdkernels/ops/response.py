@@ -3,8 +3,9 @@
 Two variants with one schema (see csrc/ops.cpp for the argument meanings):
   torch.ops.kdkernels.softmax_kl_forward / _backward            C++ CPU and CUDA kernels
   torch.ops.kdkernels.softmax_kl_forward_triton / _backward_triton   Triton kernels
-The forward returns (loss (R,), stats (R, 4)); the backward recomputes probabilities from the
-logits and the O(R) stats, so no (R, V) intermediate is saved between forward and backward.
+The forward returns (loss (R,), stats (R, 6) = [m_s, log_sum_s, m_t, log_sum_t, c_s, c_t]); the
+backward recomputes probabilities from the logits and the O(R) stats, so no (R, V) intermediate is
+saved between forward and backward.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def _forward_fake(student, teacher, labels, temperature, divergence, beta, ignor
     torch._check(student.dim() == 2, lambda: "student must be 2-D (rows, vocab)")
     torch._check(student.shape == teacher.shape, lambda: "student and teacher must have the same shape")
     rows, dt = student.shape[0], opmath_dtype(student.dtype)
-    return student.new_empty((rows,), dtype=dt), student.new_empty((rows, 4), dtype=dt)
+    return student.new_empty((rows,), dtype=dt), student.new_empty((rows, 6), dtype=dt)
 
 
 def _backward_fake(grad_loss, student, teacher, labels, stats, temperature, divergence, beta, ignore_index,
@@ -93,6 +94,6 @@ if TRITON_INSTALLED:
 
 def softmax_kl_forward(backend: str, student: Tensor, teacher: Tensor, labels: Optional[Tensor], temperature: float,
                        divergence: int, beta: float, ignore_index: int, t2_scale: bool) -> tuple[Tensor, Tensor]:
-    """Run the fused forward on ``backend`` ("cpu", "cuda" or "triton"): (loss (R,), stats (R, 4))."""
+    """Run the fused forward on ``backend`` ("cpu", "cuda" or "triton"): (loss (R,), stats (R, 6))."""
     op = torch.ops.kdkernels.softmax_kl_forward_triton if backend == "triton" else torch.ops.kdkernels.softmax_kl_forward
     return op(student, teacher, labels, temperature, divergence, beta, ignore_index, t2_scale)

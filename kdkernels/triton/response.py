@@ -1,9 +1,12 @@
 """Triton kernels for the temperature softmax-KL (DESIGN §2.1): forward KL, reverse KL, generalised JSD.
 
 The math is the one of csrc/include/kdkernels/softmax_kl.h (the C++ CPU / CUDA kernels), so the
-three backends agree on the loss, on the per-row ``stats`` = [lse_s, lse_t, c_s, c_t] and on the
-gradients. With ``a = z_teacher / T``, ``b = z_student / T``, ``log q = a - lse_t`` (teacher) and
-``log p = b - lse_s`` (student):
+three backends agree on the loss, on the per-row ``stats`` = [m_s, log_sum_s, m_t, log_sum_t, c_s, c_t]
+and on the gradients. With ``a = z_teacher / T``, ``b = z_student / T``, their row maxes ``m_t``,
+``m_s`` and ``log_sum = log sum exp(row - m)``, the logs are centred:
+``log q = (a - m_t) - log_sum_t`` (teacher) and ``log p = (b - m_s) - log_sum_s`` (student), so
+``b - m_s`` is exact for the entries that carry the mass and logits of magnitude 1e4..1e5 keep full
+relative precision in p and q (``b - lse_s`` with an fp32 ``lse_s`` would not: ulp(1e4) ~ 1e-3).
 
 * forward / reverse KL take ONE pass over the logits: a streaming "centred log-ratio" state
   ``(mw, sw, mo, so, acc)`` for the weighting row x (softmax w) and the other row y (softmax o):
@@ -13,7 +16,14 @@ gradients. With ``a = z_teacher / T``, ``b = z_student / T``, ``log q = a - lse_
 * JSD takes two passes: the two log-sum-exps, then ``c_s``/``c_t`` with ``log m`` computed in log
   space (``logaddexp(log q + log beta, log p + log(1 - beta))``), so underflowing probabilities
   never turn a finite loss into inf / NaN.
-* the backward takes one pass: it recomputes p, q (and m) from the logits and the four stats.
+* the backward takes one pass: it recomputes p, q (and m) from the logits and the six stats.
+
+``a - m_t`` must be exactly 0 at the max: every pass computes ``a = z * (1/T)`` the same way, and the
+kernels are launched with ``enable_fp_fusion=False`` so that the compiler does not contract the
+scaling into the following subtraction as an FMA (which skips the product's rounding; the NVIDIA
+backend contracts mul + add by default). That switch is per kernel, so it also keeps the other
+mul + add pairs unfused; the kernels are memory-bound, so this costs nothing measurable. Triton has
+no per-operation equivalent of CUDA's ``__fmul_rn`` that also runs under the interpreter.
 
 One program per row (grid = (R,)), a loop over V in BLOCK_V chunks, int64 row offsets. All
 arithmetic in float32 (float64 for float64 inputs). Terms with a zero probability are exactly 0
@@ -63,13 +73,19 @@ def _log_add_exp(u, v):
     return tl.where(hi_finite, hi + _log1p_01(tl.exp(diff)), hi)
 
 
+# numbers per row in the stats tensor: [m_s, log_sum_s, m_t, log_sum_t, c_s, c_t]
+ROW_STATS = 6
+
+
 @triton.jit
-def _store_row_stats(stats_ptr, row, lse_s, lse_t, c_s, c_t):
-    base = stats_ptr + row * 4
-    tl.store(base + 0, lse_s)
-    tl.store(base + 1, lse_t)
-    tl.store(base + 2, c_s)
-    tl.store(base + 3, c_t)
+def _store_row_stats(stats_ptr, row, m_s, log_sum_s, m_t, log_sum_t, c_s, c_t):
+    base = stats_ptr + row * 6
+    tl.store(base + 0, m_s)
+    tl.store(base + 1, log_sum_s)
+    tl.store(base + 2, m_t)
+    tl.store(base + 3, log_sum_t)
+    tl.store(base + 4, c_s)
+    tl.store(base + 5, c_t)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,7 +113,7 @@ def _softmax_kl_fwd_kernel(
         label = tl.load(labels_ptr + row)
         if label == ignore_index:
             tl.store(loss_ptr + row, zero)
-            _store_row_stats(stats_ptr, row, zero, zero, zero, zero)
+            _store_row_stats(stats_ptr, row, zero, zero, zero, zero, zero, zero)
             return
 
     inv_t = tl.full([], inv_temp, DT)
@@ -143,13 +159,11 @@ def _softmax_kl_fwd_kernel(
     log_sw = tl.log(sw)
     log_so = tl.log(so)
     kl = acc / sw - log_sw + log_so
-    lse_w = mw + log_sw
-    lse_o = mo + log_so
     tl.store(loss_ptr + row, kl * tl.full([], loss_scale, DT))
-    if REVERSE:
-        _store_row_stats(stats_ptr, row, lse_w, lse_o, kl, zero)
-    else:
-        _store_row_stats(stats_ptr, row, lse_o, lse_w, zero, kl)
+    if REVERSE:  # x = student, y = teacher
+        _store_row_stats(stats_ptr, row, mw, log_sw, mo, log_so, kl, zero)
+    else:  # x = teacher, y = student
+        _store_row_stats(stats_ptr, row, mo, log_so, mw, log_sw, zero, kl)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,7 +193,7 @@ def _softmax_jsd_fwd_kernel(
         label = tl.load(labels_ptr + row)
         if label == ignore_index:
             tl.store(loss_ptr + row, zero)
-            _store_row_stats(stats_ptr, row, zero, zero, zero, zero)
+            _store_row_stats(stats_ptr, row, zero, zero, zero, zero, zero, zero)
             return
 
     inv_t = tl.full([], inv_temp, DT)
@@ -206,10 +220,10 @@ def _softmax_jsd_fwd_kernel(
         st = st * tl.exp(mt - ct) + tl.sum(tl.exp(a - ct), 0)
         ms = new_ms
         mt = new_mt
-    lse_s = ms + tl.log(ss)
-    lse_t = mt + tl.log(st)
+    log_sum_s = tl.log(ss)
+    log_sum_t = tl.log(st)
 
-    # pass 2: c_s = (1-beta) KL(p||m), c_t = beta KL(q||m)
+    # pass 2: c_s = (1-beta) KL(p||m), c_t = beta KL(q||m), with centred logs
     lb = tl.full([], log_beta, DT)
     l1mb = tl.full([], log_one_minus_beta, DT)
     acc_s = zero
@@ -219,8 +233,8 @@ def _softmax_jsd_fwd_kernel(
         mask = offs < V
         b = tl.load(s_row + offs, mask=mask, other=float("-inf")).to(DT) * inv_t
         a = tl.load(t_row + offs, mask=mask, other=float("-inf")).to(DT) * inv_t
-        log_p = b - lse_s
-        log_q = a - lse_t
+        log_p = (b - ms) - log_sum_s
+        log_q = (a - mt) - log_sum_t
         log_m = _log_add_exp(log_q + lb, log_p + l1mb)
         p = tl.exp(log_p)
         q = tl.exp(log_q)
@@ -230,7 +244,7 @@ def _softmax_jsd_fwd_kernel(
     c_s = (1.0 - b_dt) * acc_s
     c_t = b_dt * acc_t
     tl.store(loss_ptr + row, (c_s + c_t) * tl.full([], loss_scale, DT))
-    _store_row_stats(stats_ptr, row, lse_s, lse_t, c_s, c_t)
+    _store_row_stats(stats_ptr, row, ms, log_sum_s, mt, log_sum_t, c_s, c_t)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,11 +291,13 @@ def _softmax_kl_bwd_kernel(
             return
 
     inv_t = tl.full([], inv_temp, DT)
-    stats_row = stats_ptr + row * 4
-    lse_s = tl.load(stats_row + 0).to(DT)
-    lse_t = tl.load(stats_row + 1).to(DT)
-    c_s = tl.load(stats_row + 2).to(DT)
-    c_t = tl.load(stats_row + 3).to(DT)
+    stats_row = stats_ptr + row * 6
+    m_s = tl.load(stats_row + 0).to(DT)
+    log_sum_s = tl.load(stats_row + 1).to(DT)
+    m_t = tl.load(stats_row + 2).to(DT)
+    log_sum_t = tl.load(stats_row + 3).to(DT)
+    c_s = tl.load(stats_row + 4).to(DT)
+    c_t = tl.load(stats_row + 5).to(DT)
     g = tl.load(grad_loss_ptr + row * grad_loss_stride).to(DT) * tl.full([], grad_scale, DT)
     b_dt = tl.full([], beta, DT)
     lb = tl.full([], log_beta, DT)
@@ -292,8 +308,8 @@ def _softmax_kl_bwd_kernel(
         mask = offs < V
         b = tl.load(s_ptr + row_off + offs, mask=mask, other=float("-inf")).to(DT) * inv_t
         a = tl.load(t_ptr + row_off + offs, mask=mask, other=float("-inf")).to(DT) * inv_t
-        log_p = b - lse_s
-        log_q = a - lse_t
+        log_p = (b - m_s) - log_sum_s
+        log_q = (a - m_t) - log_sum_t
         p = tl.exp(log_p)
         q = tl.exp(log_q)
         p_pos = (p > 0.0) | (p != p)
@@ -360,20 +376,21 @@ def _jsd_constants(beta: float) -> tuple[float, float, float]:
 
 def softmax_kl_forward(student: Tensor, teacher: Tensor, labels, temperature: float, divergence: int, beta: float,
                        ignore_index: int, t2_scale: bool) -> tuple[Tensor, Tensor]:
-    """Per-row loss (R,) (already T^2-scaled when ``t2_scale``) and stats (R, 4) = [lse_s, lse_t, c_s, c_t]."""
+    """Per-row loss (R,) (already T^2-scaled when ``t2_scale``) and stats (R, 6) =
+    [m_s, log_sum_s, m_t, log_sum_t, c_s, c_t]."""
     _check_inputs(student, teacher, labels)
     student = student.contiguous()
     teacher = teacher.contiguous()
     rows, vocab = student.shape
     dt = _opmath(student.dtype)
     loss = torch.empty((rows,), dtype=dt, device=student.device)
-    stats = torch.empty((rows, 4), dtype=dt, device=student.device)
+    stats = torch.empty((rows, ROW_STATS), dtype=dt, device=student.device)
     if rows == 0:
         return loss, stats
     if vocab == 0:  # empty distributions: nothing to diverge
         loss.zero_()
         stats.zero_()
-        stats[:, :2] = float("-inf")
+        stats[:, :4] = float("-inf")  # maxes and log-sums of empty rows
         return loss, stats
     temperature = float(temperature)
     divergence = int(divergence)
@@ -391,7 +408,7 @@ def softmax_kl_forward(student: Tensor, teacher: Tensor, labels, temperature: fl
             _softmax_kl_fwd_kernel[(rows,)](
                 w, o, labels_arg, loss, stats, vocab, int(ignore_index), inv_temp, loss_scale,
                 HAS_LABELS=has_labels, REVERSE=reverse, DT=_tl_dtype(student.dtype), BLOCK_V=block,
-                num_warps=num_warps,
+                num_warps=num_warps, enable_fp_fusion=False,
             )
         elif divergence == 2:
             b, lb, l1mb = _jsd_constants(beta)
@@ -399,6 +416,7 @@ def softmax_kl_forward(student: Tensor, teacher: Tensor, labels, temperature: fl
                 student, teacher, labels_arg, loss, stats, vocab, int(ignore_index), inv_temp, loss_scale,
                 b, lb, l1mb,
                 HAS_LABELS=has_labels, DT=_tl_dtype(student.dtype), BLOCK_V=block, num_warps=num_warps,
+                enable_fp_fusion=False,
             )
         else:
             raise ValueError(f"divergence must be 0 (forward), 1 (reverse) or 2 (jsd), got {divergence}")
@@ -442,5 +460,6 @@ def softmax_kl_backward(grad_loss: Tensor, student: Tensor, teacher: Tensor, lab
             vocab, int(ignore_index), inv_temp, grad_scale, b, lb, l1mb,
             HAS_LABELS=has_labels, DIVERGENCE=divergence, STUDENT_GRAD=bool(student_grad),
             TEACHER_GRAD=bool(teacher_grad), DT=_tl_dtype(student.dtype), BLOCK_V=block, num_warps=num_warps,
+            enable_fp_fusion=False,
         )
     return grad_s, grad_t

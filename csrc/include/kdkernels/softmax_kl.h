@@ -1,14 +1,21 @@
 // Temperature softmax-KL math (DESIGN §2.1), written once for the CPU and CUDA kernels.
 //
-// Per row, with a = z_teacher / T and b = z_student / T:
-//   log q = a - lse_t,  log p = b - lse_s          (teacher q, student p)
+// Per row, with a = z_teacher / T and b = z_student / T, m_t = max a, m_s = max b,
+// log_sum_t = log sum exp(a - m_t), log_sum_s = log sum exp(b - m_s):
+//   log q = (a - m_t) - log_sum_t,  log p = (b - m_s) - log_sum_s          (teacher q, student p)
 //   forward  KL(q||p) = sum q (log q - log p)
 //   reverse  KL(p||q) = sum p (log p - log q)
 //   jsd      log m = logaddexp(log q + log beta, log p + log(1-beta))
 //            c_t = beta * KL(q||m),  c_s = (1-beta) * KL(p||m),  loss = c_s + c_t
-// The forward op stores stats[row] = {lse_s, lse_t, c_s, c_t} (forward: c_s = 0, c_t = KL;
-// reverse: c_s = KL, c_t = 0), so the per-row loss before T^2 scaling is always c_s + c_t and
-// the backward recomputes p, q (and m) from the logits plus these four numbers.
+// The logs are centred: b - m_s is exact for the entries that carry the mass (Sterbenz), so
+// logits of magnitude 1e4..1e5 keep full relative precision in p and q. (b - lse_s with lse_s
+// rounded to float would carry lse's rounding, ulp(1e4) ~ 1e-3, into every p as a relative error.)
+// The kernels must compute a and b the same way in every pass (no FMA contraction of the scaling
+// into the subtraction), so that a - m_t is exactly 0 at the max.
+// The forward op stores stats[row] = {m_s, log_sum_s, m_t, log_sum_t, c_s, c_t} (forward: c_s = 0,
+// c_t = KL; reverse: c_s = KL, c_t = 0), so the per-row loss before T^2 scaling is always
+// c_s + c_t and the backward recomputes p, q (and m) from the logits plus these six numbers.
+// Ignored rows store six zeros.
 //
 // Gradients of the unscaled row loss with respect to a and b (multiply by 1/T for the logits):
 //   forward: d/db = p - q                      d/da = q (log q - log p - c_t)
@@ -131,15 +138,17 @@ KDK_HD void jsd_accumulate(T log_q, T log_p, const JsdConstants<T>& k, T& c_s, T
 }
 
 // ---- per-element gradient of the unscaled row loss w.r.t. b (student) and a (teacher) ------
+// One row's stats, in the order the forward op stores them (see the top of this file).
 template <typename T>
 struct RowStats {
-  T lse_s, lse_t, c_s, c_t;
+  T m_s, log_sum_s, m_t, log_sum_t, c_s, c_t;
 };
+constexpr int kRowStats = 6;  // numbers per row in the stats tensor
 
 template <typename T, typename M = StdMath>
 KDK_HD void softmax_kl_grad(int divergence, T a, T b, const RowStats<T>& st, const JsdConstants<T>& k,
                             T& grad_b, T& grad_a) {
-  T log_p = b - st.lse_s, log_q = a - st.lse_t;
+  T log_p = (b - st.m_s) - st.log_sum_s, log_q = (a - st.m_t) - st.log_sum_t;
   T p = M::exp(log_p), q = M::exp(log_q);
   bool p_pos = p > T(0) || is_nan(p), q_pos = q > T(0) || is_nan(q);
   if (divergence == kForwardKL) {
