@@ -39,6 +39,7 @@ def _backward_fake(grad_loss, student, teacher, labels, stats, temperature, dive
 def _setup_context(ctx, inputs, output):
     student, teacher, labels, temperature, divergence, beta, ignore_index, t2_scale = inputs
     ctx.save_for_backward(student, teacher, labels, output[1])
+    ctx.mark_non_differentiable(output[1])  # stats are saved state, not a result to differentiate
     ctx.options = (temperature, divergence, beta, ignore_index, t2_scale)
 
 
