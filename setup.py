@@ -32,7 +32,7 @@ def cuda_build_wanted() -> bool:
 
 
 def extensions():
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp"]
     exts = [
         cpp_extension.CppExtension(
             "kdkernels._C",
@@ -51,7 +51,7 @@ def extensions():
                 _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) + [os.path.join(ROOT, "csrc", "python_module.cpp")]),
                 include_dirs=INCLUDE,
                 define_macros=[("KDKERNELS_MODULE_NAME", "_C_cuda")],
-                extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+                extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"]},
             )
         )
     return exts
