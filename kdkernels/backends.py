@@ -28,9 +28,9 @@ LOSSES = ("softmax_kl_div", "projected_mse", "rkd_distance", "rkd_angle", "simil
 IMPLEMENTED: dict[str, frozenset[str]] = {
     "softmax_kl_div": frozenset({"torch", "cpu", "cuda", "triton"}),
     "projected_mse": frozenset({"torch"}),
-    "rkd_distance": frozenset({"torch", "cpu"}),
-    "rkd_angle": frozenset({"torch", "cpu"}),
-    "similarity_preserving": frozenset({"torch", "cpu"}),
+    "rkd_distance": frozenset({"torch", "cpu", "triton"}),
+    "rkd_angle": frozenset({"torch", "cpu", "triton"}),
+    "similarity_preserving": frozenset({"torch", "cpu", "triton"}),
 }
 
 # The faster GPU backend per loss. Not yet measured on a GPU (no GPU was lent so far): Triton is
