@@ -18,8 +18,8 @@ REDUCTIONS = {"rkd_distance": ("mean", "sum"), "rkd_angle": ("mean", "sum"), "si
 PARAMS = [pytest.param(loss, *p.values, id=f"{loss}-{p.id}", marks=p.marks)
           for loss in LOSSES for p in backend_params(loss)]
 
-# Batch sizes around the kernels' tiles (CPU: 256 rows; Triton: powers of two) and odd sizes.
-EDGE_BATCHES = [2, 3, 4, 5, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257, 300]
+# Batch sizes around the kernels' tiles (CPU: 512 rows; Triton: powers of two) and odd sizes.
+EDGE_BATCHES = [2, 3, 4, 5, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257, 300, 511, 512, 513]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +123,7 @@ def cases(loss: str, backend: str):
     if loss == "rkd_angle":
         max_batch, max_dim, min_dim = (12, 16, 2) if interpreted else (40, 24, 2)
     else:
-        max_batch, max_dim = (40, 40) if interpreted else (300, 80)
+        max_batch, max_dim = (40, 40) if interpreted else (520, 80)
     batches = [b for b in EDGE_BATCHES if b <= max_batch]
     return st.builds(
         Case,
@@ -174,7 +174,7 @@ def test_matches_reference(loss, device, backend):
 
 
 @pytest.mark.parametrize("loss,device,backend", PARAMS)
-@pytest.mark.parametrize("batch", [255, 256, 257, 513])
+@pytest.mark.parametrize("batch", [511, 512, 513, 1025])
 def test_batches_around_cpu_tile(loss, device, backend, batch):
     # several row blocks, a partial last block; float64 so that any indexing slip shows
     if backend == "triton" and not torch.cuda.is_available():

@@ -23,7 +23,8 @@ namespace kdkernels {
 namespace {
 using namespace relation;
 
-constexpr int64_t kTile = 256;  // rows per block: every scratch buffer is kTile x B
+constexpr int64_t kTile = 512;  // rows per block: every scratch buffer is kTile x B. MKL runs
+                                // (512, D) x (D, B) as fast as the full GEMM; 256 rows is 2x slower
 
 at::ScalarType opmath_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
