@@ -37,4 +37,20 @@ TORCH_LIBRARY(kdkernels, m) {
   m.def(
       "projected_mse_backward(Tensor grad_loss, Tensor x, Tensor weight, Tensor residual, int reduction, "
       "bool x_grad, bool t_grad, bool weight_grad, bool bias_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  // ---- relation family: RKD distance, RKD angle, similarity-preserving (DESIGN §2.3) --------
+  // student (B, Ds), teacher (B, Dt): 2-D, B >= 2, one floating dtype. Each forward returns the
+  // loss summed over all entries (B^2 for distance / SP, B^3 for angle) as a 0-d tensor in the
+  // op-math dtype (float32; float64 for float64 inputs); the caller divides for "mean" /
+  // "batchmean". The teacher never gets a gradient: each backward returns grad_student only,
+  // in the student's dtype, given grad_loss (0-d, op-math dtype). No B x B tensor is allocated
+  // (B x B x B for angle; angle keeps O(B^2)).
+  // rkd_distance stats: (3,) = [mu_s, mu_t, A] (csrc/include/kdkernels/relation.h).
+  m.def("rkd_distance_forward(Tensor student, Tensor teacher) -> (Tensor, Tensor)");
+  m.def("rkd_distance_backward(Tensor grad_loss, Tensor student, Tensor teacher, Tensor stats) -> Tensor");
+  // similarity_preserving stats: (3, B) = [row norms n_s, row norms n_t, gamma'] (relation.h).
+  m.def("similarity_preserving_forward(Tensor student, Tensor teacher) -> (Tensor, Tensor)");
+  m.def("similarity_preserving_backward(Tensor grad_loss, Tensor student, Tensor teacher, Tensor stats) -> Tensor");
+  // rkd_angle saves nothing: the backward rebuilds the O(B^2) squared distances.
+  m.def("rkd_angle_forward(Tensor student, Tensor teacher) -> Tensor");
+  m.def("rkd_angle_backward(Tensor grad_loss, Tensor student, Tensor teacher) -> Tensor");
 }

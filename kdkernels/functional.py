@@ -16,6 +16,7 @@ from kdkernels._feature import REDUCTION_CODES as FEATURE_REDUCTION_CODES
 from kdkernels._feature import rows_3d
 from kdkernels._reduction import ROW_REDUCTIONS, reduce_rows
 from kdkernels.ops import feature as feature_ops
+from kdkernels.ops import relation as relation_ops
 from kdkernels.ops import response as response_ops
 
 __all__ = ["softmax_kl_div", "projected_mse", "rkd_distance", "rkd_angle", "similarity_preserving"]
@@ -171,31 +172,47 @@ def _check_relation_inputs(student, teacher, reduction, reductions):
         raise ValueError(f"student must have a batch of at least 2 samples for relation losses, got {student.shape[0]}")
 
 
+def _relation_loss(loss: str, student: Tensor, teacher: Tensor, reduction: str, backend: str) -> Tensor:
+    name = backends.resolve(loss, backend, student.device)
+    if name == "torch":
+        return getattr(reference, loss)(student, teacher, reduction)
+    batch = student.shape[0]
+    s = student.reshape(batch, -1).contiguous()
+    t = teacher.reshape(batch, -1).contiguous()
+    total = relation_ops.summed_loss(loss, name, s, t)
+    if reduction == "sum":
+        return total
+    entries = batch ** 3 if loss == "rkd_angle" else batch * batch  # "mean" (RKD) / "batchmean" (SP)
+    return total / entries
+
+
 def rkd_distance(student: Tensor, teacher: Tensor, reduction: str = "mean", backend: str = "auto") -> Tensor:
     """RKD distance loss between (B, ...) student and teacher embeddings (DESIGN §2.3).
 
     Smooth-L1 between the pairwise distance matrices, each divided by its mean positive distance.
-    The teacher gets no gradient. reduction: "mean" over the B^2 entries, or "sum".
+    The teacher gets no gradient. reduction: "mean" over the B^2 entries, or "sum". The fused
+    backends never form the (B, B) distance matrices.
     """
     _check_relation_inputs(student, teacher, reduction, RKD_REDUCTIONS)
-    backends.resolve("rkd_distance", backend, student.device)
-    return reference.rkd_distance(student, teacher, reduction)
+    return _relation_loss("rkd_distance", student, teacher, reduction, backend)
 
 
 def rkd_angle(student: Tensor, teacher: Tensor, reduction: str = "mean", backend: str = "auto") -> Tensor:
     """RKD angle loss between (B, ...) embeddings: smooth-L1 between the B^3 cosines <u_ij, u_ik>.
 
-    The teacher gets no gradient. reduction: "mean" over the B^3 entries, or "sum".
+    The teacher gets no gradient. reduction: "mean" over the B^3 entries, or "sum". The fused
+    backends keep O(B^2) memory (no (B, B, B) or (B, B, D) tensor), and a coincident pair
+    (|e_j - e_i| <= 1e-12, u_ij = 0) passes no gradient there, where the eager reference's
+    F.normalize differentiates (e_j - e_i) / 1e-12 (gradients of ~1e10 from a constant 0).
     """
     _check_relation_inputs(student, teacher, reduction, RKD_REDUCTIONS)
-    backends.resolve("rkd_angle", backend, student.device)
-    return reference.rkd_angle(student, teacher, reduction)
+    return _relation_loss("rkd_angle", student, teacher, reduction, backend)
 
 
 def similarity_preserving(student: Tensor, teacher: Tensor, reduction: str = "batchmean",
                           backend: str = "auto") -> Tensor:
     """Similarity-preserving loss between (B, ...) features: ||G_t^ - G_s^||_F^2 of the L2
-    row-normalised Gram matrices; "batchmean" divides by B^2, "sum" does not."""
+    row-normalised Gram matrices; "batchmean" divides by B^2, "sum" does not. The teacher gets
+    no gradient; the fused backends never form the (B, B) Gram matrices."""
     _check_relation_inputs(student, teacher, reduction, SP_REDUCTIONS)
-    backends.resolve("similarity_preserving", backend, student.device)
-    return reference.similarity_preserving(student, teacher, reduction)
+    return _relation_loss("similarity_preserving", student, teacher, reduction, backend)

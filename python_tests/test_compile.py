@@ -71,3 +71,43 @@ def test_projected_mse_compiles_fullgraph(device, backend, compile_backend):
     assert_close(loss, eager_loss, torch.float32, what="loss")
     for g, e, name in zip(grads, eager_grads, ("body.weight", "loss.weight", "loss.bias")):
         assert_close(g, e, torch.float32, what=f"grad {name}")
+
+
+class EmbedderWithRelationKD(torch.nn.Module):
+    def __init__(self, loss):
+        super().__init__()
+        self.head = torch.nn.Linear(16, 12)
+        self.loss = loss
+
+    def forward(self, x, teacher_embeddings):
+        return self.loss(self.head(x), teacher_embeddings)
+
+
+RELATION_MODULES = {
+    "rkd_distance": lambda backend: kdkernels.RKDDistanceLoss(backend=backend),
+    "rkd_angle": lambda backend: kdkernels.RKDAngleLoss(reduction="sum", backend=backend),
+    "similarity_preserving": lambda backend: kdkernels.SimilarityPreservingLoss(backend=backend),
+}
+
+
+RELATION_PARAMS = [pytest.param(loss, *p.values, id=f"{loss}-{p.id}", marks=p.marks)
+                   for loss in RELATION_MODULES for p in backend_params(loss)]
+
+
+@pytest.mark.parametrize("loss,device,backend", RELATION_PARAMS)
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_relation_losses_compile_fullgraph(loss, device, backend, compile_backend):
+    if compile_backend == "inductor" and backend == "triton" and device.type == "cpu":
+        pytest.skip("inductor + interpreted Triton on CPU adds nothing over aot_eager; run on GPU")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = EmbedderWithRelationKD(RELATION_MODULES[loss](backend)).to(device)
+    x = torch.randn(10, 16, device=device)
+    teacher = torch.randn(10, 7, device=device)
+    eager_loss = model(x, teacher)
+    eager_grad, = torch.autograd.grad(eager_loss, model.head.weight)
+    compiled = torch.compile(model, fullgraph=True, backend=compile_backend)
+    loss_value = compiled(x, teacher)
+    grad, = torch.autograd.grad(loss_value, model.head.weight)
+    assert_close(loss_value, eager_loss, torch.float32, what="loss")
+    assert_close(grad, eager_grad, torch.float32, what="grad")

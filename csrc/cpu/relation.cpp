@@ -1,0 +1,511 @@
+// CPU kernels of the relation family (DESIGN §2.3): RKD distance, RKD angle and SP.
+//
+// Distance and SP never hold a B x B matrix: they walk row blocks of kTile rows, forming the
+// block's Gram rows with at::mm (BLAS) and finishing each element in a fused multi-threaded pass;
+// the backward forms the block's gradient weights the same way and turns them into the gradient
+// with one more GEMM (W E). Angle keeps O(B^2): the squared-distance matrices of both sides.
+// The math (and why the embeddings are centred) is in kdkernels/relation.h.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "kdkernels/relation.h"
+
+namespace kdkernels {
+namespace {
+using namespace relation;
+
+constexpr int64_t kTile = 512;  // rows per block: every scratch buffer is kTile x B. MKL runs
+                                // (512, D) x (D, B) as fast as the full GEMM; 256 rows is 2x slower
+
+at::ScalarType opmath_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_inputs(const at::Tensor& student, const at::Tensor& teacher, const char* op) {
+  TORCH_CHECK(student.dim() == 2 && teacher.dim() == 2, op, ": student and teacher must be 2-D (B, D), got ",
+              student.sizes(), " and ", teacher.sizes());
+  TORCH_CHECK(student.size(0) == teacher.size(0), op, ": student and teacher must have the same batch size, got ",
+              student.size(0), " and ", teacher.size(0));
+  TORCH_CHECK(student.size(0) >= 2, op, ": needs a batch of at least 2, got ", student.size(0));
+  TORCH_CHECK(student.is_floating_point() && student.scalar_type() == teacher.scalar_type(), op,
+              ": student and teacher must be floating tensors of one dtype, got ", student.scalar_type(), " and ",
+              teacher.scalar_type());
+}
+
+// A batch of embeddings in op-math T: contiguous (B, D) rows, optionally minus the column mean,
+// and their squared norms.
+template <typename T>
+struct Rows {
+  at::Tensor e;
+  std::vector<T> norm2;
+  const T* p = nullptr;
+  int64_t B = 0, D = 0;
+
+  Rows(const at::Tensor& x, bool centre) {
+    at::Tensor xc = x.contiguous();
+    B = xc.size(0);
+    D = xc.size(1);
+    e = at::empty({B, D}, xc.options().dtype(c10::CppTypeToScalarType<T>::value));
+    T* out = e.data_ptr<T>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "kdkernels_relation_rows", [&] {
+      const scalar_t* in = xc.const_data_ptr<scalar_t>();
+      at::parallel_for(0, D, 64, [&](int64_t c0, int64_t c1) {
+        std::vector<double> mean(c1 - c0, 0.0);
+        if (centre) {
+          for (int64_t i = 0; i < B; ++i)
+            for (int64_t c = c0; c < c1; ++c) mean[c - c0] += static_cast<double>(in[i * D + c]);
+          for (double& m : mean) m /= static_cast<double>(B);
+        }
+        // the difference is rounded once, so identical rows stay bit-identical
+        for (int64_t i = 0; i < B; ++i)
+          for (int64_t c = c0; c < c1; ++c) out[i * D + c] = static_cast<T>(static_cast<double>(in[i * D + c]) - mean[c - c0]);
+      });
+    });
+    p = out;
+    norm2.resize(B);
+    at::parallel_for(0, B, 16, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        double s = 0;
+        for (int64_t c = 0; c < D; ++c) s += static_cast<double>(p[i * D + c]) * p[i * D + c];
+        norm2[i] = static_cast<T>(s);
+      }
+    });
+  }
+
+  const T* row(int64_t i) const { return p + i * D; }
+
+  T direct_sq(int64_t i, int64_t j) const {
+    const T *a = row(i), *b = row(j);
+    double s = 0;
+    for (int64_t c = 0; c < D; ++c) {
+      double d = static_cast<double>(a[c]) - b[c];
+      s += d * d;
+    }
+    return static_cast<T>(s);
+  }
+
+  // dst[(i - r0) * B + j] = G_ij for rows i in [r0, r1); dst is contiguous (r1 - r0, B).
+  void gram_rows(int64_t r0, int64_t r1, at::Tensor dst) const {
+    at::mm_out(dst, e.narrow(0, r0, r1 - r0), e.t());
+  }
+
+  // dst[(i - r0) * B + j] = |e_i - e_j|^2 (0 on the diagonal), the Gram expansion except where it
+  // is unreliable (relation.h), which is recomputed from the differences.
+  void squared_distances(int64_t r0, int64_t r1, at::Tensor dst) const {
+    gram_rows(r0, r1, dst);
+    T* sq = dst.data_ptr<T>();
+    at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        T* out = sq + (i - r0) * B;
+        for (int64_t j = 0; j < B; ++j) {
+          T v = sq_from_gram(norm2[i], norm2[j], out[j]);
+          if (i == j) v = T(0);
+          else if (gram_unreliable(v, norm2[i], norm2[j])) v = direct_sq(i, j);
+          out[j] = v;
+        }
+      }
+    });
+  }
+
+  // grad_i += w_ij (e_i - e_j) summed over j, for the rows [r0, r1) and a (r1 - r0, B) weight
+  // block w. Pairs where the Gram expansion is unreliable are added from the differences (and
+  // removed from w) so that large weights on close pairs do not amplify cancellation; the rest is
+  // rowsum(w) e_i - (w E)_i, one GEMM. sq holds the same block's squared distances.
+  void add_pair_gradient(int64_t r0, int64_t r1, at::Tensor w, const T* sq, at::Tensor scratch, T* grad) const {
+    T* wp = w.data_ptr<T>();
+    std::vector<T> rowsum(r1 - r0);
+    at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        T* wr = wp + (i - r0) * B;
+        const T* sr = sq + (i - r0) * B;
+        T* g = grad + i * D;
+        T s = 0;
+        for (int64_t j = 0; j < B; ++j) {
+          if (j == i) {  // d(e_i - e_i) = 0
+            wr[j] = T(0);
+            continue;
+          }
+          if (wr[j] != T(0) && gram_unreliable(sr[j], norm2[i], norm2[j])) {
+            const T *a = row(i), *b = row(j);
+            for (int64_t c = 0; c < D; ++c) g[c] += wr[j] * (a[c] - b[c]);
+            wr[j] = T(0);
+          }
+          s += wr[j];
+        }
+        rowsum[i - r0] = s;
+      }
+    });
+    at::Tensor we = scratch.narrow(0, 0, r1 - r0);
+    at::mm_out(we, w, e);
+    const T* wep = we.const_data_ptr<T>();
+    at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const T* a = row(i);
+        const T* m = wep + (i - r0) * D;
+        T* g = grad + i * D;
+        const T s = rowsum[i - r0];
+        for (int64_t c = 0; c < D; ++c) g[c] += s * a[c] - m[c];
+      }
+    });
+  }
+};
+
+// Element i of a small op-math tensor (grad_loss, stats) that lives on the CPU: no device sync.
+template <typename T>
+T scalar_of(const at::Tensor& x, int64_t i = 0) {
+  TORCH_CHECK(x.scalar_type() == c10::CppTypeToScalarType<T>::value, "expected a ",
+              c10::CppTypeToScalarType<T>::value, " tensor, got ", x.scalar_type());
+  return x.contiguous().const_data_ptr<T>()[i];
+}
+
+// Block loop shared by the tiled kernels: fn(r0, r1) for consecutive row blocks.
+template <typename F>
+void for_each_block(int64_t B, int64_t tile, F&& fn) {
+  for (int64_t r0 = 0; r0 < B; r0 += tile) fn(r0, std::min(B, r0 + tile));
+}
+
+// ---- RKD distance ------------------------------------------------------------------------
+// stats = [mu_s, mu_t, A] with A = sum_ij smooth_l1'(x_ij) d_s_ij / mu_s^2 (relation.h): all the
+// backward needs besides the inputs.
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> distance_forward(const at::Tensor& student, const at::Tensor& teacher) {
+  const Rows<T> s(student, true), t(teacher, true);
+  const int64_t B = s.B, tile = std::min(B, kTile);
+  at::Tensor buf_s = at::empty({tile, B}, s.e.options()), buf_t = at::empty({tile, B}, s.e.options());
+  std::vector<double> row_a(B), row_b(B);
+
+  // pass 1: the mean off-diagonal distance of each side
+  for_each_block(B, tile, [&](int64_t r0, int64_t r1) {
+    at::Tensor bs = buf_s.narrow(0, 0, r1 - r0), bt = buf_t.narrow(0, 0, r1 - r0);
+    s.squared_distances(r0, r1, bs);
+    t.squared_distances(r0, r1, bt);
+    const T *ps = bs.const_data_ptr<T>(), *pt = bt.const_data_ptr<T>();
+    at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        double as = 0, at_ = 0;
+        for (int64_t j = 0; j < B; ++j) {
+          if (j == i) continue;
+          as += clamped_distance(ps[(i - r0) * B + j]);
+          at_ += clamped_distance(pt[(i - r0) * B + j]);
+        }
+        row_a[i] = as;
+        row_b[i] = at_;
+      }
+    });
+  });
+  const double count = static_cast<double>(B) * static_cast<double>(B - 1);
+  double sum_s = 0, sum_t = 0;
+  for (int64_t i = 0; i < B; ++i) sum_s += row_a[i], sum_t += row_b[i];
+  const T mu_s = static_cast<T>(sum_s / count), mu_t = static_cast<T>(sum_t / count);
+
+  // pass 2: the loss, and A for the backward
+  for_each_block(B, tile, [&](int64_t r0, int64_t r1) {
+    at::Tensor bs = buf_s.narrow(0, 0, r1 - r0), bt = buf_t.narrow(0, 0, r1 - r0);
+    s.squared_distances(r0, r1, bs);
+    t.squared_distances(r0, r1, bt);
+    const T *ps = bs.const_data_ptr<T>(), *pt = bt.const_data_ptr<T>();
+    at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        double loss = 0, a = 0;
+        for (int64_t j = 0; j < B; ++j) {
+          if (j == i) continue;  // 0 vs 0 on the diagonal
+          const T ds = clamped_distance(ps[(i - r0) * B + j]);
+          const T x = ds / mu_s - clamped_distance(pt[(i - r0) * B + j]) / mu_t;
+          loss += smooth_l1(x);
+          a += smooth_l1_grad(x) * ds;
+        }
+        row_a[i] = loss;
+        row_b[i] = a;
+      }
+    });
+  });
+  double loss = 0, a = 0;
+  for (int64_t i = 0; i < B; ++i) loss += row_a[i], a += row_b[i];
+  at::Tensor out = at::empty({}, s.e.options());
+  out.data_ptr<T>()[0] = static_cast<T>(loss);
+  at::Tensor stats = at::empty({3}, s.e.options());
+  T* st = stats.data_ptr<T>();
+  st[0] = mu_s;
+  st[1] = mu_t;
+  st[2] = static_cast<T>(a / (static_cast<double>(mu_s) * mu_s));
+  return {out, stats};
+}
+
+template <typename T>
+at::Tensor distance_backward(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
+                             const at::Tensor& stats) {
+  const Rows<T> s(student, true), t(teacher, true);
+  const int64_t B = s.B, tile = std::min(B, kTile);
+  const T g = scalar_of<T>(grad_loss), mu_s = scalar_of<T>(stats, 0), mu_t = scalar_of<T>(stats, 1);
+  // dL/dd_ij = g (h_ij / mu_s - A / count); the factor 2 counts d_ji = d_ij (both symmetric).
+  const T through_mu = scalar_of<T>(stats, 2) / static_cast<T>(static_cast<double>(B) * (B - 1));
+  at::Tensor buf_s = at::empty({tile, B}, s.e.options()), buf_t = at::empty({tile, B}, s.e.options());
+  at::Tensor w = at::empty({tile, B}, s.e.options()), scratch = at::empty({tile, s.D}, s.e.options());
+  at::Tensor grad = at::zeros({B, s.D}, s.e.options());
+  for_each_block(B, tile, [&](int64_t r0, int64_t r1) {
+    at::Tensor bs = buf_s.narrow(0, 0, r1 - r0), bt = buf_t.narrow(0, 0, r1 - r0), wb = w.narrow(0, 0, r1 - r0);
+    s.squared_distances(r0, r1, bs);
+    t.squared_distances(r0, r1, bt);
+    const T *ps = bs.const_data_ptr<T>(), *pt = bt.const_data_ptr<T>();
+    T* pw = wb.data_ptr<T>();
+    at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        for (int64_t j = 0; j < B; ++j) {
+          const int64_t k = (i - r0) * B + j;
+          if (j == i) {
+            pw[k] = T(0);
+            continue;
+          }
+          const T x = clamped_distance(ps[k]) / mu_s - clamped_distance(pt[k]) / mu_t;
+          const T dl_dd = g * (smooth_l1_grad(x) / mu_s - through_mu);
+          pw[k] = T(2) * distance_pair_weight(ps[k], dl_dd);
+        }
+      }
+    });
+    s.add_pair_gradient(r0, r1, wb, ps, scratch, grad.data_ptr<T>());
+  });
+  // e = x - mean(x): the loss is translation invariant, so the gradient w.r.t. x is the one w.r.t. e.
+  return grad.to(student.scalar_type());
+}
+
+// ---- similarity preserving ------------------------------------------------------------------
+// stats (3, B) = [n_s, n_t, gamma'] with gamma'_i = sum_k rho_ik b_ik per unit grad_loss (0 where
+// n_s is clamped): the backward forms each row's and column's weights from these.
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> sp_forward(const at::Tensor& student, const at::Tensor& teacher) {
+  const Rows<T> s(student, false), t(teacher, false);
+  const int64_t B = s.B, tile = std::min(B, kTile);
+  at::Tensor buf_s = at::empty({tile, B}, s.e.options()), buf_t = at::empty({tile, B}, s.e.options());
+  at::Tensor stats = at::empty({3, B}, s.e.options());
+  T *ns = stats.data_ptr<T>(), *nt = ns + B, *gam = nt + B;
+  std::vector<double> row_loss(B);
+  for_each_block(B, tile, [&](int64_t r0, int64_t r1) {
+    at::Tensor bs = buf_s.narrow(0, 0, r1 - r0), bt = buf_t.narrow(0, 0, r1 - r0);
+    s.gram_rows(r0, r1, bs);
+    t.gram_rows(r0, r1, bt);
+    const T *ps = bs.const_data_ptr<T>(), *pt = bt.const_data_ptr<T>();
+    at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const T *gs = ps + (i - r0) * B, *gt = pt + (i - r0) * B;
+        double ss = 0, st = 0;
+        for (int64_t j = 0; j < B; ++j) ss += static_cast<double>(gs[j]) * gs[j], st += static_cast<double>(gt[j]) * gt[j];
+        const T n_s = sp_row_norm(static_cast<T>(ss)), n_t = sp_row_norm(static_cast<T>(st));
+        double loss = 0, gm = 0;
+        for (int64_t j = 0; j < B; ++j) {
+          const T b = gs[j] / n_s, diff = gt[j] / n_t - b;
+          loss += static_cast<double>(diff) * diff;
+          gm += -2.0 * diff * b;
+        }
+        ns[i] = n_s;
+        nt[i] = n_t;
+        gam[i] = sp_norm_active(n_s) ? static_cast<T>(gm) : T(0);
+        row_loss[i] = loss;
+      }
+    });
+  });
+  double loss = 0;
+  for (double l : row_loss) loss += l;
+  at::Tensor out = at::empty({}, s.e.options());
+  out.data_ptr<T>()[0] = static_cast<T>(loss);
+  return {out, stats};
+}
+
+template <typename T>
+at::Tensor sp_backward(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
+                       const at::Tensor& stats) {
+  const Rows<T> s(student, false), t(teacher, false);
+  const int64_t B = s.B, tile = std::min(B, kTile);
+  const T g = scalar_of<T>(grad_loss);
+  at::Tensor st = stats.contiguous();
+  const T *ns = st.const_data_ptr<T>(), *nt = ns + B, *gam = nt + B;
+  at::Tensor buf_s = at::empty({tile, B}, s.e.options()), buf_t = at::empty({tile, B}, s.e.options());
+  at::Tensor grad = at::empty({B, s.D}, s.e.options());
+  for_each_block(B, tile, [&](int64_t r0, int64_t r1) {
+    at::Tensor bs = buf_s.narrow(0, 0, r1 - r0), bt = buf_t.narrow(0, 0, r1 - r0);
+    s.gram_rows(r0, r1, bs);
+    t.gram_rows(r0, r1, bt);
+    T* ps = bs.data_ptr<T>();
+    const T* pt = bt.const_data_ptr<T>();
+    // dL/dF = (W + W^T) F; G is symmetric, so the block's rows of W^T (W_ji) come from the same
+    // Gram entries with row j's statistics. The weights overwrite the student's Gram block.
+    at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        T* gs = ps + (i - r0) * B;
+        const T* gt = pt + (i - r0) * B;
+        for (int64_t j = 0; j < B; ++j) {
+          const T b_ij = gs[j] / ns[i], b_ji = gs[j] / ns[j];
+          const T w_ij = (T(-2) * (gt[j] / nt[i] - b_ij) - b_ij * gam[i]) / ns[i];
+          const T w_ji = (T(-2) * (gt[j] / nt[j] - b_ji) - b_ji * gam[j]) / ns[j];
+          gs[j] = g * (w_ij + w_ji);
+        }
+      }
+    });
+    at::Tensor gb = grad.narrow(0, r0, r1 - r0);
+    at::mm_out(gb, bs, s.e);
+  });
+  return grad.to(student.scalar_type());
+}
+
+// ---- RKD angle ------------------------------------------------------------------------------
+// Both sides' B x B squared distances (and inverse norms) are kept: O(B^2) memory, no B^3 tensor.
+template <typename T>
+struct AngleSide {
+  Rows<T> rows;
+  at::Tensor sq, inv;  // (B, B): |e_i - e_j|^2 and angle_inv_norm of it
+  const T *psq = nullptr, *pinv = nullptr;
+
+  explicit AngleSide(const at::Tensor& x) : rows(x, true) {
+    const int64_t B = rows.B;
+    sq = at::empty({B, B}, rows.e.options());
+    inv = at::empty({B, B}, rows.e.options());
+    for_each_block(B, std::min(B, kTile), [&](int64_t r0, int64_t r1) { rows.squared_distances(r0, r1, sq.narrow(0, r0, r1 - r0)); });
+    psq = sq.const_data_ptr<T>();
+    T* pi = inv.data_ptr<T>();
+    at::parallel_for(0, B * B, 4096, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) pi[k] = angle_inv_norm(psq[k]);
+    });
+    pinv = pi;
+  }
+};
+
+template <typename T>
+at::Tensor angle_forward(const at::Tensor& student, const at::Tensor& teacher) {
+  const AngleSide<T> s(student), t(teacher);
+  const int64_t B = s.rows.B;
+  std::vector<double> anchor_loss(B);
+  // psi_ijk = psi_ikj: each anchor sums k >= j and counts k > j twice.
+  at::parallel_for(0, B, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const T *as = s.psq + i * B, *ras = s.pinv + i * B, *at_ = t.psq + i * B, *rat = t.pinv + i * B;
+      double loss = 0;
+      for (int64_t j = 0; j < B; ++j) {
+        if (ras[j] == T(0) && rat[j] == T(0)) continue;  // u_ij = 0 on both sides: psi = 0 vs 0
+        const T *cs = s.psq + j * B, *ct = t.psq + j * B;
+        double row = 0;
+        for (int64_t k = j + 1; k < B; ++k) {
+          const T ps = angle_cos(as[j], as[k], cs[k], ras[j], ras[k]);
+          const T pt = angle_cos(at_[j], at_[k], ct[k], rat[j], rat[k]);
+          row += smooth_l1(ps - pt);
+        }
+        const T ps = angle_cos(as[j], as[j], T(0), ras[j], ras[j]);
+        const T pt = angle_cos(at_[j], at_[j], T(0), rat[j], rat[j]);
+        loss += 2 * row + smooth_l1(ps - pt);
+      }
+      anchor_loss[i] = loss;
+    }
+  });
+  double loss = 0;
+  for (double l : anchor_loss) loss += l;
+  at::Tensor out = at::empty({}, s.rows.e.options());
+  out.data_ptr<T>()[0] = static_cast<T>(loss);
+  return out;
+}
+
+template <typename T>
+at::Tensor angle_backward(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher) {
+  const AngleSide<T> s(student), t(teacher);
+  const int64_t B = s.rows.B, D = s.rows.D;
+  const T g = scalar_of<T>(grad_loss);
+  // dL/dsq as if every ordered entry were its own variable: W = 2 T_a + C, where T_a[i][j] sums
+  // the slot-a derivatives of anchor i (slot b gives the same by the j <-> k symmetry) and
+  // C[j][k] the slot-c derivatives over all anchors. Thread j owns column j of T_a and row j of
+  // C, so no two threads write one entry and nothing is B^3.
+  at::Tensor ta = at::zeros({B, B}, s.rows.e.options()), c = at::zeros({B, B}, s.rows.e.options());
+  T *pta = ta.data_ptr<T>(), *pc = c.data_ptr<T>();
+  at::parallel_for(0, B, 1, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const T *cs = s.psq + j * B, *ct = t.psq + j * B;
+      T* cj = pc + j * B;
+      for (int64_t i = 0; i < B; ++i) {
+        const T ra_s = s.pinv[i * B + j];
+        if (ra_s == T(0)) continue;  // psi_s = 0 for every k: no gradient
+        const T a_s = s.psq[i * B + j], a_t = t.psq[i * B + j], ra_t = t.pinv[i * B + j];
+        const T *bs = s.psq + i * B, *rbs = s.pinv + i * B, *bt = t.psq + i * B, *rbt = t.pinv + i * B;
+        T acc = 0;
+        for (int64_t k = 0; k < B; ++k) {
+          const T ps = angle_cos(a_s, bs[k], cs[k], ra_s, rbs[k]);
+          const T h = smooth_l1_grad(ps - angle_cos(a_t, bt[k], ct[k], ra_t, rbt[k]));
+          acc += h * angle_cos_grad_a(ps, ra_s, rbs[k]);
+          cj[k] += h * angle_cos_grad_c(ra_s, rbs[k]);
+        }
+        pta[i * B + j] = acc;
+      }
+    }
+  });
+  // S = g (W + W^T), symmetric, written over C; dL/de = 2 (rowsum(S) e - S E), the 2 folded in.
+  at::parallel_for(0, B, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t q = p; q < B; ++q) {
+        const T v = T(2) * g * (T(2) * (pta[p * B + q] + pta[q * B + p]) + pc[p * B + q] + pc[q * B + p]);
+        pc[p * B + q] = v;
+        pc[q * B + p] = v;
+      }
+  });
+  at::Tensor grad = at::zeros({B, D}, s.rows.e.options());
+  at::Tensor scratch = at::empty({std::min(B, kTile), D}, s.rows.e.options());
+  for_each_block(B, std::min(B, kTile), [&](int64_t r0, int64_t r1) {
+    s.rows.add_pair_gradient(r0, r1, c.narrow(0, r0, r1 - r0), s.psq + r0 * B, scratch, grad.data_ptr<T>());
+  });
+  return grad.to(student.scalar_type());
+}
+
+// ---- dispatcher entry points ---------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor> rkd_distance_forward_cpu(const at::Tensor& student, const at::Tensor& teacher) {
+  check_inputs(student, teacher, "rkd_distance_forward");
+  return AT_DISPATCH_FLOATING_TYPES(opmath_type(student.scalar_type()), "rkd_distance_forward",
+                                    [&] { return distance_forward<scalar_t>(student, teacher); });
+}
+
+at::Tensor rkd_distance_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& student,
+                                     const at::Tensor& teacher, const at::Tensor& stats) {
+  check_inputs(student, teacher, "rkd_distance_backward");
+  return AT_DISPATCH_FLOATING_TYPES(opmath_type(student.scalar_type()), "rkd_distance_backward",
+                                    [&] { return distance_backward<scalar_t>(grad_loss, student, teacher, stats); });
+}
+
+std::tuple<at::Tensor, at::Tensor> similarity_preserving_forward_cpu(const at::Tensor& student,
+                                                                     const at::Tensor& teacher) {
+  check_inputs(student, teacher, "similarity_preserving_forward");
+  return AT_DISPATCH_FLOATING_TYPES(opmath_type(student.scalar_type()), "similarity_preserving_forward",
+                                    [&] { return sp_forward<scalar_t>(student, teacher); });
+}
+
+at::Tensor similarity_preserving_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& student,
+                                              const at::Tensor& teacher, const at::Tensor& stats) {
+  check_inputs(student, teacher, "similarity_preserving_backward");
+  return AT_DISPATCH_FLOATING_TYPES(opmath_type(student.scalar_type()), "similarity_preserving_backward",
+                                    [&] { return sp_backward<scalar_t>(grad_loss, student, teacher, stats); });
+}
+
+at::Tensor rkd_angle_forward_cpu(const at::Tensor& student, const at::Tensor& teacher) {
+  check_inputs(student, teacher, "rkd_angle_forward");
+  return AT_DISPATCH_FLOATING_TYPES(opmath_type(student.scalar_type()), "rkd_angle_forward",
+                                    [&] { return angle_forward<scalar_t>(student, teacher); });
+}
+
+at::Tensor rkd_angle_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher) {
+  check_inputs(student, teacher, "rkd_angle_backward");
+  return AT_DISPATCH_FLOATING_TYPES(opmath_type(student.scalar_type()), "rkd_angle_backward",
+                                    [&] { return angle_backward<scalar_t>(grad_loss, student, teacher); });
+}
+
+}  // namespace
+}  // namespace kdkernels
+
+TORCH_LIBRARY_IMPL(kdkernels, CPU, m) {
+  m.impl("rkd_distance_forward", &kdkernels::rkd_distance_forward_cpu);
+  m.impl("rkd_distance_backward", &kdkernels::rkd_distance_backward_cpu);
+  m.impl("similarity_preserving_forward", &kdkernels::similarity_preserving_forward_cpu);
+  m.impl("similarity_preserving_backward", &kdkernels::similarity_preserving_backward_cpu);
+  m.impl("rkd_angle_forward", &kdkernels::rkd_angle_forward_cpu);
+  m.impl("rkd_angle_backward", &kdkernels::rkd_angle_backward_cpu);
+}

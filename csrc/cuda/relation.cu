@@ -1,0 +1,643 @@
+// CUDA kernels of the relation family (DESIGN §2.3): RKD distance, RKD angle and SP.
+//
+// Same algorithm as csrc/cpu/relation.cpp, with the same math (kdkernels/relation.h): distance and
+// SP walk row blocks of kTile rows, forming the block's Gram rows with an ATen GEMM (cuBLAS) into a
+// (kTile, B) buffer and finishing them with fused epilogue kernels (one CUDA block per row for the
+// row reductions); the backward turns the block's pair weights into the gradient with one more
+// GEMM. Angle keeps the (B, B) squared distances and inverse norms of both sides. Scalars (mu, the
+// loss) stay on the device: nothing synchronises with the host.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <tuple>
+
+#include "kdkernels/relation.h"
+
+namespace kdkernels {
+namespace cuda {
+namespace {
+using namespace relation;
+
+constexpr int64_t kTile = 256;  // rows per block: every scratch buffer is kTile x B
+constexpr int kThreads = 256;
+
+int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+at::ScalarType opmath_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+cudaStream_t stream() {
+  return c10::cuda::getCurrentCUDAStream();
+}
+
+// Sum of v over the thread block (kThreads threads); the result is valid in thread 0.
+template <typename T>
+__device__ T block_sum(T v) {
+  __shared__ T buf[kThreads / 32];
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  if ((threadIdx.x & 31) == 0) buf[threadIdx.x >> 5] = v;
+  __syncthreads();
+  v = threadIdx.x < kThreads / 32 ? buf[threadIdx.x] : T(0);
+  if (threadIdx.x < 32)
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  __syncthreads();  // buf is reused by the next call
+  return v;
+}
+
+// ---- rows: op-math copy (optionally centred) and squared norms -----------------------------------
+template <typename scalar_t>
+__global__ void column_mean_kernel(const scalar_t* __restrict__ x, double* __restrict__ mean, int64_t B, int64_t D) {
+  const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (c >= D) return;
+  double s = 0;
+  for (int64_t i = 0; i < B; ++i) s += static_cast<double>(x[i * D + c]);
+  mean[c] = s / static_cast<double>(B);
+}
+
+// the difference is rounded once, so identical rows stay bit-identical
+template <typename scalar_t, typename T>
+__global__ void shifted_copy_kernel(const scalar_t* __restrict__ x, const double* __restrict__ mean, T* __restrict__ out,
+                                    int64_t B, int64_t D) {
+  const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (k >= B * D) return;
+  const double m = mean == nullptr ? 0.0 : mean[k % D];
+  out[k] = static_cast<T>(static_cast<double>(x[k]) - m);
+}
+
+template <typename T>
+__global__ void row_norm2_kernel(const T* __restrict__ e, T* __restrict__ norm2, int64_t D) {
+  const T* r = e + blockIdx.x * D;
+  T s = 0;
+  for (int64_t c = threadIdx.x; c < D; c += kThreads) s += r[c] * r[c];
+  s = block_sum(s);
+  if (threadIdx.x == 0) norm2[blockIdx.x] = s;
+}
+
+template <typename T>
+struct Rows {
+  at::Tensor e, norm2;  // (B, D) op-math, (B,)
+  int64_t B = 0, D = 0;
+
+  Rows(const at::Tensor& x, bool centre) {
+    at::Tensor xc = x.contiguous();
+    B = xc.size(0);
+    D = xc.size(1);
+    auto opts = xc.options().dtype(c10::CppTypeToScalarType<T>::value);
+    e = at::empty({B, D}, opts);
+    norm2 = at::empty({B}, opts);
+    at::Tensor mean = centre ? at::empty({D}, xc.options().dtype(at::kDouble)) : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "kdkernels_relation_rows", [&] {
+      const scalar_t* in = xc.const_data_ptr<scalar_t>();
+      if (centre && D > 0) {
+        column_mean_kernel<<<ceil_div(D, kThreads), kThreads, 0, stream()>>>(in, mean.template data_ptr<double>(), B, D);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      if (B * D > 0) {
+        shifted_copy_kernel<scalar_t, T><<<ceil_div(B * D, kThreads), kThreads, 0, stream()>>>(
+            in, centre ? mean.template const_data_ptr<double>() : nullptr, e.template data_ptr<T>(), B, D);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    });
+    row_norm2_kernel<T><<<B, kThreads, 0, stream()>>>(e.template const_data_ptr<T>(), norm2.template data_ptr<T>(), D);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  void gram_rows(int64_t r0, int64_t r1, at::Tensor dst) const {
+    at::mm_out(dst, e.narrow(0, r0, r1 - r0), e.t());
+  }
+};
+
+// G -> squared distances in place, recomputing the unreliable pairs from the differences.
+template <typename T>
+__global__ void sq_from_gram_kernel(T* __restrict__ sq, const T* __restrict__ e, const T* __restrict__ n, int64_t r0,
+                                    int64_t rows, int64_t B, int64_t D) {
+  const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (k >= rows * B) return;
+  const int64_t i = r0 + k / B, j = k % B;
+  T v = sq_from_gram(n[i], n[j], sq[k]);
+  if (i == j) {
+    v = T(0);
+  } else if (gram_unreliable(v, n[i], n[j])) {
+    T s = 0;
+    for (int64_t c = 0; c < D; ++c) {
+      const T d = e[i * D + c] - e[j * D + c];
+      s += d * d;
+    }
+    v = s;
+  }
+  sq[k] = v;
+}
+
+template <typename T>
+void squared_distances(const Rows<T>& s, int64_t r0, int64_t r1, at::Tensor dst) {
+  s.gram_rows(r0, r1, dst);
+  const int64_t n = (r1 - r0) * s.B;
+  sq_from_gram_kernel<T><<<ceil_div(n, kThreads), kThreads, 0, stream()>>>(
+      dst.template data_ptr<T>(), s.e.template const_data_ptr<T>(), s.norm2.template const_data_ptr<T>(), r0, r1 - r0, s.B, s.D);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ---- pair gradient: grad_i += sum_j w_ij (e_i - e_j) for a (rows, B) weight block -----------------
+// Pass 1 (one CUDA block per row): moves the weights of unreliable pairs into `near` (zero in w),
+// and writes rowsum(w) and whether the row has any near pair.
+template <typename T>
+__global__ void split_near_kernel(T* __restrict__ w, T* __restrict__ near, const T* __restrict__ sq,
+                                  const T* __restrict__ n, T* __restrict__ rowsum, int* __restrict__ any_near,
+                                  int64_t r0, int64_t B) {
+  const int64_t i = r0 + blockIdx.x;
+  T* wr = w + blockIdx.x * B;
+  T* nr = near + blockIdx.x * B;
+  const T* sr = sq + blockIdx.x * B;
+  T s = 0;
+  int found = 0;
+  for (int64_t j = threadIdx.x; j < B; j += kThreads) {
+    T v = j == i ? T(0) : wr[j];
+    T m = 0;
+    if (v != T(0) && gram_unreliable(sr[j], n[i], n[j])) {
+      m = v;
+      v = 0;
+      found = 1;
+    }
+    wr[j] = v;
+    nr[j] = m;
+    s += v;
+  }
+  s = block_sum(s);
+  found = __syncthreads_or(found);
+  if (threadIdx.x == 0) {
+    rowsum[blockIdx.x] = s;
+    any_near[blockIdx.x] = found;
+  }
+}
+
+// Pass 2: grad_i += rowsum_i e_i - (w E)_i, plus the near pairs from the differences.
+template <typename T>
+__global__ void pair_grad_epilogue_kernel(T* __restrict__ grad, const T* __restrict__ we, const T* __restrict__ e,
+                                          const T* __restrict__ near, const T* __restrict__ rowsum,
+                                          const int* __restrict__ any_near, int64_t r0, int64_t B, int64_t D) {
+  const int64_t i = r0 + blockIdx.x;
+  const T* ei = e + i * D;
+  const T* nr = near + blockIdx.x * B;
+  const bool has_near = any_near[blockIdx.x] != 0;
+  for (int64_t c = threadIdx.x; c < D; c += kThreads) {
+    T g = rowsum[blockIdx.x] * ei[c] - we[blockIdx.x * D + c];
+    if (has_near)
+      for (int64_t j = 0; j < B; ++j)
+        if (nr[j] != T(0)) g += nr[j] * (ei[c] - e[j * D + c]);
+    grad[i * D + c] += g;
+  }
+}
+
+template <typename T>
+struct PairGradScratch {
+  at::Tensor near, rowsum, any_near, we;
+  PairGradScratch(int64_t tile, int64_t B, int64_t D, const at::TensorOptions& opts)
+      : near(at::empty({tile, B}, opts)),
+        rowsum(at::empty({tile}, opts)),
+        any_near(at::empty({tile}, opts.dtype(at::kInt))),
+        we(at::empty({tile, D}, opts)) {}
+};
+
+template <typename T>
+void add_pair_gradient(const Rows<T>& s, int64_t r0, int64_t r1, at::Tensor w, const T* sq, PairGradScratch<T>& sc,
+                       at::Tensor grad) {
+  const int64_t rows = r1 - r0;
+  split_near_kernel<T><<<rows, kThreads, 0, stream()>>>(w.template data_ptr<T>(), sc.near.template data_ptr<T>(), sq,
+                                                        s.norm2.template const_data_ptr<T>(), sc.rowsum.template data_ptr<T>(),
+                                                        sc.any_near.template data_ptr<int>(), r0, s.B);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  at::Tensor we = sc.we.narrow(0, 0, rows);
+  at::mm_out(we, w, s.e);
+  pair_grad_epilogue_kernel<T><<<rows, kThreads, 0, stream()>>>(
+      grad.template data_ptr<T>(), we.template const_data_ptr<T>(), s.e.template const_data_ptr<T>(), sc.near.template const_data_ptr<T>(),
+      sc.rowsum.template const_data_ptr<T>(), sc.any_near.template const_data_ptr<int>(), r0, s.B, s.D);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename F>
+void for_each_block(int64_t B, int64_t tile, F&& fn) {
+  for (int64_t r0 = 0; r0 < B; r0 += tile) fn(r0, std::min(B, r0 + tile));
+}
+
+// ---- RKD distance ------------------------------------------------------------------------------
+template <typename T>
+__global__ void distance_rowsum_kernel(const T* __restrict__ sq_s, const T* __restrict__ sq_t, T* __restrict__ out_s,
+                                       T* __restrict__ out_t, int64_t r0, int64_t B) {
+  const int64_t i = r0 + blockIdx.x;
+  T as = 0, at_ = 0;
+  for (int64_t j = threadIdx.x; j < B; j += kThreads) {
+    if (j == i) continue;
+    as += clamped_distance(sq_s[blockIdx.x * B + j]);
+    at_ += clamped_distance(sq_t[blockIdx.x * B + j]);
+  }
+  as = block_sum(as);
+  at_ = block_sum(at_);
+  if (threadIdx.x == 0) {
+    out_s[i] = as;
+    out_t[i] = at_;
+  }
+}
+
+// mu_s, mu_t are read from the device (stats[0], stats[1])
+template <typename T>
+__global__ void distance_loss_kernel(const T* __restrict__ sq_s, const T* __restrict__ sq_t, const T* __restrict__ stats,
+                                     T* __restrict__ row_loss, T* __restrict__ row_a, int64_t r0, int64_t B) {
+  const int64_t i = r0 + blockIdx.x;
+  const T mu_s = stats[0], mu_t = stats[1];
+  T loss = 0, a = 0;
+  for (int64_t j = threadIdx.x; j < B; j += kThreads) {
+    if (j == i) continue;
+    const T ds = clamped_distance(sq_s[blockIdx.x * B + j]);
+    const T x = ds / mu_s - clamped_distance(sq_t[blockIdx.x * B + j]) / mu_t;
+    loss += smooth_l1(x);
+    a += smooth_l1_grad(x) * ds;
+  }
+  loss = block_sum(loss);
+  a = block_sum(a);
+  if (threadIdx.x == 0) {
+    row_loss[i] = loss;
+    row_a[i] = a;
+  }
+}
+
+template <typename T>
+__global__ void distance_weight_kernel(const T* __restrict__ sq_s, const T* __restrict__ sq_t, const T* __restrict__ stats,
+                                       const T* __restrict__ grad_loss, T* __restrict__ w, int64_t r0, int64_t rows,
+                                       int64_t B) {
+  const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (k >= rows * B) return;
+  const int64_t i = r0 + k / B, j = k % B;
+  if (i == j) {
+    w[k] = T(0);
+    return;
+  }
+  const T mu_s = stats[0], mu_t = stats[1];
+  const T through_mu = stats[2] / (T(B) * T(B - 1));
+  const T x = clamped_distance(sq_s[k]) / mu_s - clamped_distance(sq_t[k]) / mu_t;
+  const T dl_dd = grad_loss[0] * (smooth_l1_grad(x) / mu_s - through_mu);
+  w[k] = T(2) * distance_pair_weight(sq_s[k], dl_dd);  // 2: d_ji = d_ij
+}
+
+// stats = [sum_s, sum_t] / count -> [mu_s, mu_t]; A = sum(row_a) / mu_s^2
+template <typename T>
+__global__ void distance_stats_kernel(T* __restrict__ stats, const T* __restrict__ sums, double count) {
+  stats[0] = static_cast<T>(static_cast<double>(sums[0]) / count);
+  stats[1] = static_cast<T>(static_cast<double>(sums[1]) / count);
+}
+
+template <typename T>
+__global__ void distance_a_kernel(T* __restrict__ stats, const T* __restrict__ sum_a) {
+  stats[2] = sum_a[0] / (stats[0] * stats[0]);
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> distance_forward(const at::Tensor& student, const at::Tensor& teacher) {
+  const Rows<T> s(student, true), t(teacher, true);
+  const int64_t B = s.B, tile = std::min(B, kTile);
+  auto opts = s.e.options();
+  at::Tensor buf_s = at::empty({tile, B}, opts), buf_t = at::empty({tile, B}, opts);
+  at::Tensor rows = at::empty({2, B}, opts);
+  for_each_block(B, tile, [&](int64_t r0, int64_t r1) {
+    at::Tensor bs = buf_s.narrow(0, 0, r1 - r0), bt = buf_t.narrow(0, 0, r1 - r0);
+    squared_distances(s, r0, r1, bs);
+    squared_distances(t, r0, r1, bt);
+    distance_rowsum_kernel<T><<<r1 - r0, kThreads, 0, stream()>>>(bs.template const_data_ptr<T>(), bt.template const_data_ptr<T>(),
+                                                                 rows.template data_ptr<T>(), rows.template data_ptr<T>() + B, r0, B);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  at::Tensor sums = at::sum(rows, {1});
+  at::Tensor stats = at::empty({3}, opts);
+  distance_stats_kernel<T><<<1, 1, 0, stream()>>>(stats.template data_ptr<T>(), sums.template const_data_ptr<T>(),
+                                                  static_cast<double>(B) * static_cast<double>(B - 1));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  for_each_block(B, tile, [&](int64_t r0, int64_t r1) {
+    at::Tensor bs = buf_s.narrow(0, 0, r1 - r0), bt = buf_t.narrow(0, 0, r1 - r0);
+    squared_distances(s, r0, r1, bs);
+    squared_distances(t, r0, r1, bt);
+    distance_loss_kernel<T><<<r1 - r0, kThreads, 0, stream()>>>(bs.template const_data_ptr<T>(), bt.template const_data_ptr<T>(),
+                                                               stats.template const_data_ptr<T>(), rows.template data_ptr<T>(),
+                                                               rows.template data_ptr<T>() + B, r0, B);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  sums = at::sum(rows, {1});
+  distance_a_kernel<T><<<1, 1, 0, stream()>>>(stats.template data_ptr<T>(), sums.template const_data_ptr<T>() + 1);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {sums.select(0, 0).clone(), stats};
+}
+
+template <typename T>
+at::Tensor distance_backward(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
+                             const at::Tensor& stats) {
+  const Rows<T> s(student, true), t(teacher, true);
+  const int64_t B = s.B, tile = std::min(B, kTile);
+  auto opts = s.e.options();
+  at::Tensor g = grad_loss.contiguous(), st = stats.contiguous();
+  at::Tensor buf_s = at::empty({tile, B}, opts), buf_t = at::empty({tile, B}, opts), w = at::empty({tile, B}, opts);
+  PairGradScratch<T> scratch(tile, B, s.D, opts);
+  at::Tensor grad = at::zeros({B, s.D}, opts);
+  for_each_block(B, tile, [&](int64_t r0, int64_t r1) {
+    at::Tensor bs = buf_s.narrow(0, 0, r1 - r0), bt = buf_t.narrow(0, 0, r1 - r0), wb = w.narrow(0, 0, r1 - r0);
+    squared_distances(s, r0, r1, bs);
+    squared_distances(t, r0, r1, bt);
+    const int64_t n = (r1 - r0) * B;
+    distance_weight_kernel<T><<<ceil_div(n, kThreads), kThreads, 0, stream()>>>(
+        bs.template const_data_ptr<T>(), bt.template const_data_ptr<T>(), st.template const_data_ptr<T>(), g.template const_data_ptr<T>(),
+        wb.template data_ptr<T>(), r0, r1 - r0, B);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    add_pair_gradient(s, r0, r1, wb, bs.template const_data_ptr<T>(), scratch, grad);
+  });
+  return grad.to(student.scalar_type());
+}
+
+// ---- similarity preserving -----------------------------------------------------------------------
+template <typename T>
+__global__ void sp_row_kernel(const T* __restrict__ gs, const T* __restrict__ gt, T* __restrict__ stats,
+                              T* __restrict__ row_loss, int64_t r0, int64_t B) {
+  const int64_t i = r0 + blockIdx.x;
+  const T* s = gs + blockIdx.x * B;
+  const T* t = gt + blockIdx.x * B;
+  T ss = 0, tt = 0;
+  for (int64_t j = threadIdx.x; j < B; j += kThreads) ss += s[j] * s[j], tt += t[j] * t[j];
+  __shared__ T norms[2];
+  ss = block_sum(ss);
+  tt = block_sum(tt);
+  if (threadIdx.x == 0) norms[0] = sp_row_norm(ss), norms[1] = sp_row_norm(tt);
+  __syncthreads();
+  const T n_s = norms[0], n_t = norms[1];
+  T loss = 0, gm = 0;
+  for (int64_t j = threadIdx.x; j < B; j += kThreads) {
+    const T b = s[j] / n_s, diff = t[j] / n_t - b;
+    loss += diff * diff;
+    gm += T(-2) * diff * b;
+  }
+  loss = block_sum(loss);
+  gm = block_sum(gm);
+  if (threadIdx.x == 0) {
+    stats[i] = n_s;
+    stats[B + i] = n_t;
+    stats[2 * B + i] = sp_norm_active(n_s) ? gm : T(0);
+    row_loss[i] = loss;
+  }
+}
+
+// weights (W + W^T) of the block's rows, written over the student's Gram block (relation.h)
+template <typename T>
+__global__ void sp_weight_kernel(T* __restrict__ gs, const T* __restrict__ gt, const T* __restrict__ stats,
+                                 const T* __restrict__ grad_loss, int64_t r0, int64_t rows, int64_t B) {
+  const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (k >= rows * B) return;
+  const int64_t i = r0 + k / B, j = k % B;
+  const T *ns = stats, *nt = stats + B, *gam = stats + 2 * B;
+  const T b_ij = gs[k] / ns[i], b_ji = gs[k] / ns[j];
+  const T w_ij = (T(-2) * (gt[k] / nt[i] - b_ij) - b_ij * gam[i]) / ns[i];
+  const T w_ji = (T(-2) * (gt[k] / nt[j] - b_ji) - b_ji * gam[j]) / ns[j];
+  gs[k] = grad_loss[0] * (w_ij + w_ji);
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> sp_forward(const at::Tensor& student, const at::Tensor& teacher) {
+  const Rows<T> s(student, false), t(teacher, false);
+  const int64_t B = s.B, tile = std::min(B, kTile);
+  auto opts = s.e.options();
+  at::Tensor buf_s = at::empty({tile, B}, opts), buf_t = at::empty({tile, B}, opts);
+  at::Tensor stats = at::empty({3, B}, opts), row_loss = at::empty({B}, opts);
+  for_each_block(B, tile, [&](int64_t r0, int64_t r1) {
+    at::Tensor bs = buf_s.narrow(0, 0, r1 - r0), bt = buf_t.narrow(0, 0, r1 - r0);
+    s.gram_rows(r0, r1, bs);
+    t.gram_rows(r0, r1, bt);
+    sp_row_kernel<T><<<r1 - r0, kThreads, 0, stream()>>>(bs.template const_data_ptr<T>(), bt.template const_data_ptr<T>(),
+                                                        stats.template data_ptr<T>(), row_loss.template data_ptr<T>(), r0, B);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {at::sum(row_loss), stats};
+}
+
+template <typename T>
+at::Tensor sp_backward(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
+                       const at::Tensor& stats) {
+  const Rows<T> s(student, false), t(teacher, false);
+  const int64_t B = s.B, tile = std::min(B, kTile);
+  auto opts = s.e.options();
+  at::Tensor g = grad_loss.contiguous(), st = stats.contiguous();
+  at::Tensor buf_s = at::empty({tile, B}, opts), buf_t = at::empty({tile, B}, opts);
+  at::Tensor grad = at::empty({B, s.D}, opts);
+  for_each_block(B, tile, [&](int64_t r0, int64_t r1) {
+    at::Tensor bs = buf_s.narrow(0, 0, r1 - r0), bt = buf_t.narrow(0, 0, r1 - r0);
+    s.gram_rows(r0, r1, bs);
+    t.gram_rows(r0, r1, bt);
+    const int64_t n = (r1 - r0) * B;
+    sp_weight_kernel<T><<<ceil_div(n, kThreads), kThreads, 0, stream()>>>(
+        bs.template data_ptr<T>(), bt.template const_data_ptr<T>(), st.template const_data_ptr<T>(), g.template const_data_ptr<T>(), r0, r1 - r0, B);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    at::Tensor gb = grad.narrow(0, r0, r1 - r0);
+    at::mm_out(gb, bs, s.e);
+  });
+  return grad.to(student.scalar_type());
+}
+
+// ---- RKD angle -------------------------------------------------------------------------------------
+template <typename T>
+__global__ void inv_norm_kernel(const T* __restrict__ sq, T* __restrict__ inv, int64_t n) {
+  const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (k < n) inv[k] = angle_inv_norm(sq[k]);
+}
+
+template <typename T>
+struct AngleSide {
+  Rows<T> rows;
+  at::Tensor sq, inv;  // (B, B)
+  explicit AngleSide(const at::Tensor& x) : rows(x, true) {
+    const int64_t B = rows.B;
+    sq = at::empty({B, B}, rows.e.options());
+    inv = at::empty({B, B}, rows.e.options());
+    for_each_block(B, std::min(B, kTile), [&](int64_t r0, int64_t r1) { squared_distances(rows, r0, r1, sq.narrow(0, r0, r1 - r0)); });
+    inv_norm_kernel<T><<<ceil_div(B * B, kThreads), kThreads, 0, stream()>>>(sq.template const_data_ptr<T>(), inv.template data_ptr<T>(),
+                                                                              B * B);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+// Thread (anchor i = blockIdx.x, j): BACKWARD ? T_a[i][j] = g sum_k h d psi/d a : partial losses.
+// The c entries are read as sq[k][j] (= sq[j][k]) so that a warp's loads are contiguous.
+template <typename T, bool BACKWARD>
+__global__ void angle_anchor_kernel(const T* __restrict__ sqs, const T* __restrict__ invs, const T* __restrict__ sqt,
+                                    const T* __restrict__ invt, const T* __restrict__ grad_loss, T* __restrict__ out,
+                                    int64_t B) {
+  const int64_t i = blockIdx.x, j = blockIdx.y * int64_t(blockDim.x) + threadIdx.x;
+  T acc = 0;
+  if (j < B) {
+    const T a_s = sqs[i * B + j], ra_s = invs[i * B + j], a_t = sqt[i * B + j], ra_t = invt[i * B + j];
+    if (ra_s != T(0) || ra_t != T(0)) {
+      for (int64_t k = 0; k < B; ++k) {
+        const T ps = angle_cos(a_s, sqs[i * B + k], sqs[k * B + j], ra_s, invs[i * B + k]);
+        const T pt = angle_cos(a_t, sqt[i * B + k], sqt[k * B + j], ra_t, invt[i * B + k]);
+        if (BACKWARD)
+          acc += smooth_l1_grad(ps - pt) * angle_cos_grad_a(ps, ra_s, invs[i * B + k]);
+        else
+          acc += smooth_l1(ps - pt);
+      }
+    }
+    if (BACKWARD) out[i * B + j] = grad_loss[0] * acc;
+  }
+  if (!BACKWARD) {
+    acc = block_sum(acc);
+    if (threadIdx.x == 0) out[i * gridDim.y + blockIdx.y] = acc;
+  }
+}
+
+// Thread (j = blockIdx.x, k): C[j][k] = g sum_i h_ijk d psi_ijk / d c_jk.
+template <typename T>
+__global__ void angle_slot_c_kernel(const T* __restrict__ sqs, const T* __restrict__ invs, const T* __restrict__ sqt,
+                                    const T* __restrict__ invt, const T* __restrict__ grad_loss, T* __restrict__ out,
+                                    int64_t B) {
+  const int64_t j = blockIdx.x, k = blockIdx.y * int64_t(blockDim.x) + threadIdx.x;
+  if (k >= B) return;
+  const T c_s = sqs[j * B + k], c_t = sqt[j * B + k];
+  T acc = 0;
+  for (int64_t i = 0; i < B; ++i) {
+    const T ra_s = invs[i * B + j];
+    if (ra_s == T(0)) continue;  // same for the whole block: no divergence
+    const T rb_s = invs[i * B + k];
+    const T ps = angle_cos(sqs[i * B + j], sqs[i * B + k], c_s, ra_s, rb_s);
+    const T pt = angle_cos(sqt[i * B + j], sqt[i * B + k], c_t, invt[i * B + j], invt[i * B + k]);
+    acc += smooth_l1_grad(ps - pt) * angle_cos_grad_c(ra_s, rb_s);
+  }
+  out[j * B + k] = grad_loss[0] * acc;
+}
+
+// S = 2 (W + W^T) with W = 2 T_a + C, written over C (each pair (p, q), p <= q, by one thread)
+template <typename T>
+__global__ void angle_symmetrise_kernel(const T* __restrict__ ta, T* __restrict__ c, int64_t B) {
+  const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (k >= B * B) return;
+  const int64_t p = k / B, q = k % B;
+  if (q < p) return;
+  const T v = T(2) * (T(2) * (ta[p * B + q] + ta[q * B + p]) + c[p * B + q] + c[q * B + p]);
+  c[p * B + q] = v;
+  c[q * B + p] = v;
+}
+
+template <typename T>
+at::Tensor angle_forward(const at::Tensor& student, const at::Tensor& teacher) {
+  const AngleSide<T> s(student), t(teacher);
+  const int64_t B = s.rows.B;
+  const dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>(ceil_div(B, kThreads)));
+  at::Tensor partial = at::empty({B, static_cast<int64_t>(grid.y)}, s.rows.e.options());
+  angle_anchor_kernel<T, false><<<grid, kThreads, 0, stream()>>>(
+      s.sq.template const_data_ptr<T>(), s.inv.template const_data_ptr<T>(), t.sq.template const_data_ptr<T>(), t.inv.template const_data_ptr<T>(),
+      nullptr, partial.template data_ptr<T>(), B);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return at::sum(partial);
+}
+
+template <typename T>
+at::Tensor angle_backward(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher) {
+  const AngleSide<T> s(student), t(teacher);
+  const int64_t B = s.rows.B;
+  at::Tensor g = grad_loss.contiguous();
+  const dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>(ceil_div(B, kThreads)));
+  at::Tensor ta = at::empty({B, B}, s.rows.e.options()), c = at::empty({B, B}, s.rows.e.options());
+  angle_anchor_kernel<T, true><<<grid, kThreads, 0, stream()>>>(
+      s.sq.template const_data_ptr<T>(), s.inv.template const_data_ptr<T>(), t.sq.template const_data_ptr<T>(), t.inv.template const_data_ptr<T>(),
+      g.template const_data_ptr<T>(), ta.template data_ptr<T>(), B);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  angle_slot_c_kernel<T><<<grid, kThreads, 0, stream()>>>(s.sq.template const_data_ptr<T>(), s.inv.template const_data_ptr<T>(),
+                                                          t.sq.template const_data_ptr<T>(), t.inv.template const_data_ptr<T>(),
+                                                          g.template const_data_ptr<T>(), c.template data_ptr<T>(), B);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  angle_symmetrise_kernel<T><<<ceil_div(B * B, kThreads), kThreads, 0, stream()>>>(ta.template const_data_ptr<T>(),
+                                                                                     c.template data_ptr<T>(), B);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t tile = std::min(B, kTile);
+  PairGradScratch<T> scratch(tile, B, s.rows.D, s.rows.e.options());
+  at::Tensor grad = at::zeros({B, s.rows.D}, s.rows.e.options());
+  for_each_block(B, tile, [&](int64_t r0, int64_t r1) {
+    add_pair_gradient(s.rows, r0, r1, c.narrow(0, r0, r1 - r0), s.sq.template const_data_ptr<T>() + r0 * B, scratch, grad);
+  });
+  return grad.to(student.scalar_type());
+}
+
+// ---- dispatcher entry points ---------------------------------------------------------------------
+void check_inputs(const at::Tensor& student, const at::Tensor& teacher, const char* op) {
+  TORCH_CHECK(student.is_cuda() && teacher.is_cuda() && student.device() == teacher.device(), op,
+              ": student and teacher must be CUDA tensors on one device");
+  TORCH_CHECK(student.dim() == 2 && teacher.dim() == 2, op, ": student and teacher must be 2-D (B, D), got ",
+              student.sizes(), " and ", teacher.sizes());
+  TORCH_CHECK(student.size(0) == teacher.size(0), op, ": student and teacher must have the same batch size, got ",
+              student.size(0), " and ", teacher.size(0));
+  TORCH_CHECK(student.size(0) >= 2, op, ": needs a batch of at least 2, got ", student.size(0));
+  TORCH_CHECK(student.is_floating_point() && student.scalar_type() == teacher.scalar_type(), op,
+              ": student and teacher must be floating tensors of one dtype, got ", student.scalar_type(), " and ",
+              teacher.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> rkd_distance_forward_cuda(const at::Tensor& student, const at::Tensor& teacher) {
+  check_inputs(student, teacher, "rkd_distance_forward");
+  const c10::cuda::CUDAGuard guard(student.device());
+  return AT_DISPATCH_FLOATING_TYPES(opmath_type(student.scalar_type()), "rkd_distance_forward",
+                                    [&] { return distance_forward<scalar_t>(student, teacher); });
+}
+
+at::Tensor rkd_distance_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
+                                      const at::Tensor& stats) {
+  check_inputs(student, teacher, "rkd_distance_backward");
+  const c10::cuda::CUDAGuard guard(student.device());
+  return AT_DISPATCH_FLOATING_TYPES(opmath_type(student.scalar_type()), "rkd_distance_backward",
+                                    [&] { return distance_backward<scalar_t>(grad_loss, student, teacher, stats); });
+}
+
+std::tuple<at::Tensor, at::Tensor> similarity_preserving_forward_cuda(const at::Tensor& student,
+                                                                      const at::Tensor& teacher) {
+  check_inputs(student, teacher, "similarity_preserving_forward");
+  const c10::cuda::CUDAGuard guard(student.device());
+  return AT_DISPATCH_FLOATING_TYPES(opmath_type(student.scalar_type()), "similarity_preserving_forward",
+                                    [&] { return sp_forward<scalar_t>(student, teacher); });
+}
+
+at::Tensor similarity_preserving_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& student,
+                                               const at::Tensor& teacher, const at::Tensor& stats) {
+  check_inputs(student, teacher, "similarity_preserving_backward");
+  const c10::cuda::CUDAGuard guard(student.device());
+  return AT_DISPATCH_FLOATING_TYPES(opmath_type(student.scalar_type()), "similarity_preserving_backward",
+                                    [&] { return sp_backward<scalar_t>(grad_loss, student, teacher, stats); });
+}
+
+at::Tensor rkd_angle_forward_cuda(const at::Tensor& student, const at::Tensor& teacher) {
+  check_inputs(student, teacher, "rkd_angle_forward");
+  const c10::cuda::CUDAGuard guard(student.device());
+  return AT_DISPATCH_FLOATING_TYPES(opmath_type(student.scalar_type()), "rkd_angle_forward",
+                                    [&] { return angle_forward<scalar_t>(student, teacher); });
+}
+
+at::Tensor rkd_angle_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher) {
+  check_inputs(student, teacher, "rkd_angle_backward");
+  const c10::cuda::CUDAGuard guard(student.device());
+  return AT_DISPATCH_FLOATING_TYPES(opmath_type(student.scalar_type()), "rkd_angle_backward",
+                                    [&] { return angle_backward<scalar_t>(grad_loss, student, teacher); });
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace kdkernels
+
+TORCH_LIBRARY_IMPL(kdkernels, CUDA, m) {
+  m.impl("rkd_distance_forward", &kdkernels::cuda::rkd_distance_forward_cuda);
+  m.impl("rkd_distance_backward", &kdkernels::cuda::rkd_distance_backward_cuda);
+  m.impl("similarity_preserving_forward", &kdkernels::cuda::similarity_preserving_forward_cuda);
+  m.impl("similarity_preserving_backward", &kdkernels::cuda::similarity_preserving_backward_cuda);
+  m.impl("rkd_angle_forward", &kdkernels::cuda::rkd_angle_forward_cuda);
+  m.impl("rkd_angle_backward", &kdkernels::cuda::rkd_angle_backward_cuda);
+}

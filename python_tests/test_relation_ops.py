@@ -1,0 +1,126 @@
+"""Op-level checks of the relation dispatcher ops: gradcheck (float64), torch.library.opcheck and
+the memory contract (no B x B tensor for distance / SP, no B^3 one for angle; DESIGN §2.3)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from helpers import backend_params
+from kdkernels import _native, functional
+from kdkernels.ops import relation as relation_ops
+
+needs_cpu_ext = pytest.mark.skipif(not _native.cpu_loaded, reason=f"C++ extension not built: {_native.cpu_error}")
+LOSSES = relation_ops.LOSSES
+PARAMS = [pytest.param(loss, *p.values, id=f"{loss}-{p.id}", marks=p.marks)
+          for loss in LOSSES for p in backend_params(loss)]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("shape", [(6, 5), (7, 2, 3, 2)])
+def test_gradcheck_cpu(loss, shape):
+    gen = torch.Generator().manual_seed(3)
+    s = torch.randn(shape, dtype=torch.float64, generator=gen, requires_grad=True)
+    t = torch.randn(shape[0], 4, dtype=torch.float64, generator=gen)
+    fn = getattr(functional, loss)
+    assert torch.autograd.gradcheck(lambda s: fn(s, t, reduction="sum", backend="cpu"), (s,))
+
+
+@needs_cpu_ext
+def test_gradcheck_cpu_distance_through_mu_in_huber_linear_region():
+    # teacher distances far from the student's: |x| > 1, where only the mu path couples the pairs
+    gen = torch.Generator().manual_seed(5)
+    s = torch.randn(9, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    t = torch.randn(9, 4, dtype=torch.float64, generator=gen)
+    t[0] *= 50
+    assert torch.autograd.gradcheck(lambda s: functional.rkd_distance(s, t, backend="cpu"), (s,))
+
+
+def _ops(loss, backend):
+    suffix = "_triton" if backend == "triton" else ""
+    return (getattr(torch.ops.kdkernels, f"{loss}_forward{suffix}").default,
+            getattr(torch.ops.kdkernels, f"{loss}_backward{suffix}").default)
+
+
+def _op_inputs(device, dtype=torch.float32, batch=9):
+    gen = torch.Generator().manual_seed(0)
+    s = torch.randn(batch, 6, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
+    t = torch.randn(batch, 4, generator=gen).to(device=device, dtype=dtype)
+    return s, t
+
+
+@pytest.mark.parametrize("loss,device,backend", PARAMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_forward(loss, device, backend, dtype):
+    fwd, _ = _ops(loss, backend)
+    torch.library.opcheck(fwd, _op_inputs(device, dtype))
+
+
+@pytest.mark.parametrize("loss,device,backend", PARAMS)
+def test_opcheck_backward(loss, device, backend):
+    fwd, bwd = _ops(loss, backend)
+    s, t = _op_inputs(device)
+    with torch.no_grad():
+        out = fwd(s, t)
+    outs = out if isinstance(out, tuple) else (out,)
+    grad_loss = torch.full_like(outs[0], 0.7)
+    torch.library.opcheck(bwd, (grad_loss, s.detach(), t) + tuple(outs[1:]))
+
+
+# ---- memory: peak RSS of a fresh process, above what it held just before the loss -------------
+_MEMORY_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from kdkernels import functional
+    loss, backend, batch, dim = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    torch.manual_seed(0)
+    fn = getattr(functional, loss)
+    fn(torch.randn(64, dim, requires_grad=True), torch.randn(64, dim), backend=backend).backward()  # load, warm up
+    s = torch.randn(batch, dim, requires_grad=True)
+    t = torch.randn(batch, dim)
+    def kib(field):
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith(field))
+    with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
+        f.write("5")
+    before = kib("VmRSS:")
+    fn(s, t, backend=backend).backward()
+    print((kib("VmHWM:") - before) * 1024)
+""")
+
+
+def _peak_extra_bytes(loss, backend, batch, dim):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, loss, backend, str(batch), str(dim)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    if proc.returncode != 0 and "clear_refs" in proc.stderr:
+        pytest.skip("cannot reset the peak RSS here (/proc/self/clear_refs)")
+    assert proc.returncode == 0, proc.stderr
+    return int(proc.stdout.strip().splitlines()[-1])
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("loss", ["rkd_distance", "similarity_preserving"])
+def test_cpu_forward_backward_never_holds_a_batch_by_batch_matrix(loss):
+    batch, dim = 4096, 64
+    one_matrix = batch * batch * 4  # a single (B, B) float32 tensor: 64 MiB
+    fused = _peak_extra_bytes(loss, "cpu", batch, dim)
+    # O(B D + B tile): centred copies, three (512, B) blocks, the gradient: under one B x B matrix
+    assert fused < one_matrix, f"fused {loss} peaked {fused / 2**20:.1f} MiB above its inputs"
+    # the measurement sees B x B tensors: the eager reference must trip it
+    eager = _peak_extra_bytes(loss, "torch", batch, dim)
+    assert eager > one_matrix, f"eager {loss} peaked only {eager / 2**20:.1f} MiB: the measurement is blind"
+
+
+@needs_cpu_ext
+def test_cpu_angle_memory_is_quadratic_not_cubic():
+    batch, dim = 512, 64
+    fused = _peak_extra_bytes("rkd_angle", "cpu", batch, dim)
+    # six (B, B) float32 matrices (squared distances, inverse norms, two gradient buffers) + slack;
+    # a (B, B, B) float32 tensor would be 512 MiB
+    assert fused < 12 * batch * batch * 4, f"fused rkd_angle peaked {fused / 2**20:.1f} MiB"
