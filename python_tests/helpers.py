@@ -38,17 +38,26 @@ def fused_backends(loss: str, device: torch.device) -> list[str]:
     return [b for b in backends.implemented_backends(loss, device) if b != "torch"]
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, table=TOLERANCES, what=""):
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, table=TOLERANCES, what="",
+                 eager_same_precision: torch.Tensor | None = None):
+    """``actual`` (a kernel's result for inputs of ``dtype``) against ``expected`` (the float64 spec).
+
+    ``eager_same_precision``, if given, is the eager reference run in the kernel's own op-math
+    precision on the same inputs: where even it cannot meet the table (e.g. fp32 logits of 1e3
+    divided by T round at 1e-5 of their differences), a few times its error is allowed instead.
+    """
     rtol, atol = table[dtype]
     expected = expected.to(torch.float64)
     actual = actual.to(torch.float64)
     finite = expected[torch.isfinite(expected)]
     scale = max(1.0, finite.abs().max().item()) if finite.numel() else 1.0
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol * scale, equal_nan=True, msg=lambda m: f"{what}: {m}")
-
-
-__all__ = ["TOLERANCES", "LOSS_TOLERANCES", "HAS_CUDA", "cuda_only", "devices", "fused_backends", "assert_close",
-           "kdkernels"]
+    atol = atol * scale
+    if eager_same_precision is not None and dtype != torch.float64:
+        err = (eager_same_precision.to(torch.float64) - expected).abs()
+        err = err[torch.isfinite(err)]
+        if err.numel():
+            atol = max(atol, 4 * err.max().item())
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{what}: {m}")
 
 
 ALL_DEVICES = ("cpu", "cuda")
