@@ -3,16 +3,22 @@
 * ``kdkernels._C``      C++ CPU kernels and every op schema. Always built.
 * ``kdkernels._C_cuda`` C++/CUDA kernels. Built when nvcc and a CUDA build of torch are present,
   decided without ``torch.cuda.is_available()`` so it builds on machines without a GPU.
-  Set ``KDKERNELS_SKIP_CUDA=1`` to skip it. ``TORCH_CUDA_ARCH_LIST`` defaults to Hopper (9.0).
+  Set ``KDKERNELS_SKIP_CUDA=1`` to skip it. ``TORCH_CUDA_ARCH_LIST`` defaults to Hopper (9.0),
+  ``CUDA_HOME`` to /usr/local/cuda.
 
 Install with ``pip install -e . --no-build-isolation`` (an isolated build would fetch another torch).
 """
 import glob
 import os
 
-import torch
-from setuptools import setup
-from torch.utils import cpp_extension
+# torch.utils.cpp_extension reads CUDA_HOME when imported; without it, it derives the toolkit from
+# the nvcc on PATH, which on some machines is a wrapper in /usr/local/bin (=> no libcudart).
+if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+import torch  # noqa: E402
+from setuptools import setup  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 INCLUDE = [os.path.join(ROOT, "csrc", "include")]
