@@ -50,10 +50,14 @@ def angles(e: torch.Tensor) -> torch.Tensor:
     """(B, D) embeddings -> (B, B, B) cosines ``psi[i, j, k] = <u_ij, u_ik>``.
 
     ``u_ij = (e_j - e_i) / max(||e_j - e_i||, 1e-12)``, so ``u_ii = 0`` and a duplicate pair gives
-    ``u_ij = 0`` (zero gradient there, not NaN).
+    ``u_ij = 0``. Such a pair (any pair closer than 1e-12) passes no gradient: differentiating ``x / 1e-12`` through the clamp
+    (as ``F.normalize`` does) would give gradients ~1e12 times larger than anywhere else, an
+    artefact of eps that no training wants; every backend uses this zero subgradient.
     """
     diff = e.unsqueeze(0) - e.unsqueeze(1)  # (B, B, D): diff[i, j] = e_j - e_i
-    u = F.normalize(diff, p=2.0, dim=2, eps=EPS)
+    norm = torch.linalg.vector_norm(diff, dim=2, keepdim=True)
+    # value exactly diff / max(norm, eps); below eps the quotient is detached (no gradient)
+    u = torch.where(norm > EPS, diff / norm.clamp_min(EPS), (diff / EPS).detach())
     return torch.bmm(u, u.transpose(1, 2))
 
 
