@@ -66,7 +66,7 @@ def _projected_mse_fwd_kernel(
         mask_k = kk < DS
         a = tl.load(x_rows + kk[None, :] * sxd, mask=mask_p[:, None] & mask_k[None, :], other=0.0)
         wt = tl.load(w_cols + kk[:, None] * swk, mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # W^T tile
-        acc = tl.dot(a, wt, acc, input_precision=PRECISION)
+        acc = tl.dot(a, wt, acc, input_precision=PRECISION, out_dtype=ACC)
 
     mask = mask_p[:, None] & mask_n[None, :]
     if HAS_BIAS:
@@ -109,7 +109,7 @@ def _projected_mse_grad_x_kernel(
         r_mask = mask_p[:, None] & mask_n[None, :]
         r = tl.load(r_rows + nn[None, :] * srd, mask=r_mask, other=0.0)
         w = tl.load(w_cols + nn[:, None] * swn, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        acc = tl.dot(r, w, acc, input_precision=PRECISION)
+        acc = tl.dot(r, w, acc, input_precision=PRECISION, out_dtype=ACC)
         if WRITE_GT:  # one program per row tile writes grad_t, from the r tile already in registers
             g = (-s * r.to(ACC)).to(gt_ptr.dtype.element_ty)
             tl.store(gt_rows + nn[None, :] * sgtd, g, mask=r_mask & (pid_k == 0))
@@ -148,7 +148,7 @@ def _projected_mse_grad_w_kernel(
         if WEIGHT_GRAD:
             xt = tl.load(x_ptr + b * sxb + offs_p[:, None] * sxp + offs_k[None, :] * sxd,
                          mask=mask_p[:, None] & mask_k[None, :], other=0.0)
-            acc = tl.dot(rt, xt, acc, input_precision=PRECISION)
+            acc = tl.dot(rt, xt, acc, input_precision=PRECISION, out_dtype=ACC)
         if BIAS_GRAD:
             acc_b += tl.sum(rt.to(ACC), axis=1)
     if WEIGHT_GRAD:
