@@ -110,7 +110,7 @@ def test_cpu_forward_backward_never_holds_a_batch_by_batch_matrix(loss):
     batch, dim = 4096, 64
     one_matrix = batch * batch * 4  # a single (B, B) float32 tensor: 64 MiB
     fused = _peak_extra_bytes(loss, "cpu", batch, dim)
-    # O(B D + B tile): centred copies, three (512, B) blocks, the gradient: under one B x B matrix
+    # O(B D + B tile): the student's centred copy, two (tile, B) blocks, the gradient: under one B x B matrix
     assert fused < one_matrix, f"fused {loss} peaked {fused / 2**20:.1f} MiB above its inputs"
     # the measurement sees B x B tensors: the eager reference must trip it
     eager = _peak_extra_bytes(loss, "torch", batch, dim)

@@ -1,6 +1,6 @@
 // CPU kernels of the relation family (DESIGN §2.3): RKD distance, RKD angle and SP.
 //
-// Distance and SP never hold a B x B matrix: they walk row blocks of kTile rows, forming the
+// Distance and SP never hold a B x B matrix: they walk row blocks of tile_rows(B) rows, forming the
 // block's Gram rows with at::mm (BLAS) and finishing each element in a fused multi-threaded pass;
 // the backward forms the block's gradient weights the same way and turns them into the gradient
 // with one more GEMM (W E). Angle keeps O(B^2): the squared-distance matrices of both sides.
@@ -23,8 +23,7 @@ namespace kdkernels {
 namespace {
 using namespace relation;
 
-constexpr int64_t kTile = 512;  // rows per block: every scratch buffer is kTile x B. MKL runs
-                                // (512, D) x (D, B) as fast as the full GEMM; 256 rows is 2x slower
+constexpr int64_t kTile = 512;  // rows per block of the angle kernels (which hold B x B anyway)
 
 at::ScalarType opmath_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
@@ -41,20 +40,45 @@ void check_inputs(const at::Tensor& student, const at::Tensor& teacher, const ch
               teacher.scalar_type());
 }
 
+// Rows per scratch block: a (rows, B) op-math tile of about 4 MiB (2^20 elements), 64..512 rows.
+int64_t tile_rows(int64_t B) {
+  return std::min(B, std::max<int64_t>(64, std::min<int64_t>(512, (int64_t{1} << 20) / std::max<int64_t>(B, 1))));
+}
+
 // A batch of embeddings in op-math T: contiguous (B, D) rows, optionally minus the column mean,
-// and their squared norms.
+// and their squared norms. Materialised: e holds the rows (the input itself when it already is
+// contiguous op-math and is not centred, else a copy). Lazy (only asked for a centred op-math
+// contiguous input): no B x D copy, the centred rows are formed block by block when needed,
+// rounded exactly as the copy would be.
 template <typename T>
 struct Rows {
-  at::Tensor e;
+  at::Tensor e;            // materialised rows; lazy: the (uncentred) input
   std::vector<T> norm2;
+  std::vector<double> mean;  // lazy only: the column means
   const T* p = nullptr;
   int64_t B = 0, D = 0;
+  bool lazy = false;
+  mutable at::Tensor rows_buf, cols_buf;  // lazy scratch: centred row block, centred column block
 
-  Rows(const at::Tensor& x, bool centre) {
+  Rows(const at::Tensor& x, bool centre, bool allow_lazy = false) {
     at::Tensor xc = x.contiguous();
     B = xc.size(0);
     D = xc.size(1);
-    e = at::empty({B, D}, xc.options().dtype(c10::CppTypeToScalarType<T>::value));
+    const auto opmath = c10::CppTypeToScalarType<T>::value;
+    if (!centre && xc.scalar_type() == opmath) {
+      e = xc;  // nothing to change: read the input in place
+    } else if (centre && allow_lazy && xc.scalar_type() == opmath) {
+      lazy = true;
+      e = xc;
+      const T* in = xc.const_data_ptr<T>();
+      mean.assign(D, 0.0);
+      at::parallel_for(0, D, 64, [&](int64_t c0, int64_t c1) {
+        for (int64_t i = 0; i < B; ++i)
+          for (int64_t c = c0; c < c1; ++c) mean[c] += static_cast<double>(in[i * D + c]);
+        for (int64_t c = c0; c < c1; ++c) mean[c] /= static_cast<double>(B);
+      });
+    } else {
+    e = at::empty({B, D}, xc.options().dtype(opmath));
     T* out = e.data_ptr<T>();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "kdkernels_relation_rows", [&] {
       const scalar_t* in = xc.const_data_ptr<scalar_t>();
@@ -70,13 +94,33 @@ struct Rows {
           for (int64_t c = c0; c < c1; ++c) out[i * D + c] = static_cast<T>(static_cast<double>(in[i * D + c]) - mean[c - c0]);
       });
     });
-    p = out;
+    }
+    p = e.const_data_ptr<T>();
     norm2.resize(B);
     at::parallel_for(0, B, 16, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         double s = 0;
-        for (int64_t c = 0; c < D; ++c) s += static_cast<double>(p[i * D + c]) * p[i * D + c];
+        for (int64_t c = 0; c < D; ++c) {
+          const T v = value(i, c);
+          s += static_cast<double>(v) * v;
+        }
         norm2[i] = static_cast<T>(s);
+      }
+    });
+  }
+
+  // element (i, c) of the (centred) rows
+  T value(int64_t i, int64_t c) const {
+    return lazy ? static_cast<T>(static_cast<double>(p[i * D + c]) - mean[c]) : p[i * D + c];
+  }
+
+  // dst (j1 - j0, D) = the rows [j0, j1); lazy mode only
+  void fill(int64_t j0, int64_t j1, T* dst) const {
+    at::parallel_for(j0, j1, 16, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const T* in = p + i * D;
+        T* o = dst + (i - j0) * D;
+        for (int64_t c = 0; c < D; ++c) o[c] = static_cast<T>(static_cast<double>(in[c]) - mean[c]);
       }
     });
   }
@@ -84,8 +128,15 @@ struct Rows {
   const T* row(int64_t i) const { return p + i * D; }
 
   T direct_sq(int64_t i, int64_t j) const {
-    const T *a = row(i), *b = row(j);
     double s = 0;
+    if (lazy) {
+      for (int64_t c = 0; c < D; ++c) {
+        double d = static_cast<double>(value(i, c)) - value(j, c);
+        s += d * d;
+      }
+      return static_cast<T>(s);
+    }
+    const T *a = row(i), *b = row(j);
     for (int64_t c = 0; c < D; ++c) {
       double d = static_cast<double>(a[c]) - b[c];
       s += d * d;
@@ -95,7 +146,24 @@ struct Rows {
 
   // dst[(i - r0) * B + j] = G_ij for rows i in [r0, r1); dst is contiguous (r1 - r0, B).
   void gram_rows(int64_t r0, int64_t r1, at::Tensor dst) const {
-    at::mm_out(dst, e.narrow(0, r0, r1 - r0), e.t());
+    if (!lazy) {
+      at::mm_out(dst, e.narrow(0, r0, r1 - r0), e.t());
+      return;
+    }
+    // centred row block once, then column blocks of the centred rows, each GEMM written into its
+    // columns of dst (row stride B)
+    const int64_t chunk = std::min<int64_t>(B, 512);
+    if (!rows_buf.defined() || rows_buf.size(0) < r1 - r0) rows_buf = at::empty({r1 - r0, D}, e.options());
+    if (!cols_buf.defined()) cols_buf = at::empty({chunk, D}, e.options());
+    at::Tensor rb = rows_buf.narrow(0, 0, r1 - r0);
+    fill(r0, r1, rb.data_ptr<T>());
+    for (int64_t j0 = 0; j0 < B; j0 += chunk) {
+      const int64_t j1 = std::min(B, j0 + chunk);
+      at::Tensor cb = cols_buf.narrow(0, 0, j1 - j0);
+      fill(j0, j1, cb.data_ptr<T>());
+      at::Tensor out = dst.narrow(1, j0, j1 - j0);
+      at::mm_out(out, rb, cb.t());
+    }
   }
 
   // dst[(i - r0) * B + j] = |e_i - e_j|^2 (0 on the diagonal), the Gram expansion except where it
@@ -178,8 +246,10 @@ void for_each_block(int64_t B, int64_t tile, F&& fn) {
 // backward needs besides the inputs.
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> distance_forward(const at::Tensor& student, const at::Tensor& teacher) {
-  const Rows<T> s(student, true), t(teacher, true);
-  const int64_t B = s.B, tile = std::min(B, kTile);
+  // the teacher only enters through its distances: its centred rows are formed block by block
+  // (no gradient is alive here, so the forward affords twice the backward's block: fewer, faster GEMMs)
+  const Rows<T> s(student, true), t(teacher, true, /*allow_lazy=*/true);
+  const int64_t B = s.B, tile = std::min(B, 2 * tile_rows(B));
   at::Tensor buf_s = at::empty({tile, B}, s.e.options()), buf_t = at::empty({tile, B}, s.e.options());
   std::vector<double> row_a(B), row_b(B);
 
@@ -243,20 +313,22 @@ std::tuple<at::Tensor, at::Tensor> distance_forward(const at::Tensor& student, c
 template <typename T>
 at::Tensor distance_backward(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
                              const at::Tensor& stats) {
-  const Rows<T> s(student, true), t(teacher, true);
-  const int64_t B = s.B, tile = std::min(B, kTile);
+  const Rows<T> s(student, true), t(teacher, true, /*allow_lazy=*/true);
+  const int64_t B = s.B, tile = tile_rows(B);
   const T g = scalar_of<T>(grad_loss), mu_s = scalar_of<T>(stats, 0), mu_t = scalar_of<T>(stats, 1);
   // dL/dd_ij = g (h_ij / mu_s - A / count); the factor 2 counts d_ji = d_ij (both symmetric).
   const T through_mu = scalar_of<T>(stats, 2) / static_cast<T>(static_cast<double>(B) * (B - 1));
   at::Tensor buf_s = at::empty({tile, B}, s.e.options()), buf_t = at::empty({tile, B}, s.e.options());
-  at::Tensor w = at::empty({tile, B}, s.e.options()), scratch = at::empty({tile, s.D}, s.e.options());
+  at::Tensor scratch = at::empty({tile, s.D}, s.e.options());
   at::Tensor grad = at::zeros({B, s.D}, s.e.options());
   for_each_block(B, tile, [&](int64_t r0, int64_t r1) {
-    at::Tensor bs = buf_s.narrow(0, 0, r1 - r0), bt = buf_t.narrow(0, 0, r1 - r0), wb = w.narrow(0, 0, r1 - r0);
+    // the weights overwrite the teacher's block: element k is read before it is written
+    at::Tensor bs = buf_s.narrow(0, 0, r1 - r0), bt = buf_t.narrow(0, 0, r1 - r0), wb = bt;
     s.squared_distances(r0, r1, bs);
     t.squared_distances(r0, r1, bt);
-    const T *ps = bs.const_data_ptr<T>(), *pt = bt.const_data_ptr<T>();
+    const T* ps = bs.const_data_ptr<T>();
     T* pw = wb.data_ptr<T>();
+    const T* pt = pw;
     at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         for (int64_t j = 0; j < B; ++j) {
@@ -283,7 +355,7 @@ at::Tensor distance_backward(const at::Tensor& grad_loss, const at::Tensor& stud
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> sp_forward(const at::Tensor& student, const at::Tensor& teacher) {
   const Rows<T> s(student, false), t(teacher, false);
-  const int64_t B = s.B, tile = std::min(B, kTile);
+  const int64_t B = s.B, tile = tile_rows(B);
   at::Tensor buf_s = at::empty({tile, B}, s.e.options()), buf_t = at::empty({tile, B}, s.e.options());
   at::Tensor stats = at::empty({3, B}, s.e.options());
   T *ns = stats.data_ptr<T>(), *nt = ns + B, *gam = nt + B;
@@ -323,7 +395,7 @@ template <typename T>
 at::Tensor sp_backward(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
                        const at::Tensor& stats) {
   const Rows<T> s(student, false), t(teacher, false);
-  const int64_t B = s.B, tile = std::min(B, kTile);
+  const int64_t B = s.B, tile = tile_rows(B);
   const T g = scalar_of<T>(grad_loss);
   at::Tensor st = stats.contiguous();
   const T *ns = st.const_data_ptr<T>(), *nt = ns + B, *gam = nt + B;
