@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "kdkernels/relation.h"
+#include "kdkernels/relation_args.h"
 
 namespace kdkernels {
 namespace {
@@ -25,19 +26,9 @@ using namespace relation;
 
 constexpr int64_t kTile = 512;  // rows per block of the angle kernels (which hold B x B anyway)
 
-at::ScalarType opmath_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 void check_inputs(const at::Tensor& student, const at::Tensor& teacher, const char* op) {
-  TORCH_CHECK(student.dim() == 2 && teacher.dim() == 2, op, ": student and teacher must be 2-D (B, D), got ",
-              student.sizes(), " and ", teacher.sizes());
-  TORCH_CHECK(student.size(0) == teacher.size(0), op, ": student and teacher must have the same batch size, got ",
-              student.size(0), " and ", teacher.size(0));
-  TORCH_CHECK(student.size(0) >= 2, op, ": needs a batch of at least 2, got ", student.size(0));
-  TORCH_CHECK(student.is_floating_point() && student.scalar_type() == teacher.scalar_type(), op,
-              ": student and teacher must be floating tensors of one dtype, got ", student.scalar_type(), " and ",
-              teacher.scalar_type());
+  TORCH_CHECK(student.is_cpu(), op, ": student and teacher must be CPU tensors");
+  check_relation_inputs(student, teacher, op);
 }
 
 // Rows per scratch block: a (rows, B) op-math tile of about 4 MiB (2^20 elements), 64..512 rows.
@@ -533,40 +524,40 @@ at::Tensor angle_backward(const at::Tensor& grad_loss, const at::Tensor& student
 // ---- dispatcher entry points ---------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor> rkd_distance_forward_cpu(const at::Tensor& student, const at::Tensor& teacher) {
   check_inputs(student, teacher, "rkd_distance_forward");
-  return AT_DISPATCH_FLOATING_TYPES(opmath_type(student.scalar_type()), "rkd_distance_forward",
+  return AT_DISPATCH_FLOATING_TYPES(relation_opmath_type(student.scalar_type()), "rkd_distance_forward",
                                     [&] { return distance_forward<scalar_t>(student, teacher); });
 }
 
 at::Tensor rkd_distance_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& student,
                                      const at::Tensor& teacher, const at::Tensor& stats) {
   check_inputs(student, teacher, "rkd_distance_backward");
-  return AT_DISPATCH_FLOATING_TYPES(opmath_type(student.scalar_type()), "rkd_distance_backward",
+  return AT_DISPATCH_FLOATING_TYPES(relation_opmath_type(student.scalar_type()), "rkd_distance_backward",
                                     [&] { return distance_backward<scalar_t>(grad_loss, student, teacher, stats); });
 }
 
 std::tuple<at::Tensor, at::Tensor> similarity_preserving_forward_cpu(const at::Tensor& student,
                                                                      const at::Tensor& teacher) {
   check_inputs(student, teacher, "similarity_preserving_forward");
-  return AT_DISPATCH_FLOATING_TYPES(opmath_type(student.scalar_type()), "similarity_preserving_forward",
+  return AT_DISPATCH_FLOATING_TYPES(relation_opmath_type(student.scalar_type()), "similarity_preserving_forward",
                                     [&] { return sp_forward<scalar_t>(student, teacher); });
 }
 
 at::Tensor similarity_preserving_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& student,
                                               const at::Tensor& teacher, const at::Tensor& stats) {
   check_inputs(student, teacher, "similarity_preserving_backward");
-  return AT_DISPATCH_FLOATING_TYPES(opmath_type(student.scalar_type()), "similarity_preserving_backward",
+  return AT_DISPATCH_FLOATING_TYPES(relation_opmath_type(student.scalar_type()), "similarity_preserving_backward",
                                     [&] { return sp_backward<scalar_t>(grad_loss, student, teacher, stats); });
 }
 
 at::Tensor rkd_angle_forward_cpu(const at::Tensor& student, const at::Tensor& teacher) {
   check_inputs(student, teacher, "rkd_angle_forward");
-  return AT_DISPATCH_FLOATING_TYPES(opmath_type(student.scalar_type()), "rkd_angle_forward",
+  return AT_DISPATCH_FLOATING_TYPES(relation_opmath_type(student.scalar_type()), "rkd_angle_forward",
                                     [&] { return angle_forward<scalar_t>(student, teacher); });
 }
 
 at::Tensor rkd_angle_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher) {
   check_inputs(student, teacher, "rkd_angle_backward");
-  return AT_DISPATCH_FLOATING_TYPES(opmath_type(student.scalar_type()), "rkd_angle_backward",
+  return AT_DISPATCH_FLOATING_TYPES(relation_opmath_type(student.scalar_type()), "rkd_angle_backward",
                                     [&] { return angle_backward<scalar_t>(grad_loss, student, teacher); });
 }
 

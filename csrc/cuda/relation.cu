@@ -22,6 +22,7 @@
 #include <tuple>
 
 #include "kdkernels/relation.h"
+#include "kdkernels/relation_args.h"
 
 namespace kdkernels {
 namespace cuda {
@@ -33,10 +34,6 @@ constexpr int kThreads = 256;
 
 int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
-}
-
-at::ScalarType opmath_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 cudaStream_t stream() {
@@ -572,22 +569,14 @@ at::Tensor angle_backward(const at::Tensor& grad_loss, const at::Tensor& student
 
 // ---- dispatcher entry points ---------------------------------------------------------------------
 void check_inputs(const at::Tensor& student, const at::Tensor& teacher, const char* op) {
-  TORCH_CHECK(student.is_cuda() && teacher.is_cuda() && student.device() == teacher.device(), op,
-              ": student and teacher must be CUDA tensors on one device");
-  TORCH_CHECK(student.dim() == 2 && teacher.dim() == 2, op, ": student and teacher must be 2-D (B, D), got ",
-              student.sizes(), " and ", teacher.sizes());
-  TORCH_CHECK(student.size(0) == teacher.size(0), op, ": student and teacher must have the same batch size, got ",
-              student.size(0), " and ", teacher.size(0));
-  TORCH_CHECK(student.size(0) >= 2, op, ": needs a batch of at least 2, got ", student.size(0));
-  TORCH_CHECK(student.is_floating_point() && student.scalar_type() == teacher.scalar_type(), op,
-              ": student and teacher must be floating tensors of one dtype, got ", student.scalar_type(), " and ",
-              teacher.scalar_type());
+  TORCH_CHECK(student.is_cuda(), op, ": student and teacher must be CUDA tensors");
+  check_relation_inputs(student, teacher, op);
 }
 
 std::tuple<at::Tensor, at::Tensor> rkd_distance_forward_cuda(const at::Tensor& student, const at::Tensor& teacher) {
   check_inputs(student, teacher, "rkd_distance_forward");
   const c10::cuda::CUDAGuard guard(student.device());
-  return AT_DISPATCH_FLOATING_TYPES(opmath_type(student.scalar_type()), "rkd_distance_forward",
+  return AT_DISPATCH_FLOATING_TYPES(relation_opmath_type(student.scalar_type()), "rkd_distance_forward",
                                     [&] { return distance_forward<scalar_t>(student, teacher); });
 }
 
@@ -595,7 +584,7 @@ at::Tensor rkd_distance_backward_cuda(const at::Tensor& grad_loss, const at::Ten
                                       const at::Tensor& stats) {
   check_inputs(student, teacher, "rkd_distance_backward");
   const c10::cuda::CUDAGuard guard(student.device());
-  return AT_DISPATCH_FLOATING_TYPES(opmath_type(student.scalar_type()), "rkd_distance_backward",
+  return AT_DISPATCH_FLOATING_TYPES(relation_opmath_type(student.scalar_type()), "rkd_distance_backward",
                                     [&] { return distance_backward<scalar_t>(grad_loss, student, teacher, stats); });
 }
 
@@ -603,7 +592,7 @@ std::tuple<at::Tensor, at::Tensor> similarity_preserving_forward_cuda(const at::
                                                                       const at::Tensor& teacher) {
   check_inputs(student, teacher, "similarity_preserving_forward");
   const c10::cuda::CUDAGuard guard(student.device());
-  return AT_DISPATCH_FLOATING_TYPES(opmath_type(student.scalar_type()), "similarity_preserving_forward",
+  return AT_DISPATCH_FLOATING_TYPES(relation_opmath_type(student.scalar_type()), "similarity_preserving_forward",
                                     [&] { return sp_forward<scalar_t>(student, teacher); });
 }
 
@@ -611,21 +600,21 @@ at::Tensor similarity_preserving_backward_cuda(const at::Tensor& grad_loss, cons
                                                const at::Tensor& teacher, const at::Tensor& stats) {
   check_inputs(student, teacher, "similarity_preserving_backward");
   const c10::cuda::CUDAGuard guard(student.device());
-  return AT_DISPATCH_FLOATING_TYPES(opmath_type(student.scalar_type()), "similarity_preserving_backward",
+  return AT_DISPATCH_FLOATING_TYPES(relation_opmath_type(student.scalar_type()), "similarity_preserving_backward",
                                     [&] { return sp_backward<scalar_t>(grad_loss, student, teacher, stats); });
 }
 
 at::Tensor rkd_angle_forward_cuda(const at::Tensor& student, const at::Tensor& teacher) {
   check_inputs(student, teacher, "rkd_angle_forward");
   const c10::cuda::CUDAGuard guard(student.device());
-  return AT_DISPATCH_FLOATING_TYPES(opmath_type(student.scalar_type()), "rkd_angle_forward",
+  return AT_DISPATCH_FLOATING_TYPES(relation_opmath_type(student.scalar_type()), "rkd_angle_forward",
                                     [&] { return angle_forward<scalar_t>(student, teacher); });
 }
 
 at::Tensor rkd_angle_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher) {
   check_inputs(student, teacher, "rkd_angle_backward");
   const c10::cuda::CUDAGuard guard(student.device());
-  return AT_DISPATCH_FLOATING_TYPES(opmath_type(student.scalar_type()), "rkd_angle_backward",
+  return AT_DISPATCH_FLOATING_TYPES(relation_opmath_type(student.scalar_type()), "rkd_angle_backward",
                                     [&] { return angle_backward<scalar_t>(grad_loss, student, teacher); });
 }
 

@@ -1,0 +1,27 @@
+// Host-side argument checks and dtype rule of the relation ops, shared by the CPU and CUDA entry
+// points (the device math is in relation.h).
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+namespace kdkernels {
+
+// float32 arithmetic for every input dtype but float64.
+inline at::ScalarType relation_opmath_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_relation_inputs(const at::Tensor& student, const at::Tensor& teacher, const char* op) {
+  TORCH_CHECK(student.device() == teacher.device(), op, ": student and teacher must be on one device, got ",
+              student.device(), " and ", teacher.device());
+  TORCH_CHECK(student.dim() == 2 && teacher.dim() == 2, op, ": student and teacher must be 2-D (B, D), got ",
+              student.sizes(), " and ", teacher.sizes());
+  TORCH_CHECK(student.size(0) == teacher.size(0), op, ": student and teacher must have the same batch size, got ",
+              student.size(0), " and ", teacher.size(0));
+  TORCH_CHECK(student.size(0) >= 2, op, ": needs a batch of at least 2, got ", student.size(0));
+  TORCH_CHECK(student.is_floating_point() && student.scalar_type() == teacher.scalar_type(), op,
+              ": student and teacher must be floating tensors of one dtype, got ", student.scalar_type(), " and ",
+              teacher.scalar_type());
+}
+
+}  // namespace kdkernels
