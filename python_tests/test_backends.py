@@ -14,10 +14,10 @@ def test_auto_on_cpu_picks_cpu_extension_when_built():
     assert backends.resolve("softmax_kl_div", "auto", CPU) == expected
 
 
-def test_auto_for_unported_losses_is_torch():
-    for loss in ("projected_mse", "rkd_distance", "rkd_angle", "similarity_preserving"):
-        if backends.IMPLEMENTED[loss] == {"torch"}:
-            assert backends.resolve(loss, "auto", CPU) == "torch"
+def test_auto_on_cpu_for_every_loss():
+    expected = "cpu" if _native.cpu_loaded else "torch"
+    for loss in backends.LOSSES:
+        assert backends.resolve(loss, "auto", CPU) == expected, loss
 
 
 def test_env_var_overrides_auto(monkeypatch):
@@ -41,14 +41,14 @@ def test_unavailable_backend_raises_instead_of_falling_back():
         functional.softmax_kl_div(torch.randn(2, 3), torch.randn(2, 3), backend="cuda")
 
 
-def test_unported_loss_on_fused_backend_says_not_implemented():
+def test_unported_loss_on_fused_backend_says_not_implemented(monkeypatch):
     if not _native.cpu_loaded:
         pytest.skip("needs the C++ extension to reach the not-implemented check")
-    unported = [loss for loss in backends.LOSSES if "cpu" not in backends.IMPLEMENTED[loss]]
-    if not unported:
-        pytest.skip("every loss has a CPU kernel")
+    # every loss has a CPU kernel today: pretend one has not, as a loss being ported would
+    monkeypatch.setitem(backends.IMPLEMENTED, "rkd_angle", frozenset({"torch"}))
     with pytest.raises(NotImplementedError, match="not implemented for backend 'cpu' yet"):
-        backends.resolve(unported[0], "cpu", CPU)
+        functional.rkd_angle(torch.randn(3, 4), torch.randn(3, 4), backend="cpu")
+    assert backends.resolve("rkd_angle", "auto", CPU) == "torch"
 
 
 def test_implemented_backends_lists_only_runnable():
