@@ -524,40 +524,40 @@ at::Tensor angle_backward(const at::Tensor& grad_loss, const at::Tensor& student
 // ---- dispatcher entry points ---------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor> rkd_distance_forward_cpu(const at::Tensor& student, const at::Tensor& teacher) {
   check_inputs(student, teacher, "rkd_distance_forward");
-  return AT_DISPATCH_FLOATING_TYPES(relation_opmath_type(student.scalar_type()), "rkd_distance_forward",
+  return AT_DISPATCH_FLOATING_TYPES(opmath_scalar_type(student.scalar_type()), "rkd_distance_forward",
                                     [&] { return distance_forward<scalar_t>(student, teacher); });
 }
 
 at::Tensor rkd_distance_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& student,
                                      const at::Tensor& teacher, const at::Tensor& stats) {
   check_inputs(student, teacher, "rkd_distance_backward");
-  return AT_DISPATCH_FLOATING_TYPES(relation_opmath_type(student.scalar_type()), "rkd_distance_backward",
+  return AT_DISPATCH_FLOATING_TYPES(opmath_scalar_type(student.scalar_type()), "rkd_distance_backward",
                                     [&] { return distance_backward<scalar_t>(grad_loss, student, teacher, stats); });
 }
 
 std::tuple<at::Tensor, at::Tensor> similarity_preserving_forward_cpu(const at::Tensor& student,
                                                                      const at::Tensor& teacher) {
   check_inputs(student, teacher, "similarity_preserving_forward");
-  return AT_DISPATCH_FLOATING_TYPES(relation_opmath_type(student.scalar_type()), "similarity_preserving_forward",
+  return AT_DISPATCH_FLOATING_TYPES(opmath_scalar_type(student.scalar_type()), "similarity_preserving_forward",
                                     [&] { return sp_forward<scalar_t>(student, teacher); });
 }
 
 at::Tensor similarity_preserving_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& student,
                                               const at::Tensor& teacher, const at::Tensor& stats) {
   check_inputs(student, teacher, "similarity_preserving_backward");
-  return AT_DISPATCH_FLOATING_TYPES(relation_opmath_type(student.scalar_type()), "similarity_preserving_backward",
+  return AT_DISPATCH_FLOATING_TYPES(opmath_scalar_type(student.scalar_type()), "similarity_preserving_backward",
                                     [&] { return sp_backward<scalar_t>(grad_loss, student, teacher, stats); });
 }
 
 at::Tensor rkd_angle_forward_cpu(const at::Tensor& student, const at::Tensor& teacher) {
   check_inputs(student, teacher, "rkd_angle_forward");
-  return AT_DISPATCH_FLOATING_TYPES(relation_opmath_type(student.scalar_type()), "rkd_angle_forward",
+  return AT_DISPATCH_FLOATING_TYPES(opmath_scalar_type(student.scalar_type()), "rkd_angle_forward",
                                     [&] { return angle_forward<scalar_t>(student, teacher); });
 }
 
 at::Tensor rkd_angle_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher) {
   check_inputs(student, teacher, "rkd_angle_backward");
-  return AT_DISPATCH_FLOATING_TYPES(relation_opmath_type(student.scalar_type()), "rkd_angle_backward",
+  return AT_DISPATCH_FLOATING_TYPES(opmath_scalar_type(student.scalar_type()), "rkd_angle_backward",
                                     [&] { return angle_backward<scalar_t>(grad_loss, student, teacher); });
 }
 

@@ -39,6 +39,7 @@
 #include <type_traits>
 
 #include "kdkernels/softmax_kl.h"
+#include "kdkernels/softmax_kl_args.h"
 #include "simd.h"
 
 namespace kdkernels {
@@ -345,9 +346,6 @@ void with_divergence(int64_t divergence, F&& f) {
   }
 }
 
-at::ScalarType opmath_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 // Rows per parallel task: enough elements that a task outweighs its scheduling.
 int64_t row_grain(int64_t V) {
@@ -356,28 +354,10 @@ int64_t row_grain(int64_t V) {
 
 void check_common(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
                   double temperature, int64_t divergence, double beta) {
-  TORCH_CHECK(student.dim() == 2, "softmax_kl: student must be 2-D (rows, vocab), got ", student.dim(), "-D");
-  TORCH_CHECK(teacher.sizes() == student.sizes(), "softmax_kl: teacher shape ", teacher.sizes(),
-              " != student shape ", student.sizes());
-  TORCH_CHECK(teacher.scalar_type() == student.scalar_type(), "softmax_kl: teacher dtype ", teacher.scalar_type(),
-              " != student dtype ", student.scalar_type());
-  TORCH_CHECK(student.device().is_cpu() && teacher.device().is_cpu(), "softmax_kl (CPU): tensors must be on the CPU");
-  TORCH_CHECK(student.is_contiguous() && teacher.is_contiguous(), "softmax_kl: student and teacher must be contiguous");
-  const auto dt = student.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
-              "softmax_kl: logits must be float32, float64, float16 or bfloat16, got ", dt);
-  TORCH_CHECK(student.size(1) >= 1 || student.size(0) == 0, "softmax_kl: vocab size must be >= 1");
-  TORCH_CHECK(temperature > 0.0, "softmax_kl: temperature must be > 0, got ", temperature);
-  TORCH_CHECK(divergence >= kForwardKL && divergence <= kJSD, "softmax_kl: divergence must be 0, 1 or 2, got ",
-              divergence);
-  TORCH_CHECK(divergence != kJSD || (beta > 0.0 && beta < 1.0), "softmax_kl: beta must be in (0, 1), got ", beta);
-  if (labels.has_value()) {
-    const at::Tensor& l = *labels;
-    TORCH_CHECK(l.dim() == 1 && l.size(0) == student.size(0), "softmax_kl: labels must have shape (",
-                student.size(0), ",), got ", l.sizes());
-    TORCH_CHECK(l.scalar_type() == at::kLong, "softmax_kl: labels must be int64, got ", l.scalar_type());
-    TORCH_CHECK(l.device().is_cpu(), "softmax_kl (CPU): labels must be on the CPU");
-  }
+  check_softmax_kl_args(student, teacher, labels, temperature, divergence, beta);
+  TORCH_CHECK_VALUE(student.device().is_cpu(), "softmax_kl (CPU): tensors must be on the CPU");
+  TORCH_CHECK_VALUE(student.is_contiguous() && teacher.is_contiguous(),
+                    "softmax_kl (CPU): student and teacher must be contiguous");
 }
 
 template <typename T>
@@ -401,7 +381,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_kl_forward_cpu(const at::Tensor& stud
                                                           bool t2_scale) {
   check_common(student, teacher, labels, temperature, divergence, beta);
   const int64_t R = student.size(0), V = student.size(1);
-  const auto opts = student.options().dtype(opmath_dtype(student.scalar_type()));
+  const auto opts = student.options().dtype(opmath_scalar_type(student.scalar_type()));
   at::Tensor loss = at::empty({R}, opts);
   at::Tensor stats = at::empty({R, kRowStats}, opts);
   if (R == 0) return {loss, stats};
@@ -434,7 +414,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_kl_backward_cpu(const at::Tensor& gra
                                                            bool t2_scale, bool student_grad, bool teacher_grad) {
   check_common(student, teacher, labels, temperature, divergence, beta);
   const int64_t R = student.size(0), V = student.size(1);
-  const auto op_dt = opmath_dtype(student.scalar_type());
+  const auto op_dt = opmath_scalar_type(student.scalar_type());
   TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == R, "softmax_kl_backward: grad_loss must have shape (", R,
               ",), got ", grad_loss.sizes());
   TORCH_CHECK(grad_loss.scalar_type() == op_dt, "softmax_kl_backward: grad_loss must be ", op_dt, ", got ",

@@ -576,7 +576,7 @@ void check_inputs(const at::Tensor& student, const at::Tensor& teacher, const ch
 std::tuple<at::Tensor, at::Tensor> rkd_distance_forward_cuda(const at::Tensor& student, const at::Tensor& teacher) {
   check_inputs(student, teacher, "rkd_distance_forward");
   const c10::cuda::CUDAGuard guard(student.device());
-  return AT_DISPATCH_FLOATING_TYPES(relation_opmath_type(student.scalar_type()), "rkd_distance_forward",
+  return AT_DISPATCH_FLOATING_TYPES(opmath_scalar_type(student.scalar_type()), "rkd_distance_forward",
                                     [&] { return distance_forward<scalar_t>(student, teacher); });
 }
 
@@ -584,7 +584,7 @@ at::Tensor rkd_distance_backward_cuda(const at::Tensor& grad_loss, const at::Ten
                                       const at::Tensor& stats) {
   check_inputs(student, teacher, "rkd_distance_backward");
   const c10::cuda::CUDAGuard guard(student.device());
-  return AT_DISPATCH_FLOATING_TYPES(relation_opmath_type(student.scalar_type()), "rkd_distance_backward",
+  return AT_DISPATCH_FLOATING_TYPES(opmath_scalar_type(student.scalar_type()), "rkd_distance_backward",
                                     [&] { return distance_backward<scalar_t>(grad_loss, student, teacher, stats); });
 }
 
@@ -592,7 +592,7 @@ std::tuple<at::Tensor, at::Tensor> similarity_preserving_forward_cuda(const at::
                                                                       const at::Tensor& teacher) {
   check_inputs(student, teacher, "similarity_preserving_forward");
   const c10::cuda::CUDAGuard guard(student.device());
-  return AT_DISPATCH_FLOATING_TYPES(relation_opmath_type(student.scalar_type()), "similarity_preserving_forward",
+  return AT_DISPATCH_FLOATING_TYPES(opmath_scalar_type(student.scalar_type()), "similarity_preserving_forward",
                                     [&] { return sp_forward<scalar_t>(student, teacher); });
 }
 
@@ -600,21 +600,21 @@ at::Tensor similarity_preserving_backward_cuda(const at::Tensor& grad_loss, cons
                                                const at::Tensor& teacher, const at::Tensor& stats) {
   check_inputs(student, teacher, "similarity_preserving_backward");
   const c10::cuda::CUDAGuard guard(student.device());
-  return AT_DISPATCH_FLOATING_TYPES(relation_opmath_type(student.scalar_type()), "similarity_preserving_backward",
+  return AT_DISPATCH_FLOATING_TYPES(opmath_scalar_type(student.scalar_type()), "similarity_preserving_backward",
                                     [&] { return sp_backward<scalar_t>(grad_loss, student, teacher, stats); });
 }
 
 at::Tensor rkd_angle_forward_cuda(const at::Tensor& student, const at::Tensor& teacher) {
   check_inputs(student, teacher, "rkd_angle_forward");
   const c10::cuda::CUDAGuard guard(student.device());
-  return AT_DISPATCH_FLOATING_TYPES(relation_opmath_type(student.scalar_type()), "rkd_angle_forward",
+  return AT_DISPATCH_FLOATING_TYPES(opmath_scalar_type(student.scalar_type()), "rkd_angle_forward",
                                     [&] { return angle_forward<scalar_t>(student, teacher); });
 }
 
 at::Tensor rkd_angle_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher) {
   check_inputs(student, teacher, "rkd_angle_backward");
   const c10::cuda::CUDAGuard guard(student.device());
-  return AT_DISPATCH_FLOATING_TYPES(relation_opmath_type(student.scalar_type()), "rkd_angle_backward",
+  return AT_DISPATCH_FLOATING_TYPES(opmath_scalar_type(student.scalar_type()), "rkd_angle_backward",
                                     [&] { return angle_backward<scalar_t>(grad_loss, student, teacher); });
 }
 

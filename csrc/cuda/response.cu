@@ -23,6 +23,7 @@
 #include <tuple>
 
 #include "kdkernels/softmax_kl.h"
+#include "kdkernels/softmax_kl_args.h"
 #include "reduce.cuh"
 
 namespace kdkernels {
@@ -432,35 +433,12 @@ bool same_alignment(std::initializer_list<const void*> ptrs) {
 
 void check_common(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
                   double temperature, int64_t divergence, double beta) {
-  TORCH_CHECK_VALUE(student.dim() == 2, "softmax_kl: student must be 2-D (R, V), got ", student.sizes());
-  TORCH_CHECK_VALUE(teacher.sizes() == student.sizes(), "softmax_kl: teacher shape ", teacher.sizes(),
-                    " must equal student shape ", student.sizes());
-  TORCH_CHECK_TYPE(teacher.scalar_type() == student.scalar_type(), "softmax_kl: teacher dtype ",
-                   teacher.scalar_type(), " must equal student dtype ", student.scalar_type());
-  TORCH_CHECK_VALUE(student.is_cuda() && teacher.device() == student.device(),
-                    "softmax_kl (CUDA): student and teacher must be on the same CUDA device, got ", student.device(),
-                    " and ", teacher.device());
-  TORCH_CHECK_VALUE(student.size(0) == 0 || student.size(1) >= 1, "softmax_kl: V must be >= 1");
+  check_softmax_kl_args(student, teacher, labels, temperature, divergence, beta);
+  TORCH_CHECK_VALUE(student.is_cuda(), "softmax_kl (CUDA): tensors must be CUDA tensors, got ", student.device());
   TORCH_CHECK_VALUE(student.size(1) <= kMaxRowLength, "softmax_kl (CUDA): V must be <= ", kMaxRowLength, ", got ",
                     student.size(1));
-  TORCH_CHECK_VALUE(temperature > 0.0, "softmax_kl: temperature must be > 0, got ", temperature);
-  TORCH_CHECK_VALUE(divergence >= kForwardKL && divergence <= kJSD,
-                    "softmax_kl: divergence must be 0 (forward), 1 (reverse) or 2 (jsd), got ", divergence);
-  TORCH_CHECK_VALUE(divergence != kJSD || (beta > 0.0 && beta < 1.0), "softmax_kl: beta must be in (0, 1), got ",
-                    beta);
-  if (labels.has_value()) {
-    const at::Tensor& l = *labels;
-    TORCH_CHECK_TYPE(l.scalar_type() == at::kLong, "softmax_kl: labels must be int64, got ", l.scalar_type());
-    TORCH_CHECK_VALUE(l.dim() == 1 && l.size(0) == student.size(0), "softmax_kl: labels must have shape (",
-                      student.size(0), "), got ", l.sizes());
-    TORCH_CHECK_VALUE(l.device() == student.device(), "softmax_kl: labels must be on ", student.device(), ", got ",
-                      l.device());
-  }
 }
 
-at::ScalarType opmath_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 std::tuple<at::Tensor, at::Tensor> softmax_kl_forward_cuda(const at::Tensor& student_in, const at::Tensor& teacher_in,
                                                            const std::optional<at::Tensor>& labels_in,
@@ -471,7 +449,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_kl_forward_cuda(const at::Tensor& stu
   const at::Tensor student = student_in.contiguous();
   const at::Tensor teacher = teacher_in.contiguous();
   const int64_t R = student.size(0), V = student.size(1);
-  const auto acc_opts = student.options().dtype(opmath_dtype(student.scalar_type()));
+  const auto acc_opts = student.options().dtype(opmath_scalar_type(student.scalar_type()));
   at::Tensor loss = at::empty({R}, acc_opts);
   at::Tensor stats = at::empty({R, kRowStats}, acc_opts);
   if (R == 0) return {loss, stats};
@@ -530,7 +508,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_kl_backward_cuda(const at::Tensor& gr
   at::Tensor grad_teacher = teacher_grad ? at::empty({R, V}, teacher.options()) : at::empty({0}, teacher.options());
   if (R == 0 || (!student_grad && !teacher_grad)) return {grad_student, grad_teacher};
 
-  const at::ScalarType acc_type = opmath_dtype(student.scalar_type());
+  const at::ScalarType acc_type = opmath_scalar_type(student.scalar_type());
   // grad_loss keeps its stride (a broadcast gradient is stride 0); only its dtype is normalised
   const at::Tensor grad_loss = grad_loss_in.scalar_type() == acc_type ? grad_loss_in : grad_loss_in.to(acc_type);
   const at::Tensor stats = stats_in.to(acc_type).contiguous();

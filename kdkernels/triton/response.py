@@ -88,6 +88,19 @@ def _store_row_stats(stats_ptr, row, m_s, log_sum_s, m_t, log_sum_t, c_s, c_t):
     tl.store(base + 5, c_t)
 
 
+@triton.jit
+def _load_scaled(ptrs, mask, inv_t, DT: tl.constexpr):
+    """A chunk of logits divided by T (as z * (1/T)) in the op-math dtype; -inf past the row end."""
+    return tl.load(ptrs, mask=mask, other=float("-inf")).to(DT) * inv_t
+
+
+@triton.jit
+def _write_ignored_row(loss_ptr, stats_ptr, row, zero):
+    """An ignored row: loss 0 and zero stats (its logits are never read)."""
+    tl.store(loss_ptr + row, zero)
+    _store_row_stats(stats_ptr, row, zero, zero, zero, zero, zero, zero)
+
+
 # ---------------------------------------------------------------------------------------------
 # forward: forward / reverse KL, one pass
 # ---------------------------------------------------------------------------------------------
@@ -112,8 +125,7 @@ def _softmax_kl_fwd_kernel(
     if HAS_LABELS:
         label = tl.load(labels_ptr + row)
         if label == ignore_index:
-            tl.store(loss_ptr + row, zero)
-            _store_row_stats(stats_ptr, row, zero, zero, zero, zero, zero, zero)
+            _write_ignored_row(loss_ptr, stats_ptr, row, zero)
             return
 
     inv_t = tl.full([], inv_temp, DT)
@@ -130,8 +142,8 @@ def _softmax_kl_fwd_kernel(
     for start in range(0, V, BLOCK_V):
         offs = start + cols
         mask = offs < V
-        x = tl.load(w_row + offs, mask=mask, other=float("-inf")).to(DT) * inv_t
-        y = tl.load(o_row + offs, mask=mask, other=float("-inf")).to(DT) * inv_t
+        x = _load_scaled(w_row + offs, mask, inv_t, DT)
+        y = _load_scaled(o_row + offs, mask, inv_t, DT)
         new_mw = tl.maximum(mw, tl.max(x, 0))
         new_mo = tl.maximum(mo, tl.max(y, 0))
         # "safe" maxes: 0 while everything seen is -inf, so exp(-inf - 0) = 0 instead of NaN
@@ -192,8 +204,7 @@ def _softmax_jsd_fwd_kernel(
     if HAS_LABELS:
         label = tl.load(labels_ptr + row)
         if label == ignore_index:
-            tl.store(loss_ptr + row, zero)
-            _store_row_stats(stats_ptr, row, zero, zero, zero, zero, zero, zero)
+            _write_ignored_row(loss_ptr, stats_ptr, row, zero)
             return
 
     inv_t = tl.full([], inv_temp, DT)
@@ -210,8 +221,8 @@ def _softmax_jsd_fwd_kernel(
     for start in range(0, V, BLOCK_V):
         offs = start + cols
         mask = offs < V
-        b = tl.load(s_row + offs, mask=mask, other=float("-inf")).to(DT) * inv_t
-        a = tl.load(t_row + offs, mask=mask, other=float("-inf")).to(DT) * inv_t
+        b = _load_scaled(s_row + offs, mask, inv_t, DT)
+        a = _load_scaled(t_row + offs, mask, inv_t, DT)
         new_ms = tl.maximum(ms, tl.max(b, 0))
         new_mt = tl.maximum(mt, tl.max(a, 0))
         cs = tl.where(new_ms == float("-inf"), 0.0, new_ms)
@@ -231,8 +242,8 @@ def _softmax_jsd_fwd_kernel(
     for start in range(0, V, BLOCK_V):
         offs = start + cols
         mask = offs < V
-        b = tl.load(s_row + offs, mask=mask, other=float("-inf")).to(DT) * inv_t
-        a = tl.load(t_row + offs, mask=mask, other=float("-inf")).to(DT) * inv_t
+        b = _load_scaled(s_row + offs, mask, inv_t, DT)
+        a = _load_scaled(t_row + offs, mask, inv_t, DT)
         log_p = (b - ms) - log_sum_s
         log_q = (a - mt) - log_sum_t
         log_m = _log_add_exp(log_q + lb, log_p + l1mb)
@@ -306,8 +317,8 @@ def _softmax_kl_bwd_kernel(
     for start in range(0, V, BLOCK_V):
         offs = start + cols
         mask = offs < V
-        b = tl.load(s_ptr + row_off + offs, mask=mask, other=float("-inf")).to(DT) * inv_t
-        a = tl.load(t_ptr + row_off + offs, mask=mask, other=float("-inf")).to(DT) * inv_t
+        b = _load_scaled(s_ptr + row_off + offs, mask, inv_t, DT)
+        a = _load_scaled(t_ptr + row_off + offs, mask, inv_t, DT)
         log_p = (b - m_s) - log_sum_s
         log_q = (a - m_t) - log_sum_t
         p = tl.exp(log_p)

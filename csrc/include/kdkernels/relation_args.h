@@ -1,15 +1,12 @@
-// Host-side argument checks and dtype rule of the relation ops, shared by the CPU and CUDA entry
+// Host-side argument checks of the relation ops, shared by the CPU and CUDA entry
 // points (the device math is in relation.h).
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
-namespace kdkernels {
+#include "kdkernels/op_args.h"
 
-// float32 arithmetic for every input dtype but float64.
-inline at::ScalarType relation_opmath_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
+namespace kdkernels {
 
 inline void check_relation_inputs(const at::Tensor& student, const at::Tensor& teacher, const char* op) {
   TORCH_CHECK(student.device() == teacher.device(), op, ": student and teacher must be on one device, got ",
