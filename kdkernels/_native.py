@@ -1,4 +1,5 @@
-"""Loads the compiled extension modules, if they were built, and remembers why not.
+"""Loads the compiled extension modules, if they were built, and remembers why not; notes whether
+Triton is installed.
 
 ``kdkernels._C`` holds every op schema and the CPU kernels; ``kdkernels._C_cuda`` the CUDA
 kernels, registered under the same op names. The CUDA module is loaded only after ``_C``
@@ -7,6 +8,10 @@ kernels, registered under the same op names. The CUDA module is loaded only afte
 from __future__ import annotations
 
 import importlib
+import importlib.util
+
+# Triton kernels are plain Python: they exist wherever the triton package is installed.
+triton_installed = importlib.util.find_spec("triton") is not None
 
 cpu_loaded = False
 cuda_loaded = False

@@ -14,7 +14,6 @@ not available raises; it never silently falls back.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import torch
@@ -52,10 +51,6 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def unavailable_reason(backend: str, device: torch.device) -> str | None:
     """Why ``backend`` cannot run tensors on ``device`` in this process, or None if it can."""
     if backend == "torch":
@@ -73,7 +68,7 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
             return f"the CUDA extension kdkernels._C_cuda is not built ({_native.cuda_error})"
         return None
     if backend == "triton":
-        if not _triton_installed():
+        if not _native.triton_installed:
             return "triton is not installed"
         if device.type == "cuda":
             return None

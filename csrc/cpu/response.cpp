@@ -102,6 +102,13 @@ KDK_CPU_INLINE bool row_ignored(const Params<T>& p, int64_t r) {
   return p.labels != nullptr && p.labels[r * p.label_stride] == p.ignore_index;
 }
 
+// An ignored row: loss 0 and zero stats; its logits are never read.
+template <typename T>
+KDK_CPU_INLINE void write_ignored_row(T* loss, T* stats) {
+  *loss = T(0);
+  std::fill(stats, stats + kRowStats, T(0));
+}
+
 // a = z * (1/T), rounded to T, the one definition of the scaled logits in the forward and the
 // backward. The `+ 0` (which the compiler may not drop: it turns -0 into +0) keeps it from fusing
 // the product into the subtraction that follows, as an FMA that would skip this rounding: then
@@ -161,8 +168,7 @@ KDK_CPU_HOT void forward_kl_rows(const S* student, const S* teacher, const Param
   for (int64_t r = r0; r < r1; ++r) {
     T* st_out = stats + kRowStats * r;
     if (row_ignored(p, r)) {
-      loss[r] = T(0);
-      std::fill(st_out, st_out + kRowStats, T(0));
+      write_ignored_row(loss + r, st_out);
       continue;
     }
     const S* srow = student + r * V;
@@ -225,8 +231,7 @@ KDK_CPU_HOT void forward_jsd_rows(const S* student, const S* teacher, const Para
   for (int64_t r = r0; r < r1; ++r) {
     T* st_out = stats + kRowStats * r;
     if (row_ignored(p, r)) {
-      loss[r] = T(0);
-      std::fill(st_out, st_out + kRowStats, T(0));
+      write_ignored_row(loss + r, st_out);
       continue;
     }
     const S* srow = student + r * V;

@@ -8,7 +8,6 @@ input dtype), x (for grad_weight) and the weight (for grad_x): the projection y 
 """
 from __future__ import annotations
 
-import importlib.util
 from typing import Optional
 
 import torch
@@ -80,9 +79,7 @@ if _native.cpu_loaded:
     )
 
 # ---- Triton variant ---------------------------------------------------------------------------
-TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
-
-if TRITON_INSTALLED:
+if _native.triton_installed:
 
     @torch.library.custom_op("kdkernels::projected_mse_forward_triton", mutates_args=())
     def projected_mse_forward_triton(x: Tensor, t: Tensor, weight: Tensor, bias: Optional[Tensor],

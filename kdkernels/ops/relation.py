@@ -10,7 +10,6 @@ gradient only: the teacher never gets one.
 """
 from __future__ import annotations
 
-import importlib.util
 
 import torch
 from torch import Tensor
@@ -77,9 +76,7 @@ if _native.cpu_loaded:
         )
 
 # ---- Triton variant ---------------------------------------------------------------------------
-TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
-
-if TRITON_INSTALLED:
+if _native.triton_installed:
     # lazy kernel imports: TRITON_INTERPRET is read when triton is first imported
 
     @torch.library.custom_op("kdkernels::rkd_distance_forward_triton", mutates_args=())

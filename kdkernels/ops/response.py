@@ -9,7 +9,6 @@ saved between forward and backward.
 """
 from __future__ import annotations
 
-import importlib.util
 from typing import Optional
 
 import torch
@@ -63,9 +62,7 @@ if _native.cpu_loaded:
     )
 
 # ---- Triton variant ---------------------------------------------------------------------------
-TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
-
-if TRITON_INSTALLED:
+if _native.triton_installed:
 
     @torch.library.custom_op("kdkernels::softmax_kl_forward_triton", mutates_args=())
     def softmax_kl_forward_triton(student: Tensor, teacher: Tensor, labels: Optional[Tensor], temperature: float,
