@@ -53,4 +53,13 @@ TORCH_LIBRARY(kdkernels, m) {
   // rkd_angle saves nothing: the backward rebuilds the O(B^2) squared distances.
   m.def("rkd_angle_forward(Tensor student, Tensor teacher) -> Tensor");
   m.def("rkd_angle_backward(Tensor grad_loss, Tensor student, Tensor teacher) -> Tensor");
+  // RKD distance and angle together (RKDLoss): one set of centred rows and (B, B) squared
+  // distances per side serves both terms, forward and backward, and the backward turns the sum of
+  // both terms' pair weights into the gradient with one GEMM. Returns the two summed losses
+  // (unweighted) and the distance's stats; the backward takes one upstream gradient per loss.
+  // O(B^2) memory, as the angle alone.
+  m.def("rkd_distance_angle_forward(Tensor student, Tensor teacher) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "rkd_distance_angle_backward(Tensor grad_distance, Tensor grad_angle, Tensor student, Tensor teacher, "
+      "Tensor stats) -> Tensor");
 }

@@ -52,6 +52,22 @@ def check_positive(name: str, value: object) -> float:
     return v
 
 
+def check_nonnegative(name: str, value: object) -> float:
+    v = check_real(name, value)
+    if not 0 <= v < float("inf"):  # also rejects NaN
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return v
+
+
+def check_rkd_weights(distance_weight: object, angle_weight: object) -> tuple[float, float]:
+    """The two RKD weights as floats: finite, >= 0, not both 0."""
+    distance_weight = check_nonnegative("distance_weight", distance_weight)
+    angle_weight = check_nonnegative("angle_weight", angle_weight)
+    if distance_weight == 0 and angle_weight == 0:
+        raise ValueError("distance_weight and angle_weight are both 0: at least one RKD term must be weighted")
+    return distance_weight, angle_weight
+
+
 def check_open_unit_interval(name: str, value: object) -> float:
     v = check_real(name, value)
     if not 0 < v < 1:

@@ -21,7 +21,7 @@ import torch
 from kdkernels import _native
 
 BACKENDS = ("torch", "cpu", "cuda", "triton")
-LOSSES = ("softmax_kl_div", "projected_mse", "rkd_distance", "rkd_angle", "similarity_preserving")
+LOSSES = ("softmax_kl_div", "projected_mse", "rkd_distance", "rkd_angle", "rkd", "similarity_preserving")
 
 # Fused backends implemented so far, per loss ("torch" is always implemented). The relation
 # losses' CUDA kernels (csrc/cuda/relation.cu) are compile-checked only: no GPU has run them yet.
@@ -30,6 +30,7 @@ IMPLEMENTED: dict[str, frozenset[str]] = {
     "projected_mse": frozenset({"torch", "cpu", "cuda", "triton"}),
     "rkd_distance": frozenset({"torch", "cpu", "cuda", "triton"}),
     "rkd_angle": frozenset({"torch", "cpu", "cuda", "triton"}),
+    "rkd": frozenset({"torch", "cpu", "cuda", "triton"}),  # distance + angle in one op (RKDLoss)
     "similarity_preserving": frozenset({"torch", "cpu", "cuda", "triton"}),
 }
 

@@ -19,7 +19,7 @@ from kdkernels.ops import feature as feature_ops
 from kdkernels.ops import relation as relation_ops
 from kdkernels.ops import response as response_ops
 
-__all__ = ["softmax_kl_div", "projected_mse", "rkd_distance", "rkd_angle", "similarity_preserving"]
+__all__ = ["softmax_kl_div", "projected_mse", "rkd_distance", "rkd_angle", "rkd", "similarity_preserving"]
 
 FEATURE_REDUCTIONS = tuple(FEATURE_REDUCTION_CODES)
 RKD_REDUCTIONS = ("mean", "sum")
@@ -206,6 +206,34 @@ def rkd_angle(student: Tensor, teacher: Tensor, reduction: str = "mean", backend
     """
     _check_relation_inputs(student, teacher, reduction, RKD_REDUCTIONS)
     return _relation_loss("rkd_angle", student, teacher, reduction, backend)
+
+
+def rkd(student: Tensor, teacher: Tensor, distance_weight: float = 1.0, angle_weight: float = 2.0,
+        reduction: str = "mean", backend: str = "auto") -> Tensor:
+    """``distance_weight * rkd_distance + angle_weight * rkd_angle`` (DESIGN §2.3; the RKD paper's
+    lambda_D = 1, lambda_A = 2 by default), each term reduced by ``reduction`` ("mean" or "sum").
+
+    The fused backends compute both terms in one op from one set of (B, B) squared distances per
+    side, forward and backward (O(B^2) memory, as ``rkd_angle``). A weight of 0 skips its term
+    entirely (so distance alone keeps ``rkd_distance``'s O(B) memory); weights must be finite and
+    >= 0, not both 0.
+    """
+    _check_relation_inputs(student, teacher, reduction, RKD_REDUCTIONS)
+    distance_weight, angle_weight = v.check_rkd_weights(distance_weight, angle_weight)
+    name = backends.resolve("rkd", backend, student.device)
+    if name == "torch":
+        return reference.rkd(student, teacher, distance_weight, angle_weight, reduction)
+    if angle_weight == 0:
+        return distance_weight * _relation_loss("rkd_distance", student, teacher, reduction, name)
+    if distance_weight == 0:
+        return angle_weight * _relation_loss("rkd_angle", student, teacher, reduction, name)
+    batch = student.shape[0]
+    s = student.reshape(batch, -1).contiguous()
+    t = teacher.reshape(batch, -1).contiguous()
+    distance, angle = relation_ops.distance_and_angle_sums(name, s, t)
+    if reduction == "mean":
+        distance, angle = distance / (batch * batch), angle / batch ** 3
+    return distance_weight * distance + angle_weight * angle
 
 
 def similarity_preserving(student: Tensor, teacher: Tensor, reduction: str = "batchmean",

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from kdkernels import _validation as v
 from kdkernels import functional as F
 
 __all__ = ["SoftmaxKLDivLoss", "ProjectedMSELoss", "RKDDistanceLoss", "RKDAngleLoss", "SimilarityPreservingLoss",
@@ -104,21 +105,21 @@ class SimilarityPreservingLoss(_RelationLoss):
 
 
 class RKDLoss(nn.Module):
-    """``distance_weight * rkd_distance + angle_weight * rkd_angle``.
+    """``distance_weight * rkd_distance + angle_weight * rkd_angle``; see :func:`kdkernels.functional.rkd`.
 
-    Defaults are the RKD paper's weights (lambda_D = 1, lambda_A = 2).
+    Defaults are the RKD paper's weights (lambda_D = 1, lambda_A = 2). The fused backends compute
+    both terms in one op that shares the squared distances, forward and backward.
     """
 
     def __init__(self, distance_weight: float = 1.0, angle_weight: float = 2.0, reduction: str = "mean",
                  backend: str = "auto") -> None:
         super().__init__()
-        self.distance_weight, self.angle_weight = float(distance_weight), float(angle_weight)
+        self.distance_weight, self.angle_weight = v.check_rkd_weights(distance_weight, angle_weight)
         self.reduction, self.backend = reduction, backend
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
-        loss = student.new_zeros((), dtype=torch.float64 if student.dtype == torch.float64 else torch.float32)
-        if self.distance_weight:
-            loss = loss + self.distance_weight * F.rkd_distance(student, teacher, self.reduction, self.backend)
-        if self.angle_weight:
-            loss = loss + self.angle_weight * F.rkd_angle(student, teacher, self.reduction, self.backend)
-        return loss
+        return F.rkd(student, teacher, self.distance_weight, self.angle_weight, self.reduction, self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"distance_weight={self.distance_weight}, angle_weight={self.angle_weight}, "
+                f"reduction={self.reduction!r}, backend={self.backend!r}")

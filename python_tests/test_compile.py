@@ -86,6 +86,7 @@ class EmbedderWithRelationKD(torch.nn.Module):
 RELATION_MODULES = {
     "rkd_distance": lambda backend: kdkernels.RKDDistanceLoss(backend=backend),
     "rkd_angle": lambda backend: kdkernels.RKDAngleLoss(reduction="sum", backend=backend),
+    "rkd": lambda backend: kdkernels.RKDLoss(distance_weight=1.0, angle_weight=2.0, backend=backend),
     "similarity_preserving": lambda backend: kdkernels.SimilarityPreservingLoss(backend=backend),
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import kdkernels
 from kdkernels import functional as F
 
 S, T = torch.randn(4, 10), torch.randn(4, 10)
@@ -133,7 +134,7 @@ def test_mse_unknown_reduction():
 
 
 # ---- relation losses -------------------------------------------------------------------------
-RELATION = [F.rkd_distance, F.rkd_angle, F.similarity_preserving]
+RELATION = [F.rkd_distance, F.rkd_angle, F.rkd, F.similarity_preserving]
 
 
 @pytest.mark.parametrize("fn", RELATION)
@@ -164,3 +165,19 @@ def test_relation_unknown_reduction(fn):
 def test_relation_device_mismatch(fn):
     with pytest.raises(ValueError, match="teacher.*device"):
         fn(torch.randn(3, 4), torch.randn(3, 4, device="meta"))
+
+
+@pytest.mark.parametrize("name,value,error", [
+    ("distance_weight", -1.0, ValueError), ("angle_weight", float("nan"), ValueError),
+    ("angle_weight", float("inf"), ValueError), ("distance_weight", "1", TypeError), ("angle_weight", None, TypeError),
+])
+def test_rkd_bad_weight(name, value, error):
+    with pytest.raises(error, match=name):
+        F.rkd(torch.randn(3, 4), torch.randn(3, 4), **{name: value})
+    with pytest.raises(error, match=name):
+        kdkernels.RKDLoss(**{name: value})
+
+
+def test_rkd_both_weights_zero():
+    with pytest.raises(ValueError, match="distance_weight and angle_weight"):
+        F.rkd(torch.randn(3, 4), torch.randn(3, 4), distance_weight=0.0, angle_weight=0)

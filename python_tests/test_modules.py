@@ -46,4 +46,7 @@ def test_relation_modules_match_functional():
     assert torch.equal(kdkernels.RKDAngleLoss(reduction="sum")(s, t), F.rkd_angle(s, t, reduction="sum"))
     assert torch.equal(kdkernels.SimilarityPreservingLoss()(s, t), F.similarity_preserving(s, t))
     combined = kdkernels.RKDLoss(distance_weight=2.0, angle_weight=3.0)(s, t)
+    assert torch.equal(combined, F.rkd(s, t, distance_weight=2.0, angle_weight=3.0))
+    # the one fused op and the two separate ones agree (each is held to the spec in test_relation.py)
     torch.testing.assert_close(combined, 2.0 * F.rkd_distance(s, t) + 3.0 * F.rkd_angle(s, t))
+    assert "angle_weight=3.0" in repr(kdkernels.RKDLoss(distance_weight=2.0, angle_weight=3.0))

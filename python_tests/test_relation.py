@@ -1,8 +1,9 @@
-"""Fused relation losses (RKD distance, RKD angle, SP) against the reference, on every available
-backend (DESIGN §2.3)."""
+"""Fused relation losses (RKD distance, RKD angle, their weighted sum RKD, SP) against the reference,
+on every available backend (DESIGN §2.3)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -13,8 +14,11 @@ from hypothesis import strategies as st
 from helpers import LOSS_TOLERANCES, assert_close, backend_params
 from kdkernels import functional, reference
 
-LOSSES = ("rkd_distance", "rkd_angle", "similarity_preserving")
-REDUCTIONS = {"rkd_distance": ("mean", "sum"), "rkd_angle": ("mean", "sum"), "similarity_preserving": ("batchmean", "sum")}
+LOSSES = ("rkd_distance", "rkd_angle", "rkd", "similarity_preserving")
+REDUCTIONS = {"rkd_distance": ("mean", "sum"), "rkd_angle": ("mean", "sum"), "rkd": ("mean", "sum"),
+              "similarity_preserving": ("batchmean", "sum")}
+# (distance_weight, angle_weight) of "rkd": both terms (the combined op) and each alone
+RKD_WEIGHTS = [(1.0, 2.0), (1.0, 2.0), (0.25, 3.0), (0.5, 0.0), (0.0, 1.5)]
 PARAMS = [pytest.param(loss, *p.values, id=f"{loss}-{p.id}", marks=p.marks)
           for loss in LOSSES for p in backend_params(loss)]
 
@@ -35,6 +39,7 @@ class Case:
     offset: float = 0.0        # shared by all rows: embeddings far from the origin
     pattern: str = "random"    # "random" | "duplicates" | "teacher_identical" | "all_identical"
     seed: int = 0
+    weights: tuple = (1.0, 2.0)  # "rkd" only: (distance_weight, angle_weight)
 
 
 def make_inputs(case: Case, device):
@@ -56,14 +61,21 @@ def make_inputs(case: Case, device):
     return s, t
 
 
+def loss_fn(module, case: Case):
+    """``module``'s function for the case's loss, with the case's RKD weights bound."""
+    fn = getattr(module, case.loss)
+    return functools.partial(fn, distance_weight=case.weights[0], angle_weight=case.weights[1]) if case.loss == "rkd" else fn
+
+
 def check_against_reference(case: Case, device, backend: str):
     s, t = make_inputs(case, device)
     reduction = case.reduction or REDUCTIONS[case.loss][0]
-    out = getattr(functional, case.loss)(s, t, reduction=reduction, backend=backend)
+    out = loss_fn(functional, case)(s, t, reduction=reduction, backend=backend)
     # the spec, evaluated in float64 on exactly the same (rounded) inputs
     s64 = s.detach().double().cpu().requires_grad_(True)
     t64 = t.detach().double().cpu()
-    ref = getattr(reference, case.loss)(s64, t64, reduction=reduction)
+    spec = loss_fn(reference, case)
+    ref = spec(s64, t64, reduction=reduction)
 
     assert out.dtype == (torch.float64 if case.dtype == torch.float64 else torch.float32)
     assert out.shape == ()
@@ -72,7 +84,6 @@ def check_against_reference(case: Case, device, backend: str):
     upstream = 0.75
     grad_s, grad_t = torch.autograd.grad(out * upstream, [s, t], allow_unused=True)
     assert grad_t is None, "the teacher must not get a gradient"
-    spec = getattr(reference, case.loss)
     ref_grad = _spec_grad(spec, s64, t64, reduction, upstream)
     assert grad_s.dtype == case.dtype and grad_s.shape == s.shape
     # Where the gradient cancels to ~0 (e.g. SP with D = 1), float32 cannot do better than the eager
@@ -101,7 +112,7 @@ def cases(loss: str, backend: str):
     # form (relation.h) then leaves float32 noise of ~1e-6 of the gradient's natural size, which a
     # tolerance scaled by max |expected| = 0 cannot accept: angle cases start at D = 2.
     min_dim = 1
-    if loss == "rkd_angle":
+    if loss in ("rkd_angle", "rkd"):
         max_batch, max_dim, min_dim = (12, 16, 2) if interpreted else (40, 24, 2)
     else:
         max_batch, max_dim = (40, 40) if interpreted else (520, 80)
@@ -119,6 +130,7 @@ def cases(loss: str, backend: str):
         offset=st.sampled_from([0.0, 0.0, 5.0, 1e3]),
         pattern=st.sampled_from(["random", "random", "duplicates", "teacher_identical", "all_identical"]),
         seed=st.integers(0, 2**16),
+        weights=st.sampled_from(RKD_WEIGHTS),
     )
 
 
@@ -160,7 +172,7 @@ def test_batches_around_cpu_tile(loss, device, backend, batch):
     # several row blocks, a partial last block; float64 so that any indexing slip shows
     if backend == "triton" and not torch.cuda.is_available():
         pytest.skip("too large for the Triton interpreter")
-    if loss == "rkd_angle":
+    if loss in ("rkd_angle", "rkd"):
         pytest.skip("the eager angle reference is B^3 D: covered by the smaller hypothesis cases")
     check_against_reference(Case(loss=loss, batch=batch, ds=19, dt=6, dtype=torch.float64, seed=batch), device,
                             backend)

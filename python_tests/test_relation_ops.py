@@ -1,5 +1,6 @@
 """Op-level checks of the relation dispatcher ops: gradcheck (float64), torch.library.opcheck and
-the memory contract (no B x B tensor for distance / SP, no B^3 one for angle; DESIGN §2.3)."""
+the memory contract (no B x B tensor for distance / SP, no B^3 one for angle; DESIGN §2.3); the
+combined RKD distance + angle op is the one RKDLoss runs."""
 from __future__ import annotations
 
 import os
@@ -9,8 +10,10 @@ import textwrap
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import backend_params
+import kdkernels
 from kdkernels import _native, functional
 from kdkernels.ops import relation as relation_ops
 
@@ -118,9 +121,89 @@ def test_cpu_forward_backward_never_holds_a_batch_by_batch_matrix(loss):
 
 
 @needs_cpu_ext
-def test_cpu_angle_memory_is_quadratic_not_cubic():
+@pytest.mark.parametrize("loss", ["rkd_angle", "rkd"])
+def test_cpu_angle_memory_is_quadratic_not_cubic(loss):
     batch, dim = 512, 64
-    fused = _peak_extra_bytes("rkd_angle", "cpu", batch, dim)
+    fused = _peak_extra_bytes(loss, "cpu", batch, dim)
     # six (B, B) float32 matrices (squared distances, inverse norms, two gradient buffers) + slack;
     # a (B, B, B) float32 tensor would be 512 MiB
-    assert fused < 12 * batch * batch * 4, f"fused rkd_angle peaked {fused / 2**20:.1f} MiB"
+    assert fused < 12 * batch * batch * 4, f"fused {loss} peaked {fused / 2**20:.1f} MiB"
+
+
+# ---- RKD distance + angle in one op (RKDLoss) ------------------------------------------------------
+COMBINED_PARAMS = backend_params("rkd")
+
+
+def _combined_ops(backend):
+    suffix = "_triton" if backend == "triton" else ""
+    return (getattr(torch.ops.kdkernels, f"rkd_distance_angle_forward{suffix}").default,
+            getattr(torch.ops.kdkernels, f"rkd_distance_angle_backward{suffix}").default)
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("weights", [(1.0, 2.0), (0.3, 0.0), (0.0, 1.0)])
+def test_gradcheck_cpu_combined(weights):
+    gen = torch.Generator().manual_seed(4)
+    s = torch.randn(7, 2, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    t = torch.randn(7, 5, dtype=torch.float64, generator=gen)
+    assert torch.autograd.gradcheck(
+        lambda s: functional.rkd(s, t, *weights, reduction="sum", backend="cpu"), (s,))
+
+
+@needs_cpu_ext
+def test_gradcheck_cpu_combined_op_each_output():
+    # each output on its own: the backward must route grad_distance and grad_angle to their terms
+    gen = torch.Generator().manual_seed(6)
+    s = torch.randn(6, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    t = torch.randn(6, 3, dtype=torch.float64, generator=gen)
+    fwd, _ = _combined_ops("cpu")
+    for k in (0, 1):
+        assert torch.autograd.gradcheck(lambda s: fwd(s, t)[k], (s,))
+
+
+@pytest.mark.parametrize("device,backend", COMBINED_PARAMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_combined_forward(device, backend, dtype):
+    fwd, _ = _combined_ops(backend)
+    torch.library.opcheck(fwd, _op_inputs(device, dtype))
+
+
+@pytest.mark.parametrize("device,backend", COMBINED_PARAMS)
+def test_opcheck_combined_backward(device, backend):
+    fwd, bwd = _combined_ops(backend)
+    s, t = _op_inputs(device)
+    with torch.no_grad():
+        _distance, _angle, stats = fwd(s, t)
+    grad_distance = torch.full_like(stats[0], 0.7)
+    grad_angle = torch.full_like(stats[0], -1.3)
+    torch.library.opcheck(bwd, (grad_distance, grad_angle, s.detach(), t, stats))
+
+
+class _OpLog(TorchDispatchMode):
+    """Names of the kdkernels ops that run below autograd."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.name()
+        if name.startswith("kdkernels::"):
+            self.names.append(name.split("::")[1].split(".")[0].removesuffix("_triton"))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("device,backend", COMBINED_PARAMS)
+@pytest.mark.parametrize("weights,expected", [
+    ((1.0, 2.0), ["rkd_distance_angle_forward", "rkd_distance_angle_backward"]),
+    ((1.0, 0.0), ["rkd_distance_forward", "rkd_distance_backward"]),  # distance alone keeps O(B) memory
+    ((0.0, 2.0), ["rkd_angle_forward", "rkd_angle_backward"]),
+])
+def test_rkd_loss_runs_one_fused_op(device, backend, weights, expected):
+    # "shared quantities once": RKDLoss with both terms is one forward and one backward op, not
+    # the distance and angle ops one after the other
+    s, t = _op_inputs(device)
+    loss = kdkernels.RKDLoss(*weights, backend=backend)
+    with _OpLog() as log:
+        loss(s, t).backward()
+    assert log.names == expected

@@ -1,9 +1,11 @@
-// CPU kernels of the relation family (DESIGN §2.3): RKD distance, RKD angle and SP.
+// CPU kernels of the relation family (DESIGN §2.3): RKD distance, RKD angle, SP, and distance +
+// angle together (RKDLoss).
 //
 // Distance and SP never hold a B x B matrix: they walk row blocks of tile_rows(B) rows, forming the
 // block's Gram rows with at::mm (BLAS) and finishing each element in a fused multi-threaded pass;
 // the backward forms the block's gradient weights the same way and turns them into the gradient
-// with one more GEMM (W E). Angle keeps O(B^2): the squared-distance matrices of both sides.
+// with one more GEMM (W E). Angle keeps O(B^2): the squared-distance matrices of both sides, which
+// the combined distance + angle op also uses for the distance term.
 // The math (and why the embeddings are centred) is in kdkernels/relation.h.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -233,23 +235,22 @@ void for_each_block(int64_t B, int64_t tile, F&& fn) {
 }
 
 // ---- RKD distance ------------------------------------------------------------------------
-// stats = [mu_s, mu_t, A] with A = sum_ij smooth_l1'(x_ij) d_s_ij / mu_s^2 (relation.h): all the
-// backward needs besides the inputs.
+// The distance term on rows [r0, r1) of squared distances ps (student) and pt (teacher), each
+// (r1 - r0, B) row-major: a block of the tiled kernels or the whole matrices of the combined op.
+// Two passes (mu, then the loss and A); stats = [mu_s, mu_t, A] with A = sum_ij smooth_l1'(x_ij)
+// d_s_ij / mu_s^2 (relation.h): all the backward needs besides the inputs.
 template <typename T>
-std::tuple<at::Tensor, at::Tensor> distance_forward(const at::Tensor& student, const at::Tensor& teacher) {
-  // the teacher only enters through its distances: its centred rows are formed block by block
-  // (no gradient is alive here, so the forward affords twice the backward's block: fewer, faster GEMMs)
-  const Rows<T> s(student, true), t(teacher, true, /*allow_lazy=*/true);
-  const int64_t B = s.B, tile = std::min(B, 2 * tile_rows(B));
-  at::Tensor buf_s = at::empty({tile, B}, s.e.options()), buf_t = at::empty({tile, B}, s.e.options());
-  std::vector<double> row_a(B), row_b(B);
+struct DistanceTerm {
+  int64_t B;
+  std::vector<double> row_a, row_b;  // per-row partial sums of the current pass
+  T mu_s = 0, mu_t = 0;
 
-  // pass 1: the mean off-diagonal distance of each side
-  for_each_block(B, tile, [&](int64_t r0, int64_t r1) {
-    at::Tensor bs = buf_s.narrow(0, 0, r1 - r0), bt = buf_t.narrow(0, 0, r1 - r0);
-    s.squared_distances(r0, r1, bs);
-    t.squared_distances(r0, r1, bt);
-    const T *ps = bs.const_data_ptr<T>(), *pt = bt.const_data_ptr<T>();
+  explicit DistanceTerm(int64_t batch) : B(batch), row_a(batch), row_b(batch) {}
+
+  double count() const { return static_cast<double>(B) * static_cast<double>(B - 1); }
+
+  // pass 1: the off-diagonal distances summed per row, both sides
+  void add_mu_rows(const T* ps, const T* pt, int64_t r0, int64_t r1) {
     at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         double as = 0, at_ = 0;
@@ -262,18 +263,17 @@ std::tuple<at::Tensor, at::Tensor> distance_forward(const at::Tensor& student, c
         row_b[i] = at_;
       }
     });
-  });
-  const double count = static_cast<double>(B) * static_cast<double>(B - 1);
-  double sum_s = 0, sum_t = 0;
-  for (int64_t i = 0; i < B; ++i) sum_s += row_a[i], sum_t += row_b[i];
-  const T mu_s = static_cast<T>(sum_s / count), mu_t = static_cast<T>(sum_t / count);
+  }
 
-  // pass 2: the loss, and A for the backward
-  for_each_block(B, tile, [&](int64_t r0, int64_t r1) {
-    at::Tensor bs = buf_s.narrow(0, 0, r1 - r0), bt = buf_t.narrow(0, 0, r1 - r0);
-    s.squared_distances(r0, r1, bs);
-    t.squared_distances(r0, r1, bt);
-    const T *ps = bs.const_data_ptr<T>(), *pt = bt.const_data_ptr<T>();
+  void finish_mu() {
+    double sum_s = 0, sum_t = 0;
+    for (int64_t i = 0; i < B; ++i) sum_s += row_a[i], sum_t += row_b[i];
+    mu_s = static_cast<T>(sum_s / count());
+    mu_t = static_cast<T>(sum_t / count());
+  }
+
+  // pass 2: the loss, and the terms of A, per row
+  void add_loss_rows(const T* ps, const T* pt, int64_t r0, int64_t r1) {
     at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         double loss = 0, a = 0;
@@ -288,17 +288,66 @@ std::tuple<at::Tensor, at::Tensor> distance_forward(const at::Tensor& student, c
         row_b[i] = a;
       }
     });
+  }
+
+  // the summed loss (0-d) and the stats (3,), after both passes
+  std::tuple<at::Tensor, at::Tensor> finish(const at::TensorOptions& opts) const {
+    double loss = 0, a = 0;
+    for (int64_t i = 0; i < B; ++i) loss += row_a[i], a += row_b[i];
+    at::Tensor out = at::empty({}, opts);
+    out.data_ptr<T>()[0] = static_cast<T>(loss);
+    at::Tensor stats = at::empty({3}, opts);
+    T* st = stats.data_ptr<T>();
+    st[0] = mu_s;
+    st[1] = mu_t;
+    st[2] = static_cast<T>(a / (static_cast<double>(mu_s) * mu_s));
+    return {out, stats};
+  }
+};
+
+// Pair weights of the distance term for rows [r0, r1): w_ij with dL/de_i = sum_j w_ij (e_i - e_j),
+// written to pw (accumulate: added to it). pw may alias pt: element k is read before it is written.
+template <typename T>
+void distance_pair_weights(const T* ps, const T* pt, int64_t r0, int64_t r1, int64_t B, T g, const T* stats, T* pw,
+                           bool accumulate) {
+  const T mu_s = stats[0], mu_t = stats[1];
+  // dL/dd_ij = g (h_ij / mu_s - A / count); the factor 2 counts d_ji = d_ij (both symmetric).
+  const T through_mu = stats[2] / static_cast<T>(static_cast<double>(B) * (B - 1));
+  at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      for (int64_t j = 0; j < B; ++j) {
+        const int64_t k = (i - r0) * B + j;
+        T w = T(0);
+        if (j != i) {
+          const T x = clamped_distance(ps[k]) / mu_s - clamped_distance(pt[k]) / mu_t;
+          w = T(2) * distance_pair_weight(ps[k], g * (smooth_l1_grad(x) / mu_s - through_mu));
+        }
+        pw[k] = accumulate ? pw[k] + w : w;
+      }
+    }
   });
-  double loss = 0, a = 0;
-  for (int64_t i = 0; i < B; ++i) loss += row_a[i], a += row_b[i];
-  at::Tensor out = at::empty({}, s.e.options());
-  out.data_ptr<T>()[0] = static_cast<T>(loss);
-  at::Tensor stats = at::empty({3}, s.e.options());
-  T* st = stats.data_ptr<T>();
-  st[0] = mu_s;
-  st[1] = mu_t;
-  st[2] = static_cast<T>(a / (static_cast<double>(mu_s) * mu_s));
-  return {out, stats};
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> distance_forward(const at::Tensor& student, const at::Tensor& teacher) {
+  // the teacher only enters through its distances: its centred rows are formed block by block
+  // (no gradient is alive here, so the forward affords twice the backward's block: fewer, faster GEMMs)
+  const Rows<T> s(student, true), t(teacher, true, /*allow_lazy=*/true);
+  const int64_t B = s.B, tile = std::min(B, 2 * tile_rows(B));
+  at::Tensor buf_s = at::empty({tile, B}, s.e.options()), buf_t = at::empty({tile, B}, s.e.options());
+  DistanceTerm<T> term(B);
+  for (int pass = 0; pass < 2; ++pass) {
+    for_each_block(B, tile, [&](int64_t r0, int64_t r1) {
+      at::Tensor bs = buf_s.narrow(0, 0, r1 - r0), bt = buf_t.narrow(0, 0, r1 - r0);
+      s.squared_distances(r0, r1, bs);
+      t.squared_distances(r0, r1, bt);
+      const T *ps = bs.const_data_ptr<T>(), *pt = bt.const_data_ptr<T>();
+      if (pass == 0) term.add_mu_rows(ps, pt, r0, r1);
+      else term.add_loss_rows(ps, pt, r0, r1);
+    });
+    if (pass == 0) term.finish_mu();
+  }
+  return term.finish(s.e.options());
 }
 
 template <typename T>
@@ -306,35 +355,19 @@ at::Tensor distance_backward(const at::Tensor& grad_loss, const at::Tensor& stud
                              const at::Tensor& stats) {
   const Rows<T> s(student, true), t(teacher, true, /*allow_lazy=*/true);
   const int64_t B = s.B, tile = tile_rows(B);
-  const T g = scalar_of<T>(grad_loss), mu_s = scalar_of<T>(stats, 0), mu_t = scalar_of<T>(stats, 1);
-  // dL/dd_ij = g (h_ij / mu_s - A / count); the factor 2 counts d_ji = d_ij (both symmetric).
-  const T through_mu = scalar_of<T>(stats, 2) / static_cast<T>(static_cast<double>(B) * (B - 1));
+  const T g = scalar_of<T>(grad_loss);
+  const at::Tensor st = stats.contiguous();
   at::Tensor buf_s = at::empty({tile, B}, s.e.options()), buf_t = at::empty({tile, B}, s.e.options());
   at::Tensor scratch = at::empty({tile, s.D}, s.e.options());
   at::Tensor grad = at::zeros({B, s.D}, s.e.options());
   for_each_block(B, tile, [&](int64_t r0, int64_t r1) {
-    // the weights overwrite the teacher's block: element k is read before it is written
-    at::Tensor bs = buf_s.narrow(0, 0, r1 - r0), bt = buf_t.narrow(0, 0, r1 - r0), wb = bt;
+    // the weights overwrite the teacher's block
+    at::Tensor bs = buf_s.narrow(0, 0, r1 - r0), bt = buf_t.narrow(0, 0, r1 - r0);
     s.squared_distances(r0, r1, bs);
     t.squared_distances(r0, r1, bt);
-    const T* ps = bs.const_data_ptr<T>();
-    T* pw = wb.data_ptr<T>();
-    const T* pt = pw;
-    at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        for (int64_t j = 0; j < B; ++j) {
-          const int64_t k = (i - r0) * B + j;
-          if (j == i) {
-            pw[k] = T(0);
-            continue;
-          }
-          const T x = clamped_distance(ps[k]) / mu_s - clamped_distance(pt[k]) / mu_t;
-          const T dl_dd = g * (smooth_l1_grad(x) / mu_s - through_mu);
-          pw[k] = T(2) * distance_pair_weight(ps[k], dl_dd);
-        }
-      }
-    });
-    s.add_pair_gradient(r0, r1, wb, ps, scratch, grad.data_ptr<T>());
+    T* pw = bt.data_ptr<T>();
+    distance_pair_weights(bs.const_data_ptr<T>(), pw, r0, r1, B, g, st.const_data_ptr<T>(), pw, /*accumulate=*/false);
+    s.add_pair_gradient(r0, r1, bt, bs.const_data_ptr<T>(), scratch, grad.data_ptr<T>());
   });
   // e = x - mean(x): the loss is translation invariant, so the gradient w.r.t. x is the one w.r.t. e.
   return grad.to(student.scalar_type());
@@ -440,9 +473,9 @@ struct AngleSide {
   }
 };
 
+// Summed angle loss over all B^3 triples.
 template <typename T>
-at::Tensor angle_forward(const at::Tensor& student, const at::Tensor& teacher) {
-  const AngleSide<T> s(student), t(teacher);
+double angle_loss(const AngleSide<T>& s, const AngleSide<T>& t) {
   const int64_t B = s.rows.B;
   std::vector<double> anchor_loss(B);
   // psi_ijk = psi_ikj: each anchor sums k >= j and counts k > j twice.
@@ -468,16 +501,14 @@ at::Tensor angle_forward(const at::Tensor& student, const at::Tensor& teacher) {
   });
   double loss = 0;
   for (double l : anchor_loss) loss += l;
-  at::Tensor out = at::empty({}, s.rows.e.options());
-  out.data_ptr<T>()[0] = static_cast<T>(loss);
-  return out;
+  return loss;
 }
 
+// The angle term's (B, B) symmetric pair weights S for upstream gradient g: dL/de_i =
+// sum_j S_ij (e_i - e_j).
 template <typename T>
-at::Tensor angle_backward(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher) {
-  const AngleSide<T> s(student), t(teacher);
-  const int64_t B = s.rows.B, D = s.rows.D;
-  const T g = scalar_of<T>(grad_loss);
+at::Tensor angle_pair_weights(const AngleSide<T>& s, const AngleSide<T>& t, T g) {
+  const int64_t B = s.rows.B;
   // dL/dsq as if every ordered entry were its own variable: W = 2 T_a + C, where T_a[i][j] sums
   // the slot-a derivatives of anchor i (slot b gives the same by the j <-> k symmetry) and
   // C[j][k] the slot-c derivatives over all anchors. Thread j owns column j of T_a and row j of
@@ -513,12 +544,64 @@ at::Tensor angle_backward(const at::Tensor& grad_loss, const at::Tensor& student
         pc[q * B + p] = v;
       }
   });
+  return c;
+}
+
+// dL/de from a (B, B) pair-weight matrix (overwritten), one row block of GEMM at a time.
+template <typename T>
+at::Tensor gradient_from_pair_weights(const AngleSide<T>& s, at::Tensor weights, const at::Tensor& student) {
+  const int64_t B = s.rows.B, D = s.rows.D, tile = std::min(B, kTile);
   at::Tensor grad = at::zeros({B, D}, s.rows.e.options());
-  at::Tensor scratch = at::empty({std::min(B, kTile), D}, s.rows.e.options());
-  for_each_block(B, std::min(B, kTile), [&](int64_t r0, int64_t r1) {
-    s.rows.add_pair_gradient(r0, r1, c.narrow(0, r0, r1 - r0), s.psq + r0 * B, scratch, grad.data_ptr<T>());
+  at::Tensor scratch = at::empty({tile, D}, s.rows.e.options());
+  for_each_block(B, tile, [&](int64_t r0, int64_t r1) {
+    s.rows.add_pair_gradient(r0, r1, weights.narrow(0, r0, r1 - r0), s.psq + r0 * B, scratch, grad.data_ptr<T>());
   });
   return grad.to(student.scalar_type());
+}
+
+template <typename T>
+at::Tensor angle_forward(const at::Tensor& student, const at::Tensor& teacher) {
+  const AngleSide<T> s(student), t(teacher);
+  at::Tensor out = at::empty({}, s.rows.e.options());
+  out.data_ptr<T>()[0] = static_cast<T>(angle_loss(s, t));
+  return out;
+}
+
+template <typename T>
+at::Tensor angle_backward(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher) {
+  const AngleSide<T> s(student), t(teacher);
+  return gradient_from_pair_weights(s, angle_pair_weights(s, t, scalar_of<T>(grad_loss)), student);
+}
+
+// ---- RKD distance + angle (RKDLoss) ----------------------------------------------------------
+// Both terms from one AngleSide per input: the distance passes read the whole (B, B) squared
+// distances instead of re-forming blocks, and the backward adds the distance's pair weights to
+// the angle's before the one gradient GEMM.
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> distance_angle_forward(const at::Tensor& student,
+                                                                      const at::Tensor& teacher) {
+  const AngleSide<T> s(student), t(teacher);
+  const int64_t B = s.rows.B;
+  DistanceTerm<T> term(B);
+  term.add_mu_rows(s.psq, t.psq, 0, B);
+  term.finish_mu();
+  term.add_loss_rows(s.psq, t.psq, 0, B);
+  auto [distance, stats] = term.finish(s.rows.e.options());
+  at::Tensor angle = at::empty({}, s.rows.e.options());
+  angle.data_ptr<T>()[0] = static_cast<T>(angle_loss(s, t));
+  return {distance, angle, stats};
+}
+
+template <typename T>
+at::Tensor distance_angle_backward(const at::Tensor& grad_distance, const at::Tensor& grad_angle,
+                                   const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& stats) {
+  const AngleSide<T> s(student), t(teacher);
+  const int64_t B = s.rows.B;
+  at::Tensor weights = angle_pair_weights(s, t, scalar_of<T>(grad_angle));
+  const at::Tensor st = stats.contiguous();
+  distance_pair_weights(s.psq, t.psq, 0, B, B, scalar_of<T>(grad_distance), st.const_data_ptr<T>(),
+                        weights.data_ptr<T>(), /*accumulate=*/true);
+  return gradient_from_pair_weights(s, weights, student);
 }
 
 // ---- dispatcher entry points ---------------------------------------------------------------
@@ -561,6 +644,22 @@ at::Tensor rkd_angle_backward_cpu(const at::Tensor& grad_loss, const at::Tensor&
                                     [&] { return angle_backward<scalar_t>(grad_loss, student, teacher); });
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rkd_distance_angle_forward_cpu(const at::Tensor& student,
+                                                                              const at::Tensor& teacher) {
+  check_inputs(student, teacher, "rkd_distance_angle_forward");
+  return AT_DISPATCH_FLOATING_TYPES(opmath_scalar_type(student.scalar_type()), "rkd_distance_angle_forward",
+                                    [&] { return distance_angle_forward<scalar_t>(student, teacher); });
+}
+
+at::Tensor rkd_distance_angle_backward_cpu(const at::Tensor& grad_distance, const at::Tensor& grad_angle,
+                                           const at::Tensor& student, const at::Tensor& teacher,
+                                           const at::Tensor& stats) {
+  check_inputs(student, teacher, "rkd_distance_angle_backward");
+  return AT_DISPATCH_FLOATING_TYPES(
+      opmath_scalar_type(student.scalar_type()), "rkd_distance_angle_backward",
+      [&] { return distance_angle_backward<scalar_t>(grad_distance, grad_angle, student, teacher, stats); });
+}
+
 }  // namespace
 }  // namespace kdkernels
 
@@ -571,4 +670,6 @@ TORCH_LIBRARY_IMPL(kdkernels, CPU, m) {
   m.impl("similarity_preserving_backward", &kdkernels::similarity_preserving_backward_cpu);
   m.impl("rkd_angle_forward", &kdkernels::rkd_angle_forward_cpu);
   m.impl("rkd_angle_backward", &kdkernels::rkd_angle_backward_cpu);
+  m.impl("rkd_distance_angle_forward", &kdkernels::rkd_distance_angle_forward_cpu);
+  m.impl("rkd_distance_angle_backward", &kdkernels::rkd_distance_angle_backward_cpu);
 }

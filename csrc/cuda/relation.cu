@@ -1,4 +1,5 @@
-// CUDA kernels of the relation family (DESIGN §2.3): RKD distance, RKD angle and SP.
+// CUDA kernels of the relation family (DESIGN §2.3): RKD distance, RKD angle, SP, and distance +
+// angle together (RKDLoss).
 //
 // Same algorithm as csrc/cpu/relation.cpp, with the same math (kdkernels/relation.h): distance and
 // SP walk row blocks of kTile rows, forming the block's Gram rows with an ATen GEMM (cuBLAS) into a
@@ -20,6 +21,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
+#include <utility>
 
 #include "kdkernels/relation.h"
 #include "kdkernels/relation_args.h"
@@ -270,22 +272,23 @@ __global__ void distance_loss_kernel(const T* __restrict__ sq_s, const T* __rest
   }
 }
 
-template <typename T>
+// the distance term's pair weights of the block (ACCUMULATE: added to w, e.g. the angle's)
+template <typename T, bool ACCUMULATE>
 __global__ void distance_weight_kernel(const T* __restrict__ sq_s, const T* __restrict__ sq_t, const T* __restrict__ stats,
                                        const T* __restrict__ grad_loss, T* __restrict__ w, int64_t r0, int64_t rows,
                                        int64_t B) {
   const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (k >= rows * B) return;
   const int64_t i = r0 + k / B, j = k % B;
-  if (i == j) {
-    w[k] = T(0);
-    return;
+  T v = T(0);
+  if (i != j) {
+    const T mu_s = stats[0], mu_t = stats[1];
+    const T through_mu = stats[2] / (T(B) * T(B - 1));
+    const T x = clamped_distance(sq_s[k]) / mu_s - clamped_distance(sq_t[k]) / mu_t;
+    const T dl_dd = grad_loss[0] * (smooth_l1_grad(x) / mu_s - through_mu);
+    v = T(2) * distance_pair_weight(sq_s[k], dl_dd);  // 2: d_ji = d_ij
   }
-  const T mu_s = stats[0], mu_t = stats[1];
-  const T through_mu = stats[2] / (T(B) * T(B - 1));
-  const T x = clamped_distance(sq_s[k]) / mu_s - clamped_distance(sq_t[k]) / mu_t;
-  const T dl_dd = grad_loss[0] * (smooth_l1_grad(x) / mu_s - through_mu);
-  w[k] = T(2) * distance_pair_weight(sq_s[k], dl_dd);  // 2: d_ji = d_ij
+  w[k] = ACCUMULATE ? w[k] + v : v;
 }
 
 // stats = [sum_s, sum_t] / count -> [mu_s, mu_t]; A = sum(row_a) / mu_s^2
@@ -300,39 +303,50 @@ __global__ void distance_a_kernel(T* __restrict__ stats, const T* __restrict__ s
   stats[2] = sum_a[0] / (stats[0] * stats[0]);
 }
 
+// The distance term's two passes over squared-distance rows: block_fn(r0, r1) leaves the rows
+// [r0, r1) of both sides in (bs, bt) (the tiled op forms them, the combined op narrows its (B, B)
+// matrices). Returns the summed loss and stats = [mu_s, mu_t, A]; everything stays on the device.
+template <typename T, typename BlockFn>
+std::tuple<at::Tensor, at::Tensor> distance_passes(int64_t B, int64_t tile, const at::TensorOptions& opts,
+                                                   BlockFn&& block_fn) {
+  at::Tensor rows = at::empty({2, B}, opts);
+  at::Tensor stats = at::empty({3}, opts);
+  at::Tensor sums;
+  for (int pass = 0; pass < 2; ++pass) {
+    for_each_block(B, tile, [&](int64_t r0, int64_t r1) {
+      auto [bs, bt] = block_fn(r0, r1);
+      if (pass == 0)
+        distance_rowsum_kernel<T><<<r1 - r0, kThreads, 0, stream()>>>(bs.template const_data_ptr<T>(), bt.template const_data_ptr<T>(),
+                                                                     rows.template data_ptr<T>(), rows.template data_ptr<T>() + B, r0, B);
+      else
+        distance_loss_kernel<T><<<r1 - r0, kThreads, 0, stream()>>>(bs.template const_data_ptr<T>(), bt.template const_data_ptr<T>(),
+                                                                   stats.template const_data_ptr<T>(), rows.template data_ptr<T>(),
+                                                                   rows.template data_ptr<T>() + B, r0, B);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    sums = at::sum(rows, {1});
+    if (pass == 0)
+      distance_stats_kernel<T><<<1, 1, 0, stream()>>>(stats.template data_ptr<T>(), sums.template const_data_ptr<T>(),
+                                                      static_cast<double>(B) * static_cast<double>(B - 1));
+    else
+      distance_a_kernel<T><<<1, 1, 0, stream()>>>(stats.template data_ptr<T>(), sums.template const_data_ptr<T>() + 1);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {sums.select(0, 0).clone(), stats};
+}
+
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> distance_forward(const at::Tensor& student, const at::Tensor& teacher) {
   const Rows<T> s(student, true), t(teacher, true);
   const int64_t B = s.B, tile = std::min(B, kTile);
   auto opts = s.e.options();
   at::Tensor buf_s = at::empty({tile, B}, opts), buf_t = at::empty({tile, B}, opts);
-  at::Tensor rows = at::empty({2, B}, opts);
-  for_each_block(B, tile, [&](int64_t r0, int64_t r1) {
+  return distance_passes<T>(B, tile, opts, [&](int64_t r0, int64_t r1) {
     at::Tensor bs = buf_s.narrow(0, 0, r1 - r0), bt = buf_t.narrow(0, 0, r1 - r0);
     squared_distances(s, r0, r1, bs);
     squared_distances(t, r0, r1, bt);
-    distance_rowsum_kernel<T><<<r1 - r0, kThreads, 0, stream()>>>(bs.template const_data_ptr<T>(), bt.template const_data_ptr<T>(),
-                                                                 rows.template data_ptr<T>(), rows.template data_ptr<T>() + B, r0, B);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return std::make_pair(bs, bt);
   });
-  at::Tensor sums = at::sum(rows, {1});
-  at::Tensor stats = at::empty({3}, opts);
-  distance_stats_kernel<T><<<1, 1, 0, stream()>>>(stats.template data_ptr<T>(), sums.template const_data_ptr<T>(),
-                                                  static_cast<double>(B) * static_cast<double>(B - 1));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  for_each_block(B, tile, [&](int64_t r0, int64_t r1) {
-    at::Tensor bs = buf_s.narrow(0, 0, r1 - r0), bt = buf_t.narrow(0, 0, r1 - r0);
-    squared_distances(s, r0, r1, bs);
-    squared_distances(t, r0, r1, bt);
-    distance_loss_kernel<T><<<r1 - r0, kThreads, 0, stream()>>>(bs.template const_data_ptr<T>(), bt.template const_data_ptr<T>(),
-                                                               stats.template const_data_ptr<T>(), rows.template data_ptr<T>(),
-                                                               rows.template data_ptr<T>() + B, r0, B);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  sums = at::sum(rows, {1});
-  distance_a_kernel<T><<<1, 1, 0, stream()>>>(stats.template data_ptr<T>(), sums.template const_data_ptr<T>() + 1);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {sums.select(0, 0).clone(), stats};
 }
 
 template <typename T>
@@ -350,7 +364,7 @@ at::Tensor distance_backward(const at::Tensor& grad_loss, const at::Tensor& stud
     squared_distances(s, r0, r1, bs);
     squared_distances(t, r0, r1, bt);
     const int64_t n = (r1 - r0) * B;
-    distance_weight_kernel<T><<<ceil_div(n, kThreads), kThreads, 0, stream()>>>(
+    distance_weight_kernel<T, false><<<ceil_div(n, kThreads), kThreads, 0, stream()>>>(
         bs.template const_data_ptr<T>(), bt.template const_data_ptr<T>(), st.template const_data_ptr<T>(), g.template const_data_ptr<T>(),
         wb.template data_ptr<T>(), r0, r1 - r0, B);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -527,9 +541,9 @@ __global__ void angle_symmetrise_kernel(const T* __restrict__ ta, T* __restrict_
   c[q * B + p] = v;
 }
 
+// Summed angle loss over all B^3 triples (a device scalar).
 template <typename T>
-at::Tensor angle_forward(const at::Tensor& student, const at::Tensor& teacher) {
-  const AngleSide<T> s(student), t(teacher);
+at::Tensor angle_forward_from_sides(const AngleSide<T>& s, const AngleSide<T>& t) {
   const int64_t B = s.rows.B;
   const dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>(ceil_div(B, kThreads)));
   at::Tensor partial = at::empty({B, static_cast<int64_t>(grid.y)}, s.rows.e.options());
@@ -541,10 +555,15 @@ at::Tensor angle_forward(const at::Tensor& student, const at::Tensor& teacher) {
 }
 
 template <typename T>
-at::Tensor angle_backward(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher) {
+at::Tensor angle_forward(const at::Tensor& student, const at::Tensor& teacher) {
   const AngleSide<T> s(student), t(teacher);
+  return angle_forward_from_sides(s, t);
+}
+
+// The angle term's (B, B) symmetric pair weights S for upstream gradient g (a device scalar).
+template <typename T>
+at::Tensor angle_pair_weights(const AngleSide<T>& s, const AngleSide<T>& t, const at::Tensor& g) {
   const int64_t B = s.rows.B;
-  at::Tensor g = grad_loss.contiguous();
   const dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>(ceil_div(B, kThreads)));
   at::Tensor ta = at::empty({B, B}, s.rows.e.options()), c = at::empty({B, B}, s.rows.e.options());
   angle_anchor_kernel<T, true><<<grid, kThreads, 0, stream()>>>(
@@ -558,13 +577,54 @@ at::Tensor angle_backward(const at::Tensor& grad_loss, const at::Tensor& student
   angle_symmetrise_kernel<T><<<ceil_div(B * B, kThreads), kThreads, 0, stream()>>>(ta.template const_data_ptr<T>(),
                                                                                      c.template data_ptr<T>(), B);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int64_t tile = std::min(B, kTile);
+  return c;
+}
+
+// dL/de from a (B, B) pair-weight matrix (overwritten), one row block of GEMM at a time.
+template <typename T>
+at::Tensor gradient_from_pair_weights(const AngleSide<T>& s, at::Tensor weights, const at::Tensor& student) {
+  const int64_t B = s.rows.B, tile = std::min(B, kTile);
   PairGradScratch<T> scratch(tile, B, s.rows.D, s.rows.e.options());
   at::Tensor grad = at::zeros({B, s.rows.D}, s.rows.e.options());
   for_each_block(B, tile, [&](int64_t r0, int64_t r1) {
-    add_pair_gradient(s.rows, r0, r1, c.narrow(0, r0, r1 - r0), s.sq.template const_data_ptr<T>() + r0 * B, scratch, grad);
+    add_pair_gradient(s.rows, r0, r1, weights.narrow(0, r0, r1 - r0), s.sq.template const_data_ptr<T>() + r0 * B, scratch, grad);
   });
   return grad.to(student.scalar_type());
+}
+
+template <typename T>
+at::Tensor angle_backward(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher) {
+  const AngleSide<T> s(student), t(teacher);
+  return gradient_from_pair_weights(s, angle_pair_weights(s, t, grad_loss.contiguous()), student);
+}
+
+// ---- RKD distance + angle (RKDLoss) ----------------------------------------------------------------
+// Both terms from one AngleSide per input: the distance passes read the (B, B) squared distances
+// instead of re-forming blocks, and the backward adds the distance's pair weights to the angle's
+// before the one gradient GEMM per row block.
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> distance_angle_forward(const at::Tensor& student,
+                                                                      const at::Tensor& teacher) {
+  const AngleSide<T> s(student), t(teacher);
+  const int64_t B = s.rows.B;
+  auto [distance, stats] = distance_passes<T>(B, std::min(B, kTile), s.rows.e.options(), [&](int64_t r0, int64_t r1) {
+    return std::make_pair(s.sq.narrow(0, r0, r1 - r0), t.sq.narrow(0, r0, r1 - r0));
+  });
+  return {distance, angle_forward_from_sides(s, t), stats};
+}
+
+template <typename T>
+at::Tensor distance_angle_backward(const at::Tensor& grad_distance, const at::Tensor& grad_angle,
+                                   const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& stats) {
+  const AngleSide<T> s(student), t(teacher);
+  const int64_t B = s.rows.B;
+  at::Tensor weights = angle_pair_weights(s, t, grad_angle.contiguous());
+  const at::Tensor g = grad_distance.contiguous(), st = stats.contiguous();
+  distance_weight_kernel<T, true><<<ceil_div(B * B, kThreads), kThreads, 0, stream()>>>(
+      s.sq.template const_data_ptr<T>(), t.sq.template const_data_ptr<T>(), st.template const_data_ptr<T>(),
+      g.template const_data_ptr<T>(), weights.template data_ptr<T>(), 0, B, B);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return gradient_from_pair_weights(s, weights, student);
 }
 
 // ---- dispatcher entry points ---------------------------------------------------------------------
@@ -618,6 +678,24 @@ at::Tensor rkd_angle_backward_cuda(const at::Tensor& grad_loss, const at::Tensor
                                     [&] { return angle_backward<scalar_t>(grad_loss, student, teacher); });
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rkd_distance_angle_forward_cuda(const at::Tensor& student,
+                                                                               const at::Tensor& teacher) {
+  check_inputs(student, teacher, "rkd_distance_angle_forward");
+  const c10::cuda::CUDAGuard guard(student.device());
+  return AT_DISPATCH_FLOATING_TYPES(opmath_scalar_type(student.scalar_type()), "rkd_distance_angle_forward",
+                                    [&] { return distance_angle_forward<scalar_t>(student, teacher); });
+}
+
+at::Tensor rkd_distance_angle_backward_cuda(const at::Tensor& grad_distance, const at::Tensor& grad_angle,
+                                            const at::Tensor& student, const at::Tensor& teacher,
+                                            const at::Tensor& stats) {
+  check_inputs(student, teacher, "rkd_distance_angle_backward");
+  const c10::cuda::CUDAGuard guard(student.device());
+  return AT_DISPATCH_FLOATING_TYPES(
+      opmath_scalar_type(student.scalar_type()), "rkd_distance_angle_backward",
+      [&] { return distance_angle_backward<scalar_t>(grad_distance, grad_angle, student, teacher, stats); });
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace kdkernels
@@ -629,4 +707,6 @@ TORCH_LIBRARY_IMPL(kdkernels, CUDA, m) {
   m.impl("similarity_preserving_backward", &kdkernels::cuda::similarity_preserving_backward_cuda);
   m.impl("rkd_angle_forward", &kdkernels::cuda::rkd_angle_forward_cuda);
   m.impl("rkd_angle_backward", &kdkernels::cuda::rkd_angle_backward_cuda);
+  m.impl("rkd_distance_angle_forward", &kdkernels::cuda::rkd_distance_angle_forward_cuda);
+  m.impl("rkd_distance_angle_backward", &kdkernels::cuda::rkd_distance_angle_backward_cuda);
 }

@@ -7,6 +7,10 @@ with <loss> in LOSSES. Inputs are (B, Ds) student and (B, Dt) teacher rows. Each
 the loss summed over all entries (0-d, op-math dtype) and, for distance and SP, O(B) statistics
 that the backward uses instead of any B x B intermediate. The backward returns the student's
 gradient only: the teacher never gets one.
+
+``rkd_distance_angle_forward`` / ``_backward`` (and ``_triton``) compute both RKD terms from one
+set of squared distances (RKDLoss): the forward returns (distance sum, angle sum, distance stats),
+the backward takes one upstream gradient per loss.
 """
 from __future__ import annotations
 
@@ -124,6 +128,66 @@ if _native.triton_installed:
         )
 
 
+# ---- RKD distance + angle in one op ----------------------------------------------------------
+def _combined_forward_fake(student, teacher):
+    _check_rows(student, teacher)
+    dtype = opmath_dtype(student.dtype)
+    return student.new_empty((), dtype=dtype), student.new_empty((), dtype=dtype), student.new_empty((3,), dtype=dtype)
+
+
+def _combined_backward_fake(grad_distance, grad_angle, student, teacher, stats):
+    return torch.empty_like(student, memory_format=torch.contiguous_format)
+
+
+def _combined_setup_context(ctx, inputs, output):
+    student, teacher = inputs
+    if ctx.needs_input_grad[0]:
+        ctx.save_for_backward(student, teacher, output[2])
+
+
+def _combined_autograd_backward(backward_op):
+    def backward(ctx, grad_distance, grad_angle, _grad_stats):
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        student, teacher, stats = ctx.saved_tensors
+        # an unused output's gradient may come as None: it contributes nothing
+        zero = stats.new_zeros(())
+        grad_distance = zero if grad_distance is None else grad_distance.contiguous()
+        grad_angle = zero if grad_angle is None else grad_angle.contiguous()
+        return backward_op(grad_distance, grad_angle, student, teacher, stats), None
+
+    return backward
+
+
+if _native.cpu_loaded:
+    register_fake_and_autograd(
+        "kdkernels::rkd_distance_angle_forward", _combined_forward_fake,
+        "kdkernels::rkd_distance_angle_backward", _combined_backward_fake,
+        _combined_setup_context, _combined_autograd_backward(torch.ops.kdkernels.rkd_distance_angle_backward.default),
+    )
+
+if _native.triton_installed:
+
+    @torch.library.custom_op("kdkernels::rkd_distance_angle_forward_triton", mutates_args=())
+    def rkd_distance_angle_forward_triton(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        from kdkernels.triton import relation as kernels
+
+        return kernels.rkd_distance_angle_forward(student, teacher)
+
+    @torch.library.custom_op("kdkernels::rkd_distance_angle_backward_triton", mutates_args=())
+    def rkd_distance_angle_backward_triton(grad_distance: Tensor, grad_angle: Tensor, student: Tensor,
+                                           teacher: Tensor, stats: Tensor) -> Tensor:
+        from kdkernels.triton import relation as kernels
+
+        return kernels.rkd_distance_angle_backward(grad_distance, grad_angle, student, teacher, stats)
+
+    register_fake_and_autograd(
+        "kdkernels::rkd_distance_angle_forward_triton", _combined_forward_fake,
+        "kdkernels::rkd_distance_angle_backward_triton", _combined_backward_fake,
+        _combined_setup_context, _combined_autograd_backward(rkd_distance_angle_backward_triton),
+    )
+
+
 def forward_op(loss: str, backend: str):
     """The forward op of ``loss`` for ``backend`` ("cpu", "cuda" or "triton")."""
     name = f"{loss}_forward_triton" if backend == "triton" else f"{loss}_forward"
@@ -134,3 +198,10 @@ def summed_loss(loss: str, backend: str, student: Tensor, teacher: Tensor) -> Te
     """Run the fused forward of ``loss`` on (B, Ds) / (B, Dt) rows: the loss summed over all entries."""
     out = forward_op(loss, backend)(student, teacher)
     return out if STATS_SHAPE[loss] is None else out[0]
+
+
+def distance_and_angle_sums(backend: str, student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
+    """Both RKD terms of (B, Ds) / (B, Dt) rows from one fused op: (distance sum, angle sum)."""
+    name = "rkd_distance_angle_forward_triton" if backend == "triton" else "rkd_distance_angle_forward"
+    distance, angle, _stats = getattr(torch.ops.kdkernels, name).default(student, teacher)
+    return distance, angle

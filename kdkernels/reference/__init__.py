@@ -5,7 +5,7 @@ a loss of that dtype, and is differentiated by PyTorch's own autograd. The fused
 tested against these; these are tested against textbook float64 loops in python_tests/.
 """
 from kdkernels.reference.feature import projected_mse
-from kdkernels.reference.relation import rkd_angle, rkd_distance, similarity_preserving
+from kdkernels.reference.relation import rkd, rkd_angle, rkd_distance, similarity_preserving
 from kdkernels.reference.response import softmax_kl_div
 
-__all__ = ["softmax_kl_div", "projected_mse", "rkd_distance", "rkd_angle", "similarity_preserving"]
+__all__ = ["softmax_kl_div", "projected_mse", "rkd_distance", "rkd_angle", "rkd", "similarity_preserving"]

@@ -1,4 +1,5 @@
-"""Reference relation losses (DESIGN §2.3): RKD distance, RKD angle, similarity-preserving (SP).
+"""Reference relation losses (DESIGN §2.3): RKD distance, RKD angle, their weighted sum (RKD), and
+similarity-preserving (SP).
 
 Shapes: ``student`` (B, ...) and ``teacher`` (B, ...) are flattened from dim 1 to (B, Ds) and
 (B, Dt); Ds and Dt may differ. Every loss returns a 0-d tensor. The teacher side is computed
@@ -92,6 +93,18 @@ def rkd_angle(student: torch.Tensor, teacher: torch.Tensor, reduction: str = "me
     with torch.no_grad():
         psi_t = angles(t)
     return F.smooth_l1_loss(angles(s), psi_t, reduction=reduction, beta=1.0)
+
+
+def rkd(student: torch.Tensor, teacher: torch.Tensor, distance_weight: float = 1.0, angle_weight: float = 2.0,
+        reduction: str = "mean") -> torch.Tensor:
+    """``distance_weight * rkd_distance + angle_weight * rkd_angle``, each reduced by ``reduction``.
+    A term whose weight is 0 is not computed (so it cannot turn the sum into NaN)."""
+    terms = []
+    if distance_weight != 0:
+        terms.append(distance_weight * rkd_distance(student, teacher, reduction))
+    if angle_weight != 0:
+        terms.append(angle_weight * rkd_angle(student, teacher, reduction))
+    return sum(terms[1:], terms[0])
 
 
 def similarity_preserving(student: torch.Tensor, teacher: torch.Tensor, reduction: str = "batchmean") -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Triton kernels for the relation losses (DESIGN §2.3): RKD distance, RKD angle, SP.
+"""Triton kernels for the relation losses (DESIGN §2.3): RKD distance, RKD angle, SP, and distance
++ angle together (RKDLoss).
 
 The math is the one of csrc/include/kdkernels/relation.h (the C++ CPU / CUDA kernels), so the
 backends agree on the loss, the saved statistics and the gradients:
@@ -15,7 +16,10 @@ backends agree on the loss, the saved statistics and the gradients:
   atomics, deterministic);
 * angle keeps the (B, B) squared distances and inverse norms of both sides and walks anchors
   (forward, slot-a gradients) and columns (slot-c gradients), as the CPU kernel does; the
-  final ``S -> dL/dE`` step is the distance's pair-gradient kernel.
+  final ``S -> dL/dE`` step is the distance's pair-gradient kernel;
+* distance + angle: the angle's (B, B) squared distances also feed the distance passes (read,
+  not re-formed), and the distance's pair weights are added to the angle's ``S`` before the one
+  ``S -> dL/dE`` pass.
 
 Gram tiles use ``tl.dot`` in full fp32 (``input_precision="ieee"``; TF32 would lose the
 distances' digits); all arithmetic in float32 (float64 for float64 inputs).
@@ -161,53 +165,81 @@ def _add_pair_grad(grad_ptr, e_ptr, w, near, rows, cols, B, D, BLOCK_D: tl.const
 # RKD distance
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _distance_rowsum_kernel(es_ptr, ns_ptr, et_ptr, nt_ptr, out_s_ptr, out_t_ptr, B, Ds, Dt,
-                            EPS: tl.constexpr, NEAR_RATIO: tl.constexpr, BLOCK: tl.constexpr,
-                            BLOCK_D: tl.constexpr):
-    """Pass 1: per-row sums of the off-diagonal distances of both sides (-> mu)."""
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    rows = rows.to(tl.int64)
-    acc_s = tl.zeros((BLOCK,), dtype=es_ptr.dtype.element_ty)
-    acc_t = tl.zeros((BLOCK,), dtype=es_ptr.dtype.element_ty)
-    for c0 in range(0, B, BLOCK):
-        cols = (c0 + tl.arange(0, BLOCK)).to(tl.int64)
-        keep = (rows[:, None] != cols[None, :]) & (rows[:, None] < B) & (cols[None, :] < B)
-        sq_s, _ = _sq_dist_tile(es_ptr, ns_ptr, rows, cols, B, Ds, NEAR_RATIO, BLOCK, BLOCK, BLOCK_D)
-        sq_t, _ = _sq_dist_tile(et_ptr, nt_ptr, rows, cols, B, Dt, NEAR_RATIO, BLOCK, BLOCK, BLOCK_D)
-        acc_s += tl.sum(tl.where(keep, _clamped_distance(sq_s, EPS), 0.0), axis=1)
-        acc_t += tl.sum(tl.where(keep, _clamped_distance(sq_t, EPS), 0.0), axis=1)
-    tl.store(out_s_ptr + rows, acc_s, mask=rows < B)
-    tl.store(out_t_ptr + rows, acc_t, mask=rows < B)
+def _distance_row_terms(sq_s, sq_t, keep, mu_s, mu_t, LOSS: tl.constexpr, EPS: tl.constexpr):
+    """Row sums over a tile of squared distances. Pass 1 (not LOSS): the off-diagonal distances of
+    both sides (-> mu). Pass 2 (LOSS): the loss smooth_l1(d_s/mu_s - d_t/mu_t) and the A terms
+    smooth_l1'(x) d_s (the mu path of the gradient)."""
+    d_s = _clamped_distance(sq_s, EPS)
+    d_t = _clamped_distance(sq_t, EPS)
+    if LOSS:
+        x = d_s / mu_s - d_t / mu_t
+        return (tl.sum(tl.where(keep, _smooth_l1(x), 0.0), axis=1),
+                tl.sum(tl.where(keep, _smooth_l1_grad(x) * d_s, 0.0), axis=1))
+    else:
+        return tl.sum(tl.where(keep, d_s, 0.0), axis=1), tl.sum(tl.where(keep, d_t, 0.0), axis=1)
 
 
 @triton.jit
-def _distance_loss_kernel(es_ptr, ns_ptr, et_ptr, nt_ptr, mu_ptr, loss_ptr, a_ptr, B, Ds, Dt,
-                          EPS: tl.constexpr, NEAR_RATIO: tl.constexpr, BLOCK: tl.constexpr,
-                          BLOCK_D: tl.constexpr):
-    """Pass 2: per-row loss sum smooth_l1(d_s/mu_s - d_t/mu_t) and A terms smooth_l1'(x) d_s."""
+def _distance_pair_weight(sq_s, sq_t, keep, g, mu_s, mu_t, through_mu, EPS: tl.constexpr):
+    """w_ij with dL/de_i = sum_j w_ij (e_i - e_j): 2 dL/dd_ij / d_ij where the clamp passes a gradient
+    (2: d_ji = d_ij)."""
+    x = _clamped_distance(sq_s, EPS) / mu_s - _clamped_distance(sq_t, EPS) / mu_t
+    dl_dd = g * (_smooth_l1_grad(x) / mu_s - through_mu)
+    return tl.where(keep & ~(sq_s <= EPS), 2.0 * dl_dd / _clamped_distance(sq_s, EPS), 0.0)
+
+
+@triton.jit
+def _distance_rows_kernel(es_ptr, ns_ptr, et_ptr, nt_ptr, mu_ptr, out1_ptr, out2_ptr, B, Ds, Dt, LOSS: tl.constexpr,
+                          EPS: tl.constexpr, NEAR_RATIO: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One pass of _distance_row_terms over the row block, squared distances formed tile by tile."""
     rows = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
-    mu_s = tl.load(mu_ptr)
-    mu_t = tl.load(mu_ptr + 1)
-    acc_l = tl.zeros((BLOCK,), dtype=es_ptr.dtype.element_ty)
-    acc_a = tl.zeros((BLOCK,), dtype=es_ptr.dtype.element_ty)
+    mu_s, mu_t = 1.0, 1.0
+    if LOSS:
+        mu_s = tl.load(mu_ptr)
+        mu_t = tl.load(mu_ptr + 1)
+    acc1 = tl.zeros((BLOCK,), dtype=es_ptr.dtype.element_ty)
+    acc2 = tl.zeros((BLOCK,), dtype=es_ptr.dtype.element_ty)
     for c0 in range(0, B, BLOCK):
         cols = (c0 + tl.arange(0, BLOCK)).to(tl.int64)
         keep = (rows[:, None] != cols[None, :]) & (rows[:, None] < B) & (cols[None, :] < B)
         sq_s, _ = _sq_dist_tile(es_ptr, ns_ptr, rows, cols, B, Ds, NEAR_RATIO, BLOCK, BLOCK, BLOCK_D)
         sq_t, _ = _sq_dist_tile(et_ptr, nt_ptr, rows, cols, B, Dt, NEAR_RATIO, BLOCK, BLOCK, BLOCK_D)
-        d_s = _clamped_distance(sq_s, EPS)
-        x = d_s / mu_s - _clamped_distance(sq_t, EPS) / mu_t
-        acc_l += tl.sum(tl.where(keep, _smooth_l1(x), 0.0), axis=1)
-        acc_a += tl.sum(tl.where(keep, _smooth_l1_grad(x) * d_s, 0.0), axis=1)
-    tl.store(loss_ptr + rows, acc_l, mask=rows < B)
-    tl.store(a_ptr + rows, acc_a, mask=rows < B)
+        t1, t2 = _distance_row_terms(sq_s, sq_t, keep, mu_s, mu_t, LOSS, EPS)
+        acc1 += t1
+        acc2 += t2
+    tl.store(out1_ptr + rows, acc1, mask=rows < B)
+    tl.store(out2_ptr + rows, acc2, mask=rows < B)
+
+
+@triton.jit
+def _distance_rows_from_sq_kernel(sqs_ptr, sqt_ptr, mu_ptr, out1_ptr, out2_ptr, B, LOSS: tl.constexpr,
+                                  EPS: tl.constexpr, BLOCK: tl.constexpr):
+    """One pass of _distance_row_terms over the row block, read from (B, B) squared distances."""
+    rows = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    mu_s, mu_t = 1.0, 1.0
+    if LOSS:
+        mu_s = tl.load(mu_ptr)
+        mu_t = tl.load(mu_ptr + 1)
+    acc1 = tl.zeros((BLOCK,), dtype=sqs_ptr.dtype.element_ty)
+    acc2 = tl.zeros((BLOCK,), dtype=sqs_ptr.dtype.element_ty)
+    for c0 in range(0, B, BLOCK):
+        cols = (c0 + tl.arange(0, BLOCK)).to(tl.int64)
+        keep = (rows[:, None] != cols[None, :]) & (rows[:, None] < B) & (cols[None, :] < B)
+        offs = rows[:, None] * B + cols[None, :]
+        sq_s = tl.load(sqs_ptr + offs, mask=keep, other=0.0)
+        sq_t = tl.load(sqt_ptr + offs, mask=keep, other=0.0)
+        t1, t2 = _distance_row_terms(sq_s, sq_t, keep, mu_s, mu_t, LOSS, EPS)
+        acc1 += t1
+        acc2 += t2
+    tl.store(out1_ptr + rows, acc1, mask=rows < B)
+    tl.store(out2_ptr + rows, acc2, mask=rows < B)
 
 
 @triton.jit
 def _distance_grad_kernel(g_ptr, es_ptr, ns_ptr, et_ptr, nt_ptr, stats_ptr, grad_ptr, B, Ds, Dt,
                           EPS: tl.constexpr, NEAR_RATIO: tl.constexpr, BLOCK: tl.constexpr,
                           BLOCK_D: tl.constexpr):
-    """dL/de_i = sum_j 2 v_ij (e_i - e_j), v = dL/dd_ij / d_ij where the clamp passes a gradient."""
+    """dL/de_i = sum_j w_ij (e_i - e_j), squared distances formed tile by tile."""
     rows = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     g = tl.load(g_ptr)
     mu_s = tl.load(stats_ptr)
@@ -218,10 +250,37 @@ def _distance_grad_kernel(g_ptr, es_ptr, ns_ptr, et_ptr, nt_ptr, stats_ptr, grad
         keep = (rows[:, None] != cols[None, :]) & (rows[:, None] < B) & (cols[None, :] < B)
         sq_s, near = _sq_dist_tile(es_ptr, ns_ptr, rows, cols, B, Ds, NEAR_RATIO, BLOCK, BLOCK, BLOCK_D)
         sq_t, _ = _sq_dist_tile(et_ptr, nt_ptr, rows, cols, B, Dt, NEAR_RATIO, BLOCK, BLOCK, BLOCK_D)
-        x = _clamped_distance(sq_s, EPS) / mu_s - _clamped_distance(sq_t, EPS) / mu_t
-        dl_dd = g * (_smooth_l1_grad(x) / mu_s - through_mu)
-        w = tl.where(keep & ~(sq_s <= EPS), 2.0 * dl_dd / _clamped_distance(sq_s, EPS), 0.0)
+        w = _distance_pair_weight(sq_s, sq_t, keep, g, mu_s, mu_t, through_mu, EPS)
         _add_pair_grad(grad_ptr, es_ptr, w, near, rows, cols, B, Ds, BLOCK_D)
+
+
+@triton.jit
+def _add_distance_weights_kernel(sqs_ptr, sqt_ptr, stats_ptr, g_ptr, w_ptr, B, EPS: tl.constexpr,
+                                 BLOCK: tl.constexpr):
+    """w += the distance term's pair weights, for a (B, B) weight matrix (the combined op's)."""
+    rows = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    cols = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    inside = (rows[:, None] < B) & (cols[None, :] < B)
+    keep = inside & (rows[:, None] != cols[None, :])
+    offs = rows[:, None] * B + cols[None, :]
+    sq_s = tl.load(sqs_ptr + offs, mask=keep, other=1.0)
+    sq_t = tl.load(sqt_ptr + offs, mask=keep, other=1.0)
+    mu_s = tl.load(stats_ptr)
+    through_mu = tl.load(stats_ptr + 2) / (B * (B - 1.0))
+    w = _distance_pair_weight(sq_s, sq_t, keep, tl.load(g_ptr), mu_s, tl.load(stats_ptr + 1), through_mu, EPS)
+    tl.store(w_ptr + offs, tl.load(w_ptr + offs, mask=inside, other=0.0) + w, mask=inside)
+
+
+def _distance_passes(launch, batch: int, like: Tensor) -> tuple[Tensor, Tensor]:
+    """The two passes of the distance term; launch(loss, mu, out1, out2) runs one over all rows.
+    Returns the summed loss and stats = [mu_s, mu_t, A]."""
+    out1 = torch.empty(batch, dtype=like.dtype, device=like.device)
+    out2 = torch.empty_like(out1)
+    launch(False, out1, out1, out2)  # pass 1 reads no mu
+    mu = torch.stack([out1.sum(), out2.sum()]) / (batch * (batch - 1))
+    launch(True, mu, out1, out2)
+    stats = torch.cat([mu, (out2.sum() / (mu[0] * mu[0])).reshape(1)])
+    return out1.sum(), stats
 
 
 def rkd_distance_forward(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
@@ -229,17 +288,12 @@ def rkd_distance_forward(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tens
     es, ns = _rows(student, True)
     et, nt = _rows(teacher, True)
     batch = es.shape[0]
-    grid = (triton.cdiv(batch, block),)
-    rs_s, rs_t = torch.empty_like(ns), torch.empty_like(nt)
-    _distance_rowsum_kernel[grid](es, ns, et, nt, rs_s, rs_t, batch, es.shape[1], et.shape[1], EPS, NEAR_RATIO,
-                                  block, block_d)
-    count = batch * (batch - 1)
-    mu = torch.stack([rs_s.sum(), rs_t.sum()]) / count
-    row_loss, row_a = torch.empty_like(ns), torch.empty_like(ns)
-    _distance_loss_kernel[grid](es, ns, et, nt, mu, row_loss, row_a, batch, es.shape[1], et.shape[1], EPS,
-                                NEAR_RATIO, block, block_d)
-    stats = torch.cat([mu, (row_a.sum() / (mu[0] * mu[0])).reshape(1)])
-    return row_loss.sum(), stats
+
+    def launch(loss, mu, out1, out2):
+        _distance_rows_kernel[(triton.cdiv(batch, block),)](es, ns, et, nt, mu, out1, out2, batch, es.shape[1],
+                                                            et.shape[1], loss, EPS, NEAR_RATIO, block, block_d)
+
+    return _distance_passes(launch, batch, es)
 
 
 def rkd_distance_backward(grad_loss: Tensor, student: Tensor, teacher: Tensor, stats: Tensor) -> Tensor:
@@ -456,10 +510,7 @@ def _angle_side(x: Tensor, block: int, block_d: int):
     return e, n, sq, inv
 
 
-def rkd_angle_forward(student: Tensor, teacher: Tensor) -> Tensor:
-    block, block_d, angle_block = _tiles()
-    _, _, sq_s, inv_s = _angle_side(student, block, block_d)
-    _, _, sq_t, inv_t = _angle_side(teacher, block, block_d)
+def _angle_loss(sq_s: Tensor, inv_s: Tensor, sq_t: Tensor, inv_t: Tensor, angle_block: int) -> Tensor:
     batch = sq_s.shape[0]
     n_j = triton.cdiv(batch, angle_block)
     partial = torch.empty((batch, n_j), dtype=sq_s.dtype, device=sq_s.device)
@@ -467,12 +518,10 @@ def rkd_angle_forward(student: Tensor, teacher: Tensor) -> Tensor:
     return partial.sum()
 
 
-def rkd_angle_backward(grad_loss: Tensor, student: Tensor, teacher: Tensor) -> Tensor:
-    block, block_d, angle_block = _tiles()
-    e, n, sq_s, inv_s = _angle_side(student, block, block_d)
-    _, _, sq_t, inv_t = _angle_side(teacher, block, block_d)
+def _angle_pair_weights(sq_s: Tensor, inv_s: Tensor, sq_t: Tensor, inv_t: Tensor, g: Tensor,
+                        angle_block: int) -> Tensor:
+    """The angle term's (B, B) symmetric pair weights S: dL/de_i = sum_j S_ij (e_i - e_j)."""
     batch = sq_s.shape[0]
-    g = grad_loss.to(e.dtype).contiguous()
     grid = (batch, triton.cdiv(batch, angle_block))
     slot_a = torch.empty_like(sq_s)
     _angle_anchor_kernel[grid](sq_s, inv_s, sq_t, inv_t, slot_a, g, batch, True, angle_block)
@@ -480,9 +529,59 @@ def rkd_angle_backward(grad_loss: Tensor, student: Tensor, teacher: Tensor) -> T
     _angle_slot_c_kernel[grid](sq_s, inv_s, sq_t, inv_t, slot_c, g, batch, angle_block)
     # W = 2 T_a + C (slot b mirrors slot a); dL/de = 2 sum_j (W + W^T)_ij (e_i - e_j)
     w = 2.0 * slot_a + slot_c
-    s = 2.0 * (w + w.t())
-    del w, slot_a, slot_c
+    del slot_a, slot_c
+    return 2.0 * (w + w.t())
+
+
+def _gradient_from_pair_weights(weights: Tensor, sq: Tensor, e: Tensor, n: Tensor, block: int,
+                                block_d: int) -> Tensor:
+    batch = e.shape[0]
     grad = torch.zeros_like(e)
-    _pair_grad_from_matrix_kernel[(triton.cdiv(batch, block),)](s, sq_s, e, n, grad, batch, e.shape[1], NEAR_RATIO,
-                                                                block, block_d)
-    return grad.to(student.dtype)
+    _pair_grad_from_matrix_kernel[(triton.cdiv(batch, block),)](weights, sq, e, n, grad, batch, e.shape[1],
+                                                                NEAR_RATIO, block, block_d)
+    return grad
+
+
+def rkd_angle_forward(student: Tensor, teacher: Tensor) -> Tensor:
+    block, block_d, angle_block = _tiles()
+    _, _, sq_s, inv_s = _angle_side(student, block, block_d)
+    _, _, sq_t, inv_t = _angle_side(teacher, block, block_d)
+    return _angle_loss(sq_s, inv_s, sq_t, inv_t, angle_block)
+
+
+def rkd_angle_backward(grad_loss: Tensor, student: Tensor, teacher: Tensor) -> Tensor:
+    block, block_d, angle_block = _tiles()
+    e, n, sq_s, inv_s = _angle_side(student, block, block_d)
+    _, _, sq_t, inv_t = _angle_side(teacher, block, block_d)
+    weights = _angle_pair_weights(sq_s, inv_s, sq_t, inv_t, grad_loss.to(e.dtype).contiguous(), angle_block)
+    return _gradient_from_pair_weights(weights, sq_s, e, n, block, block_d).to(student.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# RKD distance + angle (RKDLoss): one set of (B, B) squared distances per side for both terms
+# ---------------------------------------------------------------------------------------------
+def rkd_distance_angle_forward(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    block, block_d, angle_block = _tiles()
+    _, _, sq_s, inv_s = _angle_side(student, block, block_d)
+    _, _, sq_t, inv_t = _angle_side(teacher, block, block_d)
+    batch = sq_s.shape[0]
+
+    def launch(loss, mu, out1, out2):
+        _distance_rows_from_sq_kernel[(triton.cdiv(batch, block),)](sq_s, sq_t, mu, out1, out2, batch, loss, EPS,
+                                                                    block)
+
+    distance, stats = _distance_passes(launch, batch, sq_s)
+    return distance, _angle_loss(sq_s, inv_s, sq_t, inv_t, angle_block), stats
+
+
+def rkd_distance_angle_backward(grad_distance: Tensor, grad_angle: Tensor, student: Tensor, teacher: Tensor,
+                                stats: Tensor) -> Tensor:
+    block, block_d, angle_block = _tiles()
+    e, n, sq_s, inv_s = _angle_side(student, block, block_d)
+    _, _, sq_t, inv_t = _angle_side(teacher, block, block_d)
+    batch = e.shape[0]
+    weights = _angle_pair_weights(sq_s, inv_s, sq_t, inv_t, grad_angle.to(e.dtype).contiguous(), angle_block)
+    grid = (triton.cdiv(batch, block), triton.cdiv(batch, block))
+    _add_distance_weights_kernel[grid](sq_s, sq_t, stats.contiguous(), grad_distance.to(e.dtype).contiguous(), weights,
+                                       batch, EPS, block)
+    return _gradient_from_pair_weights(weights, sq_s, e, n, block, block_d).to(student.dtype)
