@@ -4,7 +4,7 @@
 # Works with the device image's python3 (torch 2.11 cu130, Triton 3.6, no network). Everything
 # lands under $OUT (at most 8 files come back from the device tool): build.log (starts with the
 # machine's versions), tests.log, bench.log and bench/{results.json, results.csv, speedup.png,
-# scaling.png}. Sized for < 8 minutes.
+# scaling.png}; bench.log ends with benchmarks/rkd_combined.py's table. Sized for < 8 minutes.
 #
 #   device run:  bash benchmarks/gpu_check.sh          (timeout_s ~ 540)
 set -uo pipefail
@@ -34,5 +34,9 @@ tail -25 "$OUT/tests.log"
 step "benchmarks (--preset gpu)"
 timeout 150 $PY -m kdkernels.bench --preset gpu --out "$OUT/bench" >"$OUT/bench.log" 2>&1 || status=1
 tail -40 "$OUT/bench.log"
+
+step "RKDLoss: one fused op vs the two fused ops (appended to bench.log)"
+timeout 40 $PY benchmarks/rkd_combined.py --device cuda --batch 1024 --dim 1024 --dtype bfloat16 >>"$OUT/bench.log" 2>&1 || status=1
+tail -6 "$OUT/bench.log"
 step "done (status $status)"
 exit $status

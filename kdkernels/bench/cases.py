@@ -15,8 +15,8 @@ from typing import Any, Callable
 
 import torch
 
-LOSSES = ("softmax_kl_div", "projected_mse", "rkd_distance", "rkd_angle", "similarity_preserving")
-RELATION_LOSSES = ("rkd_distance", "rkd_angle", "similarity_preserving")
+LOSSES = ("softmax_kl_div", "projected_mse", "rkd_distance", "rkd_angle", "rkd", "similarity_preserving")
+RELATION_LOSSES = ("rkd_distance", "rkd_angle", "rkd", "similarity_preserving")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
@@ -248,6 +248,8 @@ SPECS: dict[str, LossSpec] = {
     "similarity_preserving": LossSpec(_rel_inputs, _rel_label, _gram_flops, _pair_est(10, 4), _pair_work, "B", 2.0),
     # angle: the work is B^3 element-wise triples, not matmul FLOPs, so no tensor-core fraction
     "rkd_angle": LossSpec(_rel_inputs, _rel_label, lambda c: None, _angle_est, _angle_work, "B", 3.0),
+    # distance + 2 x angle (RKDLoss's default weights) in one op: the angle's B^3 dominates
+    "rkd": LossSpec(_rel_inputs, _rel_label, lambda c: None, _angle_est, _angle_work, "B", 3.0),
 }
 
 
@@ -302,6 +304,7 @@ def preset_cpu() -> Preset:
         _rel("rkd_distance", 4096, 512),
         _rel("similarity_preserving", 4096, 512),
         _rel("rkd_angle", 512, 512),
+        _rel("rkd", 512, 512),
     ]
     cases += _scaling({"rkd_distance": [1024, 2048, 4096, 8192, 16384],
                        "similarity_preserving": [1024, 2048, 4096, 8192, 16384],
@@ -319,6 +322,7 @@ def preset_gpu() -> Preset:
         _rel("rkd_distance", 16384, 1024, "bfloat16"),
         _rel("similarity_preserving", 16384, 1024, "bfloat16"),
         _rel("rkd_angle", 1024, 1024, "bfloat16"),
+        _rel("rkd", 1024, 1024, "bfloat16"),
         _kl(4096, 32000, "bfloat16"),
         _kl(4096, 128256, "bfloat16", divergence="jsd", beta=0.5),
         _kl(4096, 256000, "bfloat16"),
@@ -338,6 +342,7 @@ def preset_smoke(device: str = "cpu") -> Preset:
         _rel("rkd_distance", 64, 16),
         _rel("similarity_preserving", 64, 16),
         _rel("rkd_angle", 16, 8),
+        _rel("rkd", 16, 8),
         # the sweep's last point is far too big on purpose: it must be skipped by the guards, not run
         _rel("rkd_distance", 32, 16, group="scaling"),
         _rel("rkd_distance", 1 << 20, 16, group="scaling"),
