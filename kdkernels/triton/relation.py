@@ -173,10 +173,12 @@ def _distance_row_terms(sq_s, sq_t, keep, mu_s, mu_t, LOSS: tl.constexpr, EPS: t
     d_t = _clamped_distance(sq_t, EPS)
     if LOSS:
         x = d_s / mu_s - d_t / mu_t
-        return (tl.sum(tl.where(keep, _smooth_l1(x), 0.0), axis=1),
-                tl.sum(tl.where(keep, _smooth_l1_grad(x) * d_s, 0.0), axis=1))
+        t1 = _smooth_l1(x)
+        t2 = _smooth_l1_grad(x) * d_s
     else:
-        return tl.sum(tl.where(keep, d_s, 0.0), axis=1), tl.sum(tl.where(keep, d_t, 0.0), axis=1)
+        t1 = d_s
+        t2 = d_t
+    return tl.sum(tl.where(keep, t1, 0.0), axis=1), tl.sum(tl.where(keep, t2, 0.0), axis=1)
 
 
 @triton.jit
@@ -193,10 +195,12 @@ def _distance_rows_kernel(es_ptr, ns_ptr, et_ptr, nt_ptr, mu_ptr, out1_ptr, out2
                           EPS: tl.constexpr, NEAR_RATIO: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
     """One pass of _distance_row_terms over the row block, squared distances formed tile by tile."""
     rows = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
-    mu_s, mu_t = 1.0, 1.0
     if LOSS:
         mu_s = tl.load(mu_ptr)
         mu_t = tl.load(mu_ptr + 1)
+    else:  # pass 1 reads no mu
+        mu_s = 1.0
+        mu_t = 1.0
     acc1 = tl.zeros((BLOCK,), dtype=es_ptr.dtype.element_ty)
     acc2 = tl.zeros((BLOCK,), dtype=es_ptr.dtype.element_ty)
     for c0 in range(0, B, BLOCK):
@@ -216,10 +220,12 @@ def _distance_rows_from_sq_kernel(sqs_ptr, sqt_ptr, mu_ptr, out1_ptr, out2_ptr, 
                                   EPS: tl.constexpr, BLOCK: tl.constexpr):
     """One pass of _distance_row_terms over the row block, read from (B, B) squared distances."""
     rows = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
-    mu_s, mu_t = 1.0, 1.0
     if LOSS:
         mu_s = tl.load(mu_ptr)
         mu_t = tl.load(mu_ptr + 1)
+    else:  # pass 1 reads no mu
+        mu_s = 1.0
+        mu_t = 1.0
     acc1 = tl.zeros((BLOCK,), dtype=sqs_ptr.dtype.element_ty)
     acc2 = tl.zeros((BLOCK,), dtype=sqs_ptr.dtype.element_ty)
     for c0 in range(0, B, BLOCK):

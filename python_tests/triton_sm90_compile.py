@@ -1,0 +1,165 @@
+"""Compile every Triton kernel launch of kdkernels for sm_90 (H100/H200) on a machine without a GPU.
+
+    python python_tests/triton_sm90_compile.py        # prints one line per compiled variant
+
+The Triton interpreter (how the test suite runs Triton on CPU) executes kernels as NumPy code: it
+never runs Triton's compiler, so a kernel can pass every interpreted test and still fail to compile
+for a GPU (types that do not unify, an op without a lowering, a constexpr branch that is not
+static). This script runs the real launchers (kdkernels/triton/*.py) on small CPU tensors with
+``JITFunction.run`` replaced by a recorder, so every launch's arguments, constexprs and options are
+captured exactly as a GPU run would pass them, then compiles each distinct variant with
+``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` down to a cubin (ptxas included). No kernel
+runs; outputs of the launchers are garbage and never looked at.
+
+Must run WITHOUT ``TRITON_INTERPRET=1`` (the interpreter replaces ``triton.jit``). Exit status 1 if
+any variant fails to compile; the failures are printed.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    sys.exit("run without TRITON_INTERPRET=1: the interpreter never compiles")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+OPTION_NAMES = ("num_warps", "num_stages", "num_ctas", "enable_fp_fusion", "maxnreg")
+POINTER_TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16", torch.bfloat16: "bf16",
+                 torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
+                 torch.bool: "i1"}
+
+launches: list[tuple[JITFunction, dict, dict]] = []
+
+
+def _record(self, *args, grid, warmup, **kwargs):
+    options = {k: kwargs.pop(k) for k in OPTION_NAMES if k in kwargs}
+    bound = inspect.signature(self.fn).bind(*args, **kwargs)
+    bound.apply_defaults()
+    launches.append((self, dict(bound.arguments), options))
+    return None
+
+
+def _scalar_type(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + POINTER_TYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"no Triton type for {type(value).__name__}")
+
+
+def first_pointer(signature: dict) -> str:
+    return next((v for v in signature.values() if v.startswith("*")), "")
+
+
+def variant(fn: JITFunction, arguments: dict, options: dict):
+    """(signature, constexprs, options) of one launch, hashable parts as a key."""
+    signature, constexprs = {}, {}
+    for param in fn.params:
+        value = arguments[param.name]
+        if param.is_constexpr or value is None:
+            signature[param.name] = "constexpr"
+            constexprs[param.name] = value
+        else:
+            signature[param.name] = _scalar_type(value)
+    key = (fn.__name__, tuple(signature.items()), repr(sorted(constexprs.items(), key=lambda kv: kv[0])),
+           tuple(sorted(options.items())))
+    return key, signature, constexprs
+
+
+# ---- the launches: every loss family, every constexpr branch, the dtypes a GPU run sees ------------
+def response_launches():
+    from kdkernels.triton import response as k
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        for vocab in (100, 40000):  # one chunk / several chunks (and the larger block config)
+            s = torch.randn(3, vocab).to(dtype)
+            t = torch.randn(3, vocab).to(dtype)
+            labels = torch.tensor([0, -100, 2])
+            for divergence in (0, 1, 2):
+                for lab in (None, labels):
+                    _, stats = k.softmax_kl_forward(s, t, lab, 2.0, divergence, 0.5, -100, True)
+                    for student_grad, teacher_grad in ((True, False), (True, True), (False, True)):
+                        k.softmax_kl_backward(torch.ones(3), s, t, lab, stats, 2.0, divergence, 0.5, -100, True,
+                                              student_grad, teacher_grad)
+
+
+def feature_launches():
+    from kdkernels.triton import feature as k
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        for layout in ("rows", "feature_major"):
+            x = torch.randn(2, 40, 24).to(dtype)
+            t = torch.randn(2, 40, 36).to(dtype)
+            if layout == "feature_major":  # NCHW maps seen as (B, P, C) with stride 1 along P
+                x = torch.randn(2, 24, 40).to(dtype).transpose(1, 2)
+                t = torch.randn(2, 36, 40).to(dtype).transpose(1, 2)
+            w = torch.randn(36, 24).to(dtype)
+            for bias in (None, torch.randn(36).to(dtype)):
+                _, residual = k.projected_mse_forward(x, t, w, bias, 0)
+                for flags in ((True, False, True, bias is not None), (True, True, False, False),
+                              (False, False, True, False)):
+                    k.projected_mse_backward(torch.ones(()), x, w, residual, 0, *flags)
+
+
+def relation_launches():
+    from kdkernels.triton import relation as k
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        s = torch.randn(70, 20).to(dtype)
+        t = torch.randn(70, 12).to(dtype)
+        g = torch.ones((), dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+        stats3 = torch.ones(3, dtype=g.dtype)
+        k.rkd_distance_forward(s, t)
+        k.rkd_distance_backward(g, s, t, stats3)
+        k.similarity_preserving_forward(s, t)
+        k.similarity_preserving_backward(g, s, t, torch.ones(3, 70, dtype=g.dtype))
+        k.rkd_angle_forward(s, t)
+        k.rkd_angle_backward(g, s, t)
+        k.rkd_distance_angle_forward(s, t)
+        k.rkd_distance_angle_backward(g, g, s, t, stats3)
+
+
+FAMILIES = {"response": response_launches, "feature": feature_launches, "relation": relation_launches}
+
+
+def main(argv: list[str]) -> int:
+    families = argv or list(FAMILIES)
+    JITFunction.run = _record
+    for name in families:
+        FAMILIES[name]()
+    variants = {}
+    for fn, arguments, options in launches:
+        key, signature, constexprs = variant(fn, arguments, options)
+        variants.setdefault(key, (fn, signature, constexprs, options))
+    print(f"triton {triton.__version__}: {len(launches)} launches, {len(variants)} distinct variants, target {TARGET}")
+    failures = 0
+    t0 = time.perf_counter()
+    for (name, *_), (fn, signature, constexprs, options) in variants.items():
+        shown = {k: v for k, v in constexprs.items() if v is not None}
+        try:
+            compiled = triton.compile(ASTSource(fn, signature, constexprs), target=TARGET, options=options)
+            print(f"ok    {name} {first_pointer(signature)} {shown} {options} cubin {len(compiled.asm['cubin'])} B",
+                  flush=True)
+        except Exception:  # noqa: BLE001 - report every failing variant, then fail
+            failures += 1
+            print(f"FAIL  {name} {shown} {options}\n{traceback.format_exc()}", flush=True)
+    print(f"{len(variants) - failures} compiled, {failures} failed in {time.perf_counter() - t0:.0f} s")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
