@@ -191,9 +191,12 @@ def _distance_pair_weight(sq_s, sq_t, keep, g, mu_s, mu_t, through_mu, EPS: tl.c
 
 
 @triton.jit
-def _distance_rows_kernel(es_ptr, ns_ptr, et_ptr, nt_ptr, mu_ptr, out1_ptr, out2_ptr, B, Ds, Dt, LOSS: tl.constexpr,
-                          EPS: tl.constexpr, NEAR_RATIO: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One pass of _distance_row_terms over the row block, squared distances formed tile by tile."""
+def _distance_rows_kernel(es_ptr, ns_ptr, et_ptr, nt_ptr, sqs_ptr, sqt_ptr, mu_ptr, out1_ptr, out2_ptr, B, Ds, Dt,
+                          LOSS: tl.constexpr, FROM_SQ: tl.constexpr, EPS: tl.constexpr, NEAR_RATIO: tl.constexpr,
+                          BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One pass of _distance_row_terms over the row block. The squared distances are read from
+    (B, B) matrices (FROM_SQ: the combined distance + angle op's; the rows are not read) or formed
+    tile by tile from the rows (the sq pointers are not read)."""
     rows = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     if LOSS:
         mu_s = tl.load(mu_ptr)
@@ -201,39 +204,18 @@ def _distance_rows_kernel(es_ptr, ns_ptr, et_ptr, nt_ptr, mu_ptr, out1_ptr, out2
     else:  # pass 1 reads no mu
         mu_s = 1.0
         mu_t = 1.0
-    acc1 = tl.zeros((BLOCK,), dtype=es_ptr.dtype.element_ty)
-    acc2 = tl.zeros((BLOCK,), dtype=es_ptr.dtype.element_ty)
+    acc1 = tl.zeros((BLOCK,), dtype=out1_ptr.dtype.element_ty)
+    acc2 = tl.zeros((BLOCK,), dtype=out1_ptr.dtype.element_ty)
     for c0 in range(0, B, BLOCK):
         cols = (c0 + tl.arange(0, BLOCK)).to(tl.int64)
         keep = (rows[:, None] != cols[None, :]) & (rows[:, None] < B) & (cols[None, :] < B)
-        sq_s, _ = _sq_dist_tile(es_ptr, ns_ptr, rows, cols, B, Ds, NEAR_RATIO, BLOCK, BLOCK, BLOCK_D)
-        sq_t, _ = _sq_dist_tile(et_ptr, nt_ptr, rows, cols, B, Dt, NEAR_RATIO, BLOCK, BLOCK, BLOCK_D)
-        t1, t2 = _distance_row_terms(sq_s, sq_t, keep, mu_s, mu_t, LOSS, EPS)
-        acc1 += t1
-        acc2 += t2
-    tl.store(out1_ptr + rows, acc1, mask=rows < B)
-    tl.store(out2_ptr + rows, acc2, mask=rows < B)
-
-
-@triton.jit
-def _distance_rows_from_sq_kernel(sqs_ptr, sqt_ptr, mu_ptr, out1_ptr, out2_ptr, B, LOSS: tl.constexpr,
-                                  EPS: tl.constexpr, BLOCK: tl.constexpr):
-    """One pass of _distance_row_terms over the row block, read from (B, B) squared distances."""
-    rows = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
-    if LOSS:
-        mu_s = tl.load(mu_ptr)
-        mu_t = tl.load(mu_ptr + 1)
-    else:  # pass 1 reads no mu
-        mu_s = 1.0
-        mu_t = 1.0
-    acc1 = tl.zeros((BLOCK,), dtype=sqs_ptr.dtype.element_ty)
-    acc2 = tl.zeros((BLOCK,), dtype=sqs_ptr.dtype.element_ty)
-    for c0 in range(0, B, BLOCK):
-        cols = (c0 + tl.arange(0, BLOCK)).to(tl.int64)
-        keep = (rows[:, None] != cols[None, :]) & (rows[:, None] < B) & (cols[None, :] < B)
-        offs = rows[:, None] * B + cols[None, :]
-        sq_s = tl.load(sqs_ptr + offs, mask=keep, other=0.0)
-        sq_t = tl.load(sqt_ptr + offs, mask=keep, other=0.0)
+        if FROM_SQ:
+            offs = rows[:, None] * B + cols[None, :]
+            sq_s = tl.load(sqs_ptr + offs, mask=keep, other=0.0)
+            sq_t = tl.load(sqt_ptr + offs, mask=keep, other=0.0)
+        else:
+            sq_s, _ = _sq_dist_tile(es_ptr, ns_ptr, rows, cols, B, Ds, NEAR_RATIO, BLOCK, BLOCK, BLOCK_D)
+            sq_t, _ = _sq_dist_tile(et_ptr, nt_ptr, rows, cols, B, Dt, NEAR_RATIO, BLOCK, BLOCK, BLOCK_D)
         t1, t2 = _distance_row_terms(sq_s, sq_t, keep, mu_s, mu_t, LOSS, EPS)
         acc1 += t1
         acc2 += t2
@@ -296,8 +278,8 @@ def rkd_distance_forward(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tens
     batch = es.shape[0]
 
     def launch(loss, mu, out1, out2):
-        _distance_rows_kernel[(triton.cdiv(batch, block),)](es, ns, et, nt, mu, out1, out2, batch, es.shape[1],
-                                                            et.shape[1], loss, EPS, NEAR_RATIO, block, block_d)
+        _distance_rows_kernel[(triton.cdiv(batch, block),)](es, ns, et, nt, es, et, mu, out1, out2, batch, es.shape[1],
+                                                            et.shape[1], loss, False, EPS, NEAR_RATIO, block, block_d)
 
     return _distance_passes(launch, batch, es)
 
@@ -573,8 +555,8 @@ def rkd_distance_angle_forward(student: Tensor, teacher: Tensor) -> tuple[Tensor
     batch = sq_s.shape[0]
 
     def launch(loss, mu, out1, out2):
-        _distance_rows_from_sq_kernel[(triton.cdiv(batch, block),)](sq_s, sq_t, mu, out1, out2, batch, loss, EPS,
-                                                                    block)
+        _distance_rows_kernel[(triton.cdiv(batch, block),)](sq_s, out1, sq_t, out1, sq_s, sq_t, mu, out1, out2, batch,
+                                                            0, 0, loss, True, EPS, NEAR_RATIO, block, block_d)
 
     distance, stats = _distance_passes(launch, batch, sq_s)
     return distance, _angle_loss(sq_s, inv_s, sq_t, inv_t, angle_block), stats
