@@ -10,6 +10,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
@@ -138,9 +139,15 @@ struct Rows {
   }
 
   // dst[(i - r0) * B + j] = G_ij for rows i in [r0, r1); dst is contiguous (r1 - r0, B).
+  // dst (r1 - r0, c1 - c0) = G_ij for rows i in [r0, r1), columns j in [c0, c1); materialised only
+  void gram_block(int64_t r0, int64_t r1, int64_t c0, int64_t c1, at::Tensor dst) const {
+    TORCH_CHECK(!lazy, "kdkernels: gram_block needs materialised rows");
+    at::mm_out(dst, e.narrow(0, r0, r1 - r0), e.narrow(0, c0, c1 - c0).t());
+  }
+
   void gram_rows(int64_t r0, int64_t r1, at::Tensor dst) const {
     if (!lazy) {
-      at::mm_out(dst, e.narrow(0, r0, r1 - r0), e.t());
+      gram_block(r0, r1, 0, B, dst);
       return;
     }
     // centred row block once, then column blocks of the centred rows, each GEMM written into its
@@ -423,30 +430,34 @@ at::Tensor sp_backward(const at::Tensor& grad_loss, const at::Tensor& student, c
   const T g = scalar_of<T>(grad_loss);
   at::Tensor st = stats.contiguous();
   const T *ns = st.const_data_ptr<T>(), *nt = ns + B, *gam = nt + B;
-  at::Tensor buf_s = at::empty({tile, B}, s.e.options()), buf_t = at::empty({tile, B}, s.e.options());
-  at::Tensor grad = at::empty({B, s.D}, s.e.options());
+  at::Tensor buf_s = at::empty({tile * B}, s.e.options()), buf_t = at::empty({tile * B}, s.e.options());
+  at::Tensor grad = at::zeros({B, s.D}, s.e.options());
+  // dL/dF = S F with S = g (W + W^T), symmetric: block I forms only its columns j >= r0 (half the
+  // Gram work of full rows), adds S_IJ F_J to its own rows and S_IJ^T F_I to the rows past it.
   for_each_block(B, tile, [&](int64_t r0, int64_t r1) {
-    at::Tensor bs = buf_s.narrow(0, 0, r1 - r0), bt = buf_t.narrow(0, 0, r1 - r0);
-    s.gram_rows(r0, r1, bs);
-    t.gram_rows(r0, r1, bt);
+    const int64_t rows = r1 - r0, cols = B - r0;
+    at::Tensor bs = buf_s.narrow(0, 0, rows * cols).view({rows, cols});
+    at::Tensor bt = buf_t.narrow(0, 0, rows * cols).view({rows, cols});
+    s.gram_block(r0, r1, r0, B, bs);
+    t.gram_block(r0, r1, r0, B, bt);
     T* ps = bs.data_ptr<T>();
     const T* pt = bt.const_data_ptr<T>();
-    // dL/dF = (W + W^T) F; G is symmetric, so the block's rows of W^T (W_ji) come from the same
-    // Gram entries with row j's statistics. The weights overwrite the student's Gram block.
+    // W_ji comes from the same Gram entry with row j's statistics; S overwrites the student's block
     at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
-        T* gs = ps + (i - r0) * B;
-        const T* gt = pt + (i - r0) * B;
-        for (int64_t j = 0; j < B; ++j) {
-          const T b_ij = gs[j] / ns[i], b_ji = gs[j] / ns[j];
-          const T w_ij = (T(-2) * (gt[j] / nt[i] - b_ij) - b_ij * gam[i]) / ns[i];
-          const T w_ji = (T(-2) * (gt[j] / nt[j] - b_ji) - b_ji * gam[j]) / ns[j];
-          gs[j] = g * (w_ij + w_ji);
+        T* gs = ps + (i - r0) * cols;
+        const T* gt = pt + (i - r0) * cols;
+        for (int64_t c = 0; c < cols; ++c) {
+          const int64_t j = r0 + c;
+          const T b_ij = gs[c] / ns[i], b_ji = gs[c] / ns[j];
+          const T w_ij = (T(-2) * (gt[c] / nt[i] - b_ij) - b_ij * gam[i]) / ns[i];
+          const T w_ji = (T(-2) * (gt[c] / nt[j] - b_ji) - b_ji * gam[j]) / ns[j];
+          gs[c] = g * (w_ij + w_ji);
         }
       }
     });
-    at::Tensor gb = grad.narrow(0, r0, r1 - r0);
-    at::mm_out(gb, bs, s.e);
+    grad.narrow(0, r0, rows).addmm_(bs, s.e.narrow(0, r0, cols));
+    if (r1 < B) grad.narrow(0, r1, B - r1).addmm_(bs.narrow(1, rows, B - r1).t(), s.e.narrow(0, r0, rows));
   });
   return grad.to(student.scalar_type());
 }
