@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import backend_params
+from helpers import backend_params, cuda_only
 from kdkernels import _feature, _native, functional
 
 needs_cpu_ext = pytest.mark.skipif(not _native.cpu_loaded, reason=f"C++ extension not built: {_native.cpu_error}")
@@ -82,3 +82,15 @@ def test_residual_layout_follows_the_teacher(device, backend):
         B, P, Dt = residual.shape
         assert _feature.feature_major(P, Dt, residual.stride(1)) == expected_fmajor
         assert residual.stride() == t3.stride()
+
+
+@cuda_only
+@pytest.mark.cuda
+def test_cuda_backward_rejects_a_host_grad_loss():
+    # the kernels read grad_loss on the device: a CPU scalar must be an error, not a bad pointer
+    fwd, bwd = _ops("cuda")
+    x3, t3, w, b = _op_args(torch.device("cuda"), 0)
+    with torch.no_grad():
+        _, residual = fwd(x3, t3, w, b, 1)
+    with pytest.raises(RuntimeError, match="grad_loss must be on the residual's device"):
+        bwd(torch.tensor(1.0), x3.detach(), w.detach(), residual, 1, True, False, True, True)

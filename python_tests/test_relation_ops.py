@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import backend_params
+from helpers import backend_params, cuda_only
 import kdkernels
 from kdkernels import _native, functional
 from kdkernels.ops import relation as relation_ops
@@ -207,3 +207,19 @@ def test_rkd_loss_runs_one_fused_op(device, backend, weights, expected):
     with _OpLog() as log:
         loss(s, t).backward()
     assert log.names == expected
+
+
+@cuda_only
+@pytest.mark.cuda
+def test_cuda_backward_rejects_host_grads_and_stats():
+    # the kernels read these on the device: CPU tensors must be an error, not a bad pointer
+    s, t = _op_inputs(torch.device("cuda"))
+    s = s.detach()
+    _, stats = torch.ops.kdkernels.rkd_distance_forward(s, t)
+    one = torch.ones((), device="cuda")
+    with pytest.raises(RuntimeError, match="grad_loss must be on the student's device"):
+        torch.ops.kdkernels.rkd_distance_backward(torch.tensor(1.0), s, t, stats)
+    with pytest.raises(RuntimeError, match="stats must be on the student's device"):
+        torch.ops.kdkernels.rkd_distance_backward(one, s, t, stats.cpu())
+    with pytest.raises(RuntimeError, match="grad_angle must be on the student's device"):
+        torch.ops.kdkernels.rkd_distance_angle_backward(one, torch.tensor(1.0), s, t, stats)

@@ -625,6 +625,8 @@ std::tuple<at::Tensor, at::Tensor> rkd_distance_forward_cpu(const at::Tensor& st
 at::Tensor rkd_distance_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& student,
                                      const at::Tensor& teacher, const at::Tensor& stats) {
   check_inputs(student, teacher, "rkd_distance_backward");
+  check_relation_aux(grad_loss, student, "grad_loss", "rkd_distance_backward");
+  check_relation_aux(stats, student, "stats", "rkd_distance_backward");
   return AT_DISPATCH_FLOATING_TYPES(opmath_scalar_type(student.scalar_type()), "rkd_distance_backward",
                                     [&] { return distance_backward<scalar_t>(grad_loss, student, teacher, stats); });
 }
@@ -639,6 +641,8 @@ std::tuple<at::Tensor, at::Tensor> similarity_preserving_forward_cpu(const at::T
 at::Tensor similarity_preserving_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& student,
                                               const at::Tensor& teacher, const at::Tensor& stats) {
   check_inputs(student, teacher, "similarity_preserving_backward");
+  check_relation_aux(grad_loss, student, "grad_loss", "similarity_preserving_backward");
+  check_relation_aux(stats, student, "stats", "similarity_preserving_backward");
   return AT_DISPATCH_FLOATING_TYPES(opmath_scalar_type(student.scalar_type()), "similarity_preserving_backward",
                                     [&] { return sp_backward<scalar_t>(grad_loss, student, teacher, stats); });
 }
@@ -651,6 +655,7 @@ at::Tensor rkd_angle_forward_cpu(const at::Tensor& student, const at::Tensor& te
 
 at::Tensor rkd_angle_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher) {
   check_inputs(student, teacher, "rkd_angle_backward");
+  check_relation_aux(grad_loss, student, "grad_loss", "rkd_angle_backward");
   return AT_DISPATCH_FLOATING_TYPES(opmath_scalar_type(student.scalar_type()), "rkd_angle_backward",
                                     [&] { return angle_backward<scalar_t>(grad_loss, student, teacher); });
 }
@@ -666,6 +671,9 @@ at::Tensor rkd_distance_angle_backward_cpu(const at::Tensor& grad_distance, cons
                                            const at::Tensor& student, const at::Tensor& teacher,
                                            const at::Tensor& stats) {
   check_inputs(student, teacher, "rkd_distance_angle_backward");
+  check_relation_aux(grad_distance, student, "grad_distance", "rkd_distance_angle_backward");
+  check_relation_aux(grad_angle, student, "grad_angle", "rkd_distance_angle_backward");
+  check_relation_aux(stats, student, "stats", "rkd_distance_angle_backward");
   return AT_DISPATCH_FLOATING_TYPES(
       opmath_scalar_type(student.scalar_type()), "rkd_distance_angle_backward",
       [&] { return distance_angle_backward<scalar_t>(grad_distance, grad_angle, student, teacher, stats); });

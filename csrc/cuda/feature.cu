@@ -77,7 +77,7 @@ __global__ void residual_sq_kernel(const acc_t* y, const T* __restrict__ t, cons
     const acc_t row_bias = (bias != nullptr && !bias_on_cols) ? static_cast<acc_t>(bias[m]) : acc_t(0);
     for (int64_t c = threadIdx.x; c < N; c += blockDim.x) {
       const acc_t bb = (bias != nullptr && bias_on_cols) ? static_cast<acc_t>(bias[c]) : row_bias;
-      const acc_t v = yrow[c] + bb - static_cast<acc_t>(trow[c * tsn]);
+      const acc_t v = (yrow[c] - static_cast<acc_t>(trow[c * tsn])) + bb;  // the CPU kernel's order
       rrow[c] = static_cast<T>(v);  // same element, same thread: safe when r aliases y
       local += v * v;
     }
@@ -187,9 +187,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> projected_mse_backward_cuda(const Ten
 
   Tensor grad_x = at::empty({0}, opts), grad_t = at::empty({0}, opts);
   Tensor grad_w = at::empty({0}, opts), grad_b = at::empty({0}, opts);
-  if (x_grad) {  // (B, P, Ds) = r W, or (B, Ds, P) = W^T r; scaled in place
-    Tensor gx = fmajor ? batched_mm(weight.t(), rs, B, dtype) : batched_mm(rs, weight, B, dtype);
-    launch_scale(gx, gx, s, 1.0);
+  if (x_grad) {  // (B, P, Ds) = r W, or (B, Ds, P) = W^T r, in the op-math dtype, scaled, rounded once
+    // (as the CPU kernel: a 16-bit r W could overflow or round before the small scale is applied)
+    Tensor gx = fmajor ? batched_mm(weight.t(), rs, B, acc_type) : batched_mm(rs, weight, B, acc_type);
+    gx = gx.mul_(s).to(dtype);
     grad_x = fmajor ? gx.transpose(1, 2) : gx;
   }
   if (t_grad) {

@@ -7,8 +7,10 @@
 // row reductions); the backward turns the block's pair weights into the gradient with one more
 // GEMM. Angle keeps the (B, B) squared distances and inverse norms of both sides. Scalars (mu, the
 // loss) stay on the device: nothing synchronises with the host.
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
@@ -21,6 +23,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 
 #include "kdkernels/relation.h"
@@ -76,13 +79,15 @@ __global__ void shifted_copy_kernel(const scalar_t* __restrict__ x, const double
   out[k] = static_cast<T>(static_cast<double>(x[k]) - m);
 }
 
+// Sums below accumulate in double, as the CPU kernels do: the norms decide which pairs are
+// recomputed (gram_unreliable), so both backends should see the same ones.
 template <typename T>
 __global__ void row_norm2_kernel(const T* __restrict__ e, T* __restrict__ norm2, int64_t D) {
   const T* r = e + blockIdx.x * D;
-  T s = 0;
-  for (int64_t c = threadIdx.x; c < D; c += kThreads) s += r[c] * r[c];
+  double s = 0;
+  for (int64_t c = threadIdx.x; c < D; c += kThreads) s += static_cast<double>(r[c]) * r[c];
   s = block_sum(s);
-  if (threadIdx.x == 0) norm2[blockIdx.x] = s;
+  if (threadIdx.x == 0) norm2[blockIdx.x] = static_cast<T>(s);
 }
 
 template <typename T>
@@ -130,12 +135,12 @@ __global__ void sq_from_gram_kernel(T* __restrict__ sq, const T* __restrict__ e,
   if (i == j) {
     v = T(0);
   } else if (gram_unreliable(v, n[i], n[j])) {
-    T s = 0;
+    double s = 0;
     for (int64_t c = 0; c < D; ++c) {
-      const T d = e[i * D + c] - e[j * D + c];
+      const double d = static_cast<double>(e[i * D + c]) - e[j * D + c];
       s += d * d;
     }
-    v = s;
+    v = static_cast<T>(s);
   }
   sq[k] = v;
 }
@@ -233,10 +238,10 @@ void for_each_block(int64_t B, int64_t tile, F&& fn) {
 
 // ---- RKD distance ------------------------------------------------------------------------------
 template <typename T>
-__global__ void distance_rowsum_kernel(const T* __restrict__ sq_s, const T* __restrict__ sq_t, T* __restrict__ out_s,
-                                       T* __restrict__ out_t, int64_t r0, int64_t B) {
+__global__ void distance_rowsum_kernel(const T* __restrict__ sq_s, const T* __restrict__ sq_t, double* __restrict__ out_s,
+                                       double* __restrict__ out_t, int64_t r0, int64_t B) {
   const int64_t i = r0 + blockIdx.x;
-  T as = 0, at_ = 0;
+  double as = 0, at_ = 0;
   for (int64_t j = threadIdx.x; j < B; j += kThreads) {
     if (j == i) continue;
     as += clamped_distance(sq_s[blockIdx.x * B + j]);
@@ -253,10 +258,10 @@ __global__ void distance_rowsum_kernel(const T* __restrict__ sq_s, const T* __re
 // mu_s, mu_t are read from the device (stats[0], stats[1])
 template <typename T>
 __global__ void distance_loss_kernel(const T* __restrict__ sq_s, const T* __restrict__ sq_t, const T* __restrict__ stats,
-                                     T* __restrict__ row_loss, T* __restrict__ row_a, int64_t r0, int64_t B) {
+                                     double* __restrict__ row_loss, double* __restrict__ row_a, int64_t r0, int64_t B) {
   const int64_t i = r0 + blockIdx.x;
   const T mu_s = stats[0], mu_t = stats[1];
-  T loss = 0, a = 0;
+  double loss = 0, a = 0;
   for (int64_t j = threadIdx.x; j < B; j += kThreads) {
     if (j == i) continue;
     const T ds = clamped_distance(sq_s[blockIdx.x * B + j]);
@@ -293,14 +298,14 @@ __global__ void distance_weight_kernel(const T* __restrict__ sq_s, const T* __re
 
 // stats = [sum_s, sum_t] / count -> [mu_s, mu_t]; A = sum(row_a) / mu_s^2
 template <typename T>
-__global__ void distance_stats_kernel(T* __restrict__ stats, const T* __restrict__ sums, double count) {
-  stats[0] = static_cast<T>(static_cast<double>(sums[0]) / count);
-  stats[1] = static_cast<T>(static_cast<double>(sums[1]) / count);
+__global__ void distance_stats_kernel(T* __restrict__ stats, const double* __restrict__ sums, double count) {
+  stats[0] = static_cast<T>(sums[0] / count);
+  stats[1] = static_cast<T>(sums[1] / count);
 }
 
 template <typename T>
-__global__ void distance_a_kernel(T* __restrict__ stats, const T* __restrict__ sum_a) {
-  stats[2] = sum_a[0] / (stats[0] * stats[0]);
+__global__ void distance_a_kernel(T* __restrict__ stats, const double* __restrict__ sum_a) {
+  stats[2] = static_cast<T>(sum_a[0] / (static_cast<double>(stats[0]) * stats[0]));
 }
 
 // The distance term's two passes over squared-distance rows: block_fn(r0, r1) leaves the rows
@@ -309,7 +314,7 @@ __global__ void distance_a_kernel(T* __restrict__ stats, const T* __restrict__ s
 template <typename T, typename BlockFn>
 std::tuple<at::Tensor, at::Tensor> distance_passes(int64_t B, int64_t tile, const at::TensorOptions& opts,
                                                    BlockFn&& block_fn) {
-  at::Tensor rows = at::empty({2, B}, opts);
+  at::Tensor rows = at::empty({2, B}, opts.dtype(at::kDouble));
   at::Tensor stats = at::empty({3}, opts);
   at::Tensor sums;
   for (int pass = 0; pass < 2; ++pass) {
@@ -317,22 +322,22 @@ std::tuple<at::Tensor, at::Tensor> distance_passes(int64_t B, int64_t tile, cons
       auto [bs, bt] = block_fn(r0, r1);
       if (pass == 0)
         distance_rowsum_kernel<T><<<r1 - r0, kThreads, 0, stream()>>>(bs.template const_data_ptr<T>(), bt.template const_data_ptr<T>(),
-                                                                     rows.template data_ptr<T>(), rows.template data_ptr<T>() + B, r0, B);
+                                                                     rows.template data_ptr<double>(), rows.template data_ptr<double>() + B, r0, B);
       else
         distance_loss_kernel<T><<<r1 - r0, kThreads, 0, stream()>>>(bs.template const_data_ptr<T>(), bt.template const_data_ptr<T>(),
-                                                                   stats.template const_data_ptr<T>(), rows.template data_ptr<T>(),
-                                                                   rows.template data_ptr<T>() + B, r0, B);
+                                                                   stats.template const_data_ptr<T>(), rows.template data_ptr<double>(),
+                                                                   rows.template data_ptr<double>() + B, r0, B);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     sums = at::sum(rows, {1});
     if (pass == 0)
-      distance_stats_kernel<T><<<1, 1, 0, stream()>>>(stats.template data_ptr<T>(), sums.template const_data_ptr<T>(),
+      distance_stats_kernel<T><<<1, 1, 0, stream()>>>(stats.template data_ptr<T>(), sums.template const_data_ptr<double>(),
                                                       static_cast<double>(B) * static_cast<double>(B - 1));
     else
-      distance_a_kernel<T><<<1, 1, 0, stream()>>>(stats.template data_ptr<T>(), sums.template const_data_ptr<T>() + 1);
+      distance_a_kernel<T><<<1, 1, 0, stream()>>>(stats.template data_ptr<T>(), sums.template const_data_ptr<double>() + 1);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  return {sums.select(0, 0).clone(), stats};
+  return {sums.select(0, 0).to(c10::CppTypeToScalarType<T>::value, /*non_blocking=*/false, /*copy=*/true), stats};
 }
 
 template <typename T>
@@ -376,41 +381,44 @@ at::Tensor distance_backward(const at::Tensor& grad_loss, const at::Tensor& stud
 // ---- similarity preserving -----------------------------------------------------------------------
 template <typename T>
 __global__ void sp_row_kernel(const T* __restrict__ gs, const T* __restrict__ gt, T* __restrict__ stats,
-                              T* __restrict__ row_loss, int64_t r0, int64_t B) {
+                              double* __restrict__ row_loss, int64_t r0, int64_t B) {
   const int64_t i = r0 + blockIdx.x;
   const T* s = gs + blockIdx.x * B;
   const T* t = gt + blockIdx.x * B;
-  T ss = 0, tt = 0;
-  for (int64_t j = threadIdx.x; j < B; j += kThreads) ss += s[j] * s[j], tt += t[j] * t[j];
+  double ss = 0, tt = 0;
+  for (int64_t j = threadIdx.x; j < B; j += kThreads)
+    ss += static_cast<double>(s[j]) * s[j], tt += static_cast<double>(t[j]) * t[j];
   __shared__ T norms[2];
   ss = block_sum(ss);
   tt = block_sum(tt);
-  if (threadIdx.x == 0) norms[0] = sp_row_norm(ss), norms[1] = sp_row_norm(tt);
+  if (threadIdx.x == 0) norms[0] = sp_row_norm(static_cast<T>(ss)), norms[1] = sp_row_norm(static_cast<T>(tt));
   __syncthreads();
   const T n_s = norms[0], n_t = norms[1];
-  T loss = 0, gm = 0;
+  double loss = 0, gm = 0;
   for (int64_t j = threadIdx.x; j < B; j += kThreads) {
     const T b = s[j] / n_s, diff = t[j] / n_t - b;
-    loss += diff * diff;
-    gm += T(-2) * diff * b;
+    loss += static_cast<double>(diff) * diff;
+    gm += -2.0 * diff * b;
   }
   loss = block_sum(loss);
   gm = block_sum(gm);
   if (threadIdx.x == 0) {
     stats[i] = n_s;
     stats[B + i] = n_t;
-    stats[2 * B + i] = sp_norm_active(n_s) ? gm : T(0);
+    stats[2 * B + i] = sp_norm_active(n_s) ? static_cast<T>(gm) : T(0);
     row_loss[i] = loss;
   }
 }
 
-// weights (W + W^T) of the block's rows, written over the student's Gram block (relation.h)
+// weights S = g (W + W^T) of the block (rows [r0, r0 + rows), columns [r0, B)), written over the
+// student's Gram block (relation.h)
 template <typename T>
 __global__ void sp_weight_kernel(T* __restrict__ gs, const T* __restrict__ gt, const T* __restrict__ stats,
                                  const T* __restrict__ grad_loss, int64_t r0, int64_t rows, int64_t B) {
+  const int64_t cols = B - r0;
   const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (k >= rows * B) return;
-  const int64_t i = r0 + k / B, j = k % B;
+  if (k >= rows * cols) return;
+  const int64_t i = r0 + k / cols, j = r0 + k % cols;
   const T *ns = stats, *nt = stats + B, *gam = stats + 2 * B;
   const T b_ij = gs[k] / ns[i], b_ji = gs[k] / ns[j];
   const T w_ij = (T(-2) * (gt[k] / nt[i] - b_ij) - b_ij * gam[i]) / ns[i];
@@ -424,16 +432,16 @@ std::tuple<at::Tensor, at::Tensor> sp_forward(const at::Tensor& student, const a
   const int64_t B = s.B, tile = std::min(B, kTile);
   auto opts = s.e.options();
   at::Tensor buf_s = at::empty({tile, B}, opts), buf_t = at::empty({tile, B}, opts);
-  at::Tensor stats = at::empty({3, B}, opts), row_loss = at::empty({B}, opts);
+  at::Tensor stats = at::empty({3, B}, opts), row_loss = at::empty({B}, opts.dtype(at::kDouble));
   for_each_block(B, tile, [&](int64_t r0, int64_t r1) {
     at::Tensor bs = buf_s.narrow(0, 0, r1 - r0), bt = buf_t.narrow(0, 0, r1 - r0);
     s.gram_rows(r0, r1, bs);
     t.gram_rows(r0, r1, bt);
     sp_row_kernel<T><<<r1 - r0, kThreads, 0, stream()>>>(bs.template const_data_ptr<T>(), bt.template const_data_ptr<T>(),
-                                                        stats.template data_ptr<T>(), row_loss.template data_ptr<T>(), r0, B);
+                                                        stats.template data_ptr<T>(), row_loss.template data_ptr<double>(), r0, B);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {at::sum(row_loss), stats};
+  return {at::sum(row_loss).to(c10::CppTypeToScalarType<T>::value), stats};
 }
 
 template <typename T>
@@ -443,18 +451,21 @@ at::Tensor sp_backward(const at::Tensor& grad_loss, const at::Tensor& student, c
   const int64_t B = s.B, tile = std::min(B, kTile);
   auto opts = s.e.options();
   at::Tensor g = grad_loss.contiguous(), st = stats.contiguous();
-  at::Tensor buf_s = at::empty({tile, B}, opts), buf_t = at::empty({tile, B}, opts);
-  at::Tensor grad = at::empty({B, s.D}, opts);
+  at::Tensor buf_s = at::empty({tile * B}, opts), buf_t = at::empty({tile * B}, opts);
+  at::Tensor grad = at::zeros({B, s.D}, opts);
+  // S is symmetric: block I forms only its columns j >= r0 (half the Gram work), adds S_IJ F_J to
+  // its own rows and S_IJ^T F_I to the rows past it (as the CPU kernel)
   for_each_block(B, tile, [&](int64_t r0, int64_t r1) {
-    at::Tensor bs = buf_s.narrow(0, 0, r1 - r0), bt = buf_t.narrow(0, 0, r1 - r0);
-    s.gram_rows(r0, r1, bs);
-    t.gram_rows(r0, r1, bt);
-    const int64_t n = (r1 - r0) * B;
-    sp_weight_kernel<T><<<ceil_div(n, kThreads), kThreads, 0, stream()>>>(
-        bs.template data_ptr<T>(), bt.template const_data_ptr<T>(), st.template const_data_ptr<T>(), g.template const_data_ptr<T>(), r0, r1 - r0, B);
+    const int64_t rows = r1 - r0, cols = B - r0;
+    at::Tensor bs = buf_s.narrow(0, 0, rows * cols).view({rows, cols});
+    at::Tensor bt = buf_t.narrow(0, 0, rows * cols).view({rows, cols});
+    at::mm_out(bs, s.e.narrow(0, r0, rows), s.e.narrow(0, r0, cols).t());
+    at::mm_out(bt, t.e.narrow(0, r0, rows), t.e.narrow(0, r0, cols).t());
+    sp_weight_kernel<T><<<ceil_div(rows * cols, kThreads), kThreads, 0, stream()>>>(
+        bs.template data_ptr<T>(), bt.template const_data_ptr<T>(), st.template const_data_ptr<T>(), g.template const_data_ptr<T>(), r0, rows, B);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    at::Tensor gb = grad.narrow(0, r0, r1 - r0);
-    at::mm_out(gb, bs, s.e);
+    grad.narrow(0, r0, rows).addmm_(bs, s.e.narrow(0, r0, cols));
+    if (r1 < B) grad.narrow(0, r1, B - r1).addmm_(bs.narrow(1, rows, B - r1).t(), s.e.narrow(0, r0, rows));
   });
   return grad.to(student.scalar_type());
 }
@@ -481,14 +492,15 @@ struct AngleSide {
   }
 };
 
-// Thread (anchor i = blockIdx.x, j): BACKWARD ? T_a[i][j] = g sum_k h d psi/d a : partial losses.
-// The c entries are read as sq[k][j] (= sq[j][k]) so that a warp's loads are contiguous.
-template <typename T, bool BACKWARD>
+// Thread (anchor i = blockIdx.x, j): BACKWARD ? T_a[i][j] = g sum_k h d psi/d a : partial losses
+// (summed in double, as the CPU kernel). The c entries are read as sq[k][j] (= sq[j][k]) so that a
+// warp's loads are contiguous.
+template <typename T, bool BACKWARD, typename Out = std::conditional_t<BACKWARD, T, double>>
 __global__ void angle_anchor_kernel(const T* __restrict__ sqs, const T* __restrict__ invs, const T* __restrict__ sqt,
-                                    const T* __restrict__ invt, const T* __restrict__ grad_loss, T* __restrict__ out,
+                                    const T* __restrict__ invt, const T* __restrict__ grad_loss, Out* __restrict__ out,
                                     int64_t B) {
   const int64_t i = blockIdx.x, j = blockIdx.y * int64_t(blockDim.x) + threadIdx.x;
-  T acc = 0;
+  Out acc = 0;
   if (j < B) {
     const T a_s = sqs[i * B + j], ra_s = invs[i * B + j], a_t = sqt[i * B + j], ra_t = invt[i * B + j];
     if (ra_s != T(0) || ra_t != T(0)) {
@@ -546,12 +558,12 @@ template <typename T>
 at::Tensor angle_forward_from_sides(const AngleSide<T>& s, const AngleSide<T>& t) {
   const int64_t B = s.rows.B;
   const dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>(ceil_div(B, kThreads)));
-  at::Tensor partial = at::empty({B, static_cast<int64_t>(grid.y)}, s.rows.e.options());
+  at::Tensor partial = at::empty({B, static_cast<int64_t>(grid.y)}, s.rows.e.options().dtype(at::kDouble));
   angle_anchor_kernel<T, false><<<grid, kThreads, 0, stream()>>>(
       s.sq.template const_data_ptr<T>(), s.inv.template const_data_ptr<T>(), t.sq.template const_data_ptr<T>(), t.inv.template const_data_ptr<T>(),
-      nullptr, partial.template data_ptr<T>(), B);
+      nullptr, partial.template data_ptr<double>(), B);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return at::sum(partial);
+  return at::sum(partial).to(c10::CppTypeToScalarType<T>::value);
 }
 
 template <typename T>
@@ -628,6 +640,15 @@ at::Tensor distance_angle_backward(const at::Tensor& grad_distance, const at::Te
 }
 
 // ---- dispatcher entry points ---------------------------------------------------------------------
+// The inputs' device, and IEEE fp32 GEMMs whatever torch's TF32 setting: Gram entries feed
+// n_i + n_j - 2 G_ij, where TF32's 10-bit mantissa would lose the distances' digits (the Triton
+// kernels use input_precision="ieee" for the same reason).
+struct OpGuard {
+  c10::cuda::CUDAGuard device;
+  at::NoTF32Guard exact_gemms;
+  explicit OpGuard(const at::Tensor& x) : device(x.device()) {}
+};
+
 void check_inputs(const at::Tensor& student, const at::Tensor& teacher, const char* op) {
   TORCH_CHECK(student.is_cuda(), op, ": student and teacher must be CUDA tensors");
   check_relation_inputs(student, teacher, op);
@@ -635,7 +656,7 @@ void check_inputs(const at::Tensor& student, const at::Tensor& teacher, const ch
 
 std::tuple<at::Tensor, at::Tensor> rkd_distance_forward_cuda(const at::Tensor& student, const at::Tensor& teacher) {
   check_inputs(student, teacher, "rkd_distance_forward");
-  const c10::cuda::CUDAGuard guard(student.device());
+  const OpGuard guard(student);
   return AT_DISPATCH_FLOATING_TYPES(opmath_scalar_type(student.scalar_type()), "rkd_distance_forward",
                                     [&] { return distance_forward<scalar_t>(student, teacher); });
 }
@@ -643,7 +664,9 @@ std::tuple<at::Tensor, at::Tensor> rkd_distance_forward_cuda(const at::Tensor& s
 at::Tensor rkd_distance_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
                                       const at::Tensor& stats) {
   check_inputs(student, teacher, "rkd_distance_backward");
-  const c10::cuda::CUDAGuard guard(student.device());
+  check_relation_aux(grad_loss, student, "grad_loss", "rkd_distance_backward");
+  check_relation_aux(stats, student, "stats", "rkd_distance_backward");
+  const OpGuard guard(student);
   return AT_DISPATCH_FLOATING_TYPES(opmath_scalar_type(student.scalar_type()), "rkd_distance_backward",
                                     [&] { return distance_backward<scalar_t>(grad_loss, student, teacher, stats); });
 }
@@ -651,7 +674,7 @@ at::Tensor rkd_distance_backward_cuda(const at::Tensor& grad_loss, const at::Ten
 std::tuple<at::Tensor, at::Tensor> similarity_preserving_forward_cuda(const at::Tensor& student,
                                                                       const at::Tensor& teacher) {
   check_inputs(student, teacher, "similarity_preserving_forward");
-  const c10::cuda::CUDAGuard guard(student.device());
+  const OpGuard guard(student);
   return AT_DISPATCH_FLOATING_TYPES(opmath_scalar_type(student.scalar_type()), "similarity_preserving_forward",
                                     [&] { return sp_forward<scalar_t>(student, teacher); });
 }
@@ -659,21 +682,24 @@ std::tuple<at::Tensor, at::Tensor> similarity_preserving_forward_cuda(const at::
 at::Tensor similarity_preserving_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& student,
                                                const at::Tensor& teacher, const at::Tensor& stats) {
   check_inputs(student, teacher, "similarity_preserving_backward");
-  const c10::cuda::CUDAGuard guard(student.device());
+  check_relation_aux(grad_loss, student, "grad_loss", "similarity_preserving_backward");
+  check_relation_aux(stats, student, "stats", "similarity_preserving_backward");
+  const OpGuard guard(student);
   return AT_DISPATCH_FLOATING_TYPES(opmath_scalar_type(student.scalar_type()), "similarity_preserving_backward",
                                     [&] { return sp_backward<scalar_t>(grad_loss, student, teacher, stats); });
 }
 
 at::Tensor rkd_angle_forward_cuda(const at::Tensor& student, const at::Tensor& teacher) {
   check_inputs(student, teacher, "rkd_angle_forward");
-  const c10::cuda::CUDAGuard guard(student.device());
+  const OpGuard guard(student);
   return AT_DISPATCH_FLOATING_TYPES(opmath_scalar_type(student.scalar_type()), "rkd_angle_forward",
                                     [&] { return angle_forward<scalar_t>(student, teacher); });
 }
 
 at::Tensor rkd_angle_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher) {
   check_inputs(student, teacher, "rkd_angle_backward");
-  const c10::cuda::CUDAGuard guard(student.device());
+  check_relation_aux(grad_loss, student, "grad_loss", "rkd_angle_backward");
+  const OpGuard guard(student);
   return AT_DISPATCH_FLOATING_TYPES(opmath_scalar_type(student.scalar_type()), "rkd_angle_backward",
                                     [&] { return angle_backward<scalar_t>(grad_loss, student, teacher); });
 }
@@ -681,7 +707,7 @@ at::Tensor rkd_angle_backward_cuda(const at::Tensor& grad_loss, const at::Tensor
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rkd_distance_angle_forward_cuda(const at::Tensor& student,
                                                                                const at::Tensor& teacher) {
   check_inputs(student, teacher, "rkd_distance_angle_forward");
-  const c10::cuda::CUDAGuard guard(student.device());
+  const OpGuard guard(student);
   return AT_DISPATCH_FLOATING_TYPES(opmath_scalar_type(student.scalar_type()), "rkd_distance_angle_forward",
                                     [&] { return distance_angle_forward<scalar_t>(student, teacher); });
 }
@@ -690,7 +716,10 @@ at::Tensor rkd_distance_angle_backward_cuda(const at::Tensor& grad_distance, con
                                             const at::Tensor& student, const at::Tensor& teacher,
                                             const at::Tensor& stats) {
   check_inputs(student, teacher, "rkd_distance_angle_backward");
-  const c10::cuda::CUDAGuard guard(student.device());
+  check_relation_aux(grad_distance, student, "grad_distance", "rkd_distance_angle_backward");
+  check_relation_aux(grad_angle, student, "grad_angle", "rkd_distance_angle_backward");
+  check_relation_aux(stats, student, "stats", "rkd_distance_angle_backward");
+  const OpGuard guard(student);
   return AT_DISPATCH_FLOATING_TYPES(
       opmath_scalar_type(student.scalar_type()), "rkd_distance_angle_backward",
       [&] { return distance_angle_backward<scalar_t>(grad_distance, grad_angle, student, teacher, stats); });

@@ -48,6 +48,8 @@ inline int64_t check_projected_mse_backward_args(const at::Tensor& grad_loss, co
   TORCH_CHECK(residual.dim() == 3, "projected_mse_backward: residual must be 3-D (B, P, Dt), got ", residual.sizes());
   TORCH_CHECK(grad_loss.numel() == 1, "projected_mse_backward: grad_loss must hold one value, got ",
               grad_loss.sizes());
+  TORCH_CHECK(grad_loss.device() == residual.device(), "projected_mse_backward: grad_loss must be on the residual's device ",
+              residual.device(), ", got ", grad_loss.device());
   const int64_t B = residual.size(0), P = residual.size(1), Dt = residual.size(2);
   int64_t Ds = 0;
   if (x_grad) {

@@ -21,4 +21,10 @@ inline void check_relation_inputs(const at::Tensor& student, const at::Tensor& t
               teacher.scalar_type());
 }
 
+// A backward's upstream gradient or saved stats: on the inputs' device (kernels read it there).
+inline void check_relation_aux(const at::Tensor& aux, const at::Tensor& student, const char* name, const char* op) {
+  TORCH_CHECK(aux.device() == student.device(), op, ": ", name, " must be on the student's device ", student.device(),
+              ", got ", aux.device());
+}
+
 }  // namespace kdkernels
