@@ -138,47 +138,48 @@ struct Rows {
     return static_cast<T>(s);
   }
 
-  // dst[(i - r0) * B + j] = G_ij for rows i in [r0, r1); dst is contiguous (r1 - r0, B).
   // dst (r1 - r0, c1 - c0) = G_ij for rows i in [r0, r1), columns j in [c0, c1); materialised only
   void gram_block(int64_t r0, int64_t r1, int64_t c0, int64_t c1, at::Tensor dst) const {
     TORCH_CHECK(!lazy, "kdkernels: gram_block needs materialised rows");
     at::mm_out(dst, e.narrow(0, r0, r1 - r0), e.narrow(0, c0, c1 - c0).t());
   }
 
-  void gram_rows(int64_t r0, int64_t r1, at::Tensor dst) const {
+  // dst (r1 - r0, B - c0) = G_ij for rows i in [r0, r1) and columns j in [c0, B), either kind of rows
+  void gram_rows(int64_t r0, int64_t r1, at::Tensor dst, int64_t c0 = 0) const {
     if (!lazy) {
-      gram_block(r0, r1, 0, B, dst);
+      gram_block(r0, r1, c0, B, dst);
       return;
     }
     // centred row block once, then column blocks of the centred rows, each GEMM written into its
-    // columns of dst (row stride B)
+    // columns of dst
     const int64_t chunk = std::min<int64_t>(B, 512);
     if (!rows_buf.defined() || rows_buf.size(0) < r1 - r0) rows_buf = at::empty({r1 - r0, D}, e.options());
     if (!cols_buf.defined()) cols_buf = at::empty({chunk, D}, e.options());
     at::Tensor rb = rows_buf.narrow(0, 0, r1 - r0);
     fill(r0, r1, rb.data_ptr<T>());
-    for (int64_t j0 = 0; j0 < B; j0 += chunk) {
+    for (int64_t j0 = c0; j0 < B; j0 += chunk) {
       const int64_t j1 = std::min(B, j0 + chunk);
       at::Tensor cb = cols_buf.narrow(0, 0, j1 - j0);
       fill(j0, j1, cb.data_ptr<T>());
-      at::Tensor out = dst.narrow(1, j0, j1 - j0);
+      at::Tensor out = dst.narrow(1, j0 - c0, j1 - j0);
       at::mm_out(out, rb, cb.t());
     }
   }
 
-  // dst[(i - r0) * B + j] = |e_i - e_j|^2 (0 on the diagonal), the Gram expansion except where it
-  // is unreliable (relation.h), which is recomputed from the differences.
-  void squared_distances(int64_t r0, int64_t r1, at::Tensor dst) const {
-    gram_rows(r0, r1, dst);
+  // dst (r1 - r0, B - c0) = |e_i - e_j|^2 for columns j in [c0, B) (0 on the diagonal), the Gram
+  // expansion except where it is unreliable (relation.h), which is recomputed from the differences.
+  void squared_distances(int64_t r0, int64_t r1, at::Tensor dst, int64_t c0 = 0) const {
+    gram_rows(r0, r1, dst, c0);
     T* sq = dst.data_ptr<T>();
+    const int64_t cols = B - c0;
     at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
-        T* out = sq + (i - r0) * B;
-        for (int64_t j = 0; j < B; ++j) {
-          T v = sq_from_gram(norm2[i], norm2[j], out[j]);
+        T* out = sq + (i - r0) * cols;  // out[j - c0] for j in [c0, B)
+        for (int64_t j = c0; j < B; ++j) {
+          T v = sq_from_gram(norm2[i], norm2[j], out[j - c0]);
           if (i == j) v = T(0);
           else if (gram_unreliable(v, norm2[i], norm2[j])) v = direct_sq(i, j);
-          out[j] = v;
+          out[j - c0] = v;
         }
       }
     });
@@ -249,22 +250,26 @@ void for_each_block(int64_t B, int64_t tile, F&& fn) {
 template <typename T>
 struct DistanceTerm {
   int64_t B;
-  std::vector<double> row_a, row_b;  // per-row partial sums of the current pass
+  std::vector<double> row_a, row_b;  // per-row partial sums of the current pass, over j > i
   T mu_s = 0, mu_t = 0;
 
   explicit DistanceTerm(int64_t batch) : B(batch), row_a(batch), row_b(batch) {}
 
   double count() const { return static_cast<double>(B) * static_cast<double>(B - 1); }
 
-  // pass 1: the off-diagonal distances summed per row, both sides
-  void add_mu_rows(const T* ps, const T* pt, int64_t r0, int64_t r1) {
+  // Everything the forward sums is symmetric in (i, j): each row sums its pairs j > i only, and
+  // the totals count them twice. ps / pt hold columns [c0, B) of the rows (c0 <= r0).
+
+  // pass 1: the distances of both sides
+  void add_mu_rows(const T* ps, const T* pt, int64_t r0, int64_t r1, int64_t c0) {
+    const int64_t cols = B - c0;
     at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
+        const T *rs = ps + (i - r0) * cols, *rt = pt + (i - r0) * cols;  // rs[j - c0]
         double as = 0, at_ = 0;
-        for (int64_t j = 0; j < B; ++j) {
-          if (j == i) continue;
-          as += clamped_distance(ps[(i - r0) * B + j]);
-          at_ += clamped_distance(pt[(i - r0) * B + j]);
+        for (int64_t j = i + 1; j < B; ++j) {
+          as += clamped_distance(rs[j - c0]);
+          at_ += clamped_distance(rt[j - c0]);
         }
         row_a[i] = as;
         row_b[i] = at_;
@@ -275,19 +280,20 @@ struct DistanceTerm {
   void finish_mu() {
     double sum_s = 0, sum_t = 0;
     for (int64_t i = 0; i < B; ++i) sum_s += row_a[i], sum_t += row_b[i];
-    mu_s = static_cast<T>(sum_s / count());
-    mu_t = static_cast<T>(sum_t / count());
+    mu_s = static_cast<T>(2 * sum_s / count());
+    mu_t = static_cast<T>(2 * sum_t / count());
   }
 
-  // pass 2: the loss, and the terms of A, per row
-  void add_loss_rows(const T* ps, const T* pt, int64_t r0, int64_t r1) {
+  // pass 2: the loss, and the terms of A
+  void add_loss_rows(const T* ps, const T* pt, int64_t r0, int64_t r1, int64_t c0) {
+    const int64_t cols = B - c0;
     at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
+        const T *rs = ps + (i - r0) * cols, *rt = pt + (i - r0) * cols;  // rs[j - c0]
         double loss = 0, a = 0;
-        for (int64_t j = 0; j < B; ++j) {
-          if (j == i) continue;  // 0 vs 0 on the diagonal
-          const T ds = clamped_distance(ps[(i - r0) * B + j]);
-          const T x = ds / mu_s - clamped_distance(pt[(i - r0) * B + j]) / mu_t;
+        for (int64_t j = i + 1; j < B; ++j) {  // the diagonal is 0 vs 0
+          const T ds = clamped_distance(rs[j - c0]);
+          const T x = ds / mu_s - clamped_distance(rt[j - c0]) / mu_t;
           loss += smooth_l1(x);
           a += smooth_l1_grad(x) * ds;
         }
@@ -302,12 +308,12 @@ struct DistanceTerm {
     double loss = 0, a = 0;
     for (int64_t i = 0; i < B; ++i) loss += row_a[i], a += row_b[i];
     at::Tensor out = at::empty({}, opts);
-    out.data_ptr<T>()[0] = static_cast<T>(loss);
+    out.data_ptr<T>()[0] = static_cast<T>(2 * loss);
     at::Tensor stats = at::empty({3}, opts);
     T* st = stats.data_ptr<T>();
     st[0] = mu_s;
     st[1] = mu_t;
-    st[2] = static_cast<T>(a / (static_cast<double>(mu_s) * mu_s));
+    st[2] = static_cast<T>(2 * a / (static_cast<double>(mu_s) * mu_s));
     return {out, stats};
   }
 };
@@ -341,16 +347,19 @@ std::tuple<at::Tensor, at::Tensor> distance_forward(const at::Tensor& student, c
   // (no gradient is alive here, so the forward affords twice the backward's block: fewer, faster GEMMs)
   const Rows<T> s(student, true), t(teacher, true, /*allow_lazy=*/true);
   const int64_t B = s.B, tile = std::min(B, 2 * tile_rows(B));
-  at::Tensor buf_s = at::empty({tile, B}, s.e.options()), buf_t = at::empty({tile, B}, s.e.options());
+  at::Tensor buf_s = at::empty({tile * B}, s.e.options()), buf_t = at::empty({tile * B}, s.e.options());
   DistanceTerm<T> term(B);
   for (int pass = 0; pass < 2; ++pass) {
+    // the sums are symmetric: a row block needs only its columns j >= r0 (half the Gram work)
     for_each_block(B, tile, [&](int64_t r0, int64_t r1) {
-      at::Tensor bs = buf_s.narrow(0, 0, r1 - r0), bt = buf_t.narrow(0, 0, r1 - r0);
-      s.squared_distances(r0, r1, bs);
-      t.squared_distances(r0, r1, bt);
+      const int64_t rows = r1 - r0, cols = B - r0;
+      at::Tensor bs = buf_s.narrow(0, 0, rows * cols).view({rows, cols});
+      at::Tensor bt = buf_t.narrow(0, 0, rows * cols).view({rows, cols});
+      s.squared_distances(r0, r1, bs, r0);
+      t.squared_distances(r0, r1, bt, r0);
       const T *ps = bs.const_data_ptr<T>(), *pt = bt.const_data_ptr<T>();
-      if (pass == 0) term.add_mu_rows(ps, pt, r0, r1);
-      else term.add_loss_rows(ps, pt, r0, r1);
+      if (pass == 0) term.add_mu_rows(ps, pt, r0, r1, r0);
+      else term.add_loss_rows(ps, pt, r0, r1, r0);
     });
     if (pass == 0) term.finish_mu();
   }
@@ -594,9 +603,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distance_angle_forward(const at::
   const AngleSide<T> s(student), t(teacher);
   const int64_t B = s.rows.B;
   DistanceTerm<T> term(B);
-  term.add_mu_rows(s.psq, t.psq, 0, B);
+  term.add_mu_rows(s.psq, t.psq, 0, B, 0);
   term.finish_mu();
-  term.add_loss_rows(s.psq, t.psq, 0, B);
+  term.add_loss_rows(s.psq, t.psq, 0, B, 0);
   auto [distance, stats] = term.finish(s.rows.e.options());
   at::Tensor angle = at::empty({}, s.rows.e.options());
   angle.data_ptr<T>()[0] = static_cast<T>(angle_loss(s, t));

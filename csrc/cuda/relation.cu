@@ -13,6 +13,7 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/mul.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
@@ -124,13 +125,15 @@ struct Rows {
   }
 };
 
-// G -> squared distances in place, recomputing the unreliable pairs from the differences.
+// G -> squared distances in place, recomputing the unreliable pairs from the differences; sq holds
+// rows [r0, r0 + rows) and columns [c0, B).
 template <typename T>
 __global__ void sq_from_gram_kernel(T* __restrict__ sq, const T* __restrict__ e, const T* __restrict__ n, int64_t r0,
-                                    int64_t rows, int64_t B, int64_t D) {
+                                    int64_t rows, int64_t c0, int64_t B, int64_t D) {
+  const int64_t cols = B - c0;
   const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (k >= rows * B) return;
-  const int64_t i = r0 + k / B, j = k % B;
+  if (k >= rows * cols) return;
+  const int64_t i = r0 + k / cols, j = c0 + k % cols;
   T v = sq_from_gram(n[i], n[j], sq[k]);
   if (i == j) {
     v = T(0);
@@ -145,12 +148,14 @@ __global__ void sq_from_gram_kernel(T* __restrict__ sq, const T* __restrict__ e,
   sq[k] = v;
 }
 
+// dst (r1 - r0, B - c0): the squared distances of rows [r0, r1) to the rows [c0, B)
 template <typename T>
-void squared_distances(const Rows<T>& s, int64_t r0, int64_t r1, at::Tensor dst) {
-  s.gram_rows(r0, r1, dst);
-  const int64_t n = (r1 - r0) * s.B;
+void squared_distances(const Rows<T>& s, int64_t r0, int64_t r1, at::Tensor dst, int64_t c0 = 0) {
+  at::mm_out(dst, s.e.narrow(0, r0, r1 - r0), s.e.narrow(0, c0, s.B - c0).t());
+  const int64_t n = (r1 - r0) * (s.B - c0);
   sq_from_gram_kernel<T><<<ceil_div(n, kThreads), kThreads, 0, stream()>>>(
-      dst.template data_ptr<T>(), s.e.template const_data_ptr<T>(), s.norm2.template const_data_ptr<T>(), r0, r1 - r0, s.B, s.D);
+      dst.template data_ptr<T>(), s.e.template const_data_ptr<T>(), s.norm2.template const_data_ptr<T>(), r0, r1 - r0, c0, s.B,
+      s.D);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -237,15 +242,16 @@ void for_each_block(int64_t B, int64_t tile, F&& fn) {
 }
 
 // ---- RKD distance ------------------------------------------------------------------------------
+// The forward's sums are symmetric in (i, j): row i sums its pairs j > i only (the totals count
+// twice). sq_s / sq_t hold rows [r0, ...) and columns [c0, B), c0 <= r0.
 template <typename T>
 __global__ void distance_rowsum_kernel(const T* __restrict__ sq_s, const T* __restrict__ sq_t, double* __restrict__ out_s,
-                                       double* __restrict__ out_t, int64_t r0, int64_t B) {
-  const int64_t i = r0 + blockIdx.x;
+                                       double* __restrict__ out_t, int64_t r0, int64_t c0, int64_t B) {
+  const int64_t i = r0 + blockIdx.x, row = blockIdx.x * (B - c0) - c0;  // element (i, j) at row + j
   double as = 0, at_ = 0;
-  for (int64_t j = threadIdx.x; j < B; j += kThreads) {
-    if (j == i) continue;
-    as += clamped_distance(sq_s[blockIdx.x * B + j]);
-    at_ += clamped_distance(sq_t[blockIdx.x * B + j]);
+  for (int64_t j = i + 1 + threadIdx.x; j < B; j += kThreads) {
+    as += clamped_distance(sq_s[row + j]);
+    at_ += clamped_distance(sq_t[row + j]);
   }
   as = block_sum(as);
   at_ = block_sum(at_);
@@ -258,14 +264,14 @@ __global__ void distance_rowsum_kernel(const T* __restrict__ sq_s, const T* __re
 // mu_s, mu_t are read from the device (stats[0], stats[1])
 template <typename T>
 __global__ void distance_loss_kernel(const T* __restrict__ sq_s, const T* __restrict__ sq_t, const T* __restrict__ stats,
-                                     double* __restrict__ row_loss, double* __restrict__ row_a, int64_t r0, int64_t B) {
-  const int64_t i = r0 + blockIdx.x;
+                                     double* __restrict__ row_loss, double* __restrict__ row_a, int64_t r0, int64_t c0,
+                                     int64_t B) {
+  const int64_t i = r0 + blockIdx.x, row = blockIdx.x * (B - c0) - c0;
   const T mu_s = stats[0], mu_t = stats[1];
   double loss = 0, a = 0;
-  for (int64_t j = threadIdx.x; j < B; j += kThreads) {
-    if (j == i) continue;
-    const T ds = clamped_distance(sq_s[blockIdx.x * B + j]);
-    const T x = ds / mu_s - clamped_distance(sq_t[blockIdx.x * B + j]) / mu_t;
+  for (int64_t j = i + 1 + threadIdx.x; j < B; j += kThreads) {
+    const T ds = clamped_distance(sq_s[row + j]);
+    const T x = ds / mu_s - clamped_distance(sq_t[row + j]) / mu_t;
     loss += smooth_l1(x);
     a += smooth_l1_grad(x) * ds;
   }
@@ -297,20 +303,22 @@ __global__ void distance_weight_kernel(const T* __restrict__ sq_s, const T* __re
 }
 
 // stats = [sum_s, sum_t] / count -> [mu_s, mu_t]; A = sum(row_a) / mu_s^2
+// the sums are over the pairs j > i: each counts twice
 template <typename T>
 __global__ void distance_stats_kernel(T* __restrict__ stats, const double* __restrict__ sums, double count) {
-  stats[0] = static_cast<T>(sums[0] / count);
-  stats[1] = static_cast<T>(sums[1] / count);
+  stats[0] = static_cast<T>(2 * sums[0] / count);
+  stats[1] = static_cast<T>(2 * sums[1] / count);
 }
 
 template <typename T>
 __global__ void distance_a_kernel(T* __restrict__ stats, const double* __restrict__ sum_a) {
-  stats[2] = static_cast<T>(sum_a[0] / (static_cast<double>(stats[0]) * stats[0]));
+  stats[2] = static_cast<T>(2 * sum_a[0] / (static_cast<double>(stats[0]) * stats[0]));
 }
 
-// The distance term's two passes over squared-distance rows: block_fn(r0, r1) leaves the rows
-// [r0, r1) of both sides in (bs, bt) (the tiled op forms them, the combined op narrows its (B, B)
-// matrices). Returns the summed loss and stats = [mu_s, mu_t, A]; everything stays on the device.
+// The distance term's two passes over squared-distance rows: block_fn(r0, r1) returns (bs, bt, c0),
+// the rows [r0, r1) of both sides from column c0 <= r0 on (the tiled op forms columns [r0, B) only,
+// the combined op narrows its (B, B) matrices, c0 = 0). Returns the summed loss and stats =
+// [mu_s, mu_t, A]; everything stays on the device.
 template <typename T, typename BlockFn>
 std::tuple<at::Tensor, at::Tensor> distance_passes(int64_t B, int64_t tile, const at::TensorOptions& opts,
                                                    BlockFn&& block_fn) {
@@ -319,14 +327,15 @@ std::tuple<at::Tensor, at::Tensor> distance_passes(int64_t B, int64_t tile, cons
   at::Tensor sums;
   for (int pass = 0; pass < 2; ++pass) {
     for_each_block(B, tile, [&](int64_t r0, int64_t r1) {
-      auto [bs, bt] = block_fn(r0, r1);
+      auto [bs, bt, c0] = block_fn(r0, r1);
       if (pass == 0)
         distance_rowsum_kernel<T><<<r1 - r0, kThreads, 0, stream()>>>(bs.template const_data_ptr<T>(), bt.template const_data_ptr<T>(),
-                                                                     rows.template data_ptr<double>(), rows.template data_ptr<double>() + B, r0, B);
+                                                                     rows.template data_ptr<double>(), rows.template data_ptr<double>() + B, r0,
+                                                                     c0, B);
       else
         distance_loss_kernel<T><<<r1 - r0, kThreads, 0, stream()>>>(bs.template const_data_ptr<T>(), bt.template const_data_ptr<T>(),
                                                                    stats.template const_data_ptr<T>(), rows.template data_ptr<double>(),
-                                                                   rows.template data_ptr<double>() + B, r0, B);
+                                                                   rows.template data_ptr<double>() + B, r0, c0, B);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     sums = at::sum(rows, {1});
@@ -337,7 +346,7 @@ std::tuple<at::Tensor, at::Tensor> distance_passes(int64_t B, int64_t tile, cons
       distance_a_kernel<T><<<1, 1, 0, stream()>>>(stats.template data_ptr<T>(), sums.template const_data_ptr<double>() + 1);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  return {sums.select(0, 0).to(c10::CppTypeToScalarType<T>::value, /*non_blocking=*/false, /*copy=*/true), stats};
+  return {at::mul(sums.select(0, 0), 2.0).to(c10::CppTypeToScalarType<T>::value), stats};  // pairs j > i, twice
 }
 
 template <typename T>
@@ -345,12 +354,14 @@ std::tuple<at::Tensor, at::Tensor> distance_forward(const at::Tensor& student, c
   const Rows<T> s(student, true), t(teacher, true);
   const int64_t B = s.B, tile = std::min(B, kTile);
   auto opts = s.e.options();
-  at::Tensor buf_s = at::empty({tile, B}, opts), buf_t = at::empty({tile, B}, opts);
+  at::Tensor buf_s = at::empty({tile * B}, opts), buf_t = at::empty({tile * B}, opts);
   return distance_passes<T>(B, tile, opts, [&](int64_t r0, int64_t r1) {
-    at::Tensor bs = buf_s.narrow(0, 0, r1 - r0), bt = buf_t.narrow(0, 0, r1 - r0);
-    squared_distances(s, r0, r1, bs);
-    squared_distances(t, r0, r1, bt);
-    return std::make_pair(bs, bt);
+    const int64_t rows = r1 - r0, cols = B - r0;  // the sums need the pairs j > i only
+    at::Tensor bs = buf_s.narrow(0, 0, rows * cols).view({rows, cols});
+    at::Tensor bt = buf_t.narrow(0, 0, rows * cols).view({rows, cols});
+    squared_distances(s, r0, r1, bs, r0);
+    squared_distances(t, r0, r1, bt, r0);
+    return std::make_tuple(bs, bt, r0);
   });
 }
 
@@ -620,7 +631,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distance_angle_forward(const at::
   const AngleSide<T> s(student), t(teacher);
   const int64_t B = s.rows.B;
   auto [distance, stats] = distance_passes<T>(B, std::min(B, kTile), s.rows.e.options(), [&](int64_t r0, int64_t r1) {
-    return std::make_pair(s.sq.narrow(0, r0, r1 - r0), t.sq.narrow(0, r0, r1 - r0));
+    return std::make_tuple(s.sq.narrow(0, r0, r1 - r0), t.sq.narrow(0, r0, r1 - r0), int64_t{0});
   });
   return {distance, angle_forward_from_sides(s, t), stats};
 }

@@ -194,10 +194,13 @@ def _distance_pair_weight(sq_s, sq_t, keep, g, mu_s, mu_t, through_mu, EPS: tl.c
 def _distance_rows_kernel(es_ptr, ns_ptr, et_ptr, nt_ptr, sqs_ptr, sqt_ptr, mu_ptr, out1_ptr, out2_ptr, B, Ds, Dt,
                           LOSS: tl.constexpr, FROM_SQ: tl.constexpr, EPS: tl.constexpr, NEAR_RATIO: tl.constexpr,
                           BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One pass of _distance_row_terms over the row block. The squared distances are read from
-    (B, B) matrices (FROM_SQ: the combined distance + angle op's; the rows are not read) or formed
-    tile by tile from the rows (the sq pointers are not read)."""
-    rows = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    """One pass of _distance_row_terms over the row block, for the pairs j > i only (every sum of
+    the forward is symmetric: the caller doubles the totals), so the column loop starts at the
+    block's diagonal tile. The squared distances are read from (B, B) matrices (FROM_SQ: the
+    combined distance + angle op's; the rows are not read) or formed tile by tile from the rows
+    (the sq pointers are not read)."""
+    start = tl.program_id(0) * BLOCK
+    rows = (start + tl.arange(0, BLOCK)).to(tl.int64)
     if LOSS:
         mu_s = tl.load(mu_ptr)
         mu_t = tl.load(mu_ptr + 1)
@@ -206,9 +209,9 @@ def _distance_rows_kernel(es_ptr, ns_ptr, et_ptr, nt_ptr, sqs_ptr, sqt_ptr, mu_p
         mu_t = 1.0
     acc1 = tl.zeros((BLOCK,), dtype=out1_ptr.dtype.element_ty)
     acc2 = tl.zeros((BLOCK,), dtype=out1_ptr.dtype.element_ty)
-    for c0 in range(0, B, BLOCK):
+    for c0 in range(start, B, BLOCK):
         cols = (c0 + tl.arange(0, BLOCK)).to(tl.int64)
-        keep = (rows[:, None] != cols[None, :]) & (rows[:, None] < B) & (cols[None, :] < B)
+        keep = (rows[:, None] < cols[None, :]) & (cols[None, :] < B)
         if FROM_SQ:
             offs = rows[:, None] * B + cols[None, :]
             sq_s = tl.load(sqs_ptr + offs, mask=keep, other=0.0)
@@ -260,15 +263,16 @@ def _add_distance_weights_kernel(sqs_ptr, sqt_ptr, stats_ptr, g_ptr, w_ptr, B, E
 
 
 def _distance_passes(launch, batch: int, like: Tensor) -> tuple[Tensor, Tensor]:
-    """The two passes of the distance term; launch(loss, mu, out1, out2) runs one over all rows.
-    Returns the summed loss and stats = [mu_s, mu_t, A]."""
+    """The two passes of the distance term; launch(loss, mu, out1, out2) runs one over all rows,
+    each row summing its pairs j > i (so every total counts twice). Returns the summed loss and
+    stats = [mu_s, mu_t, A]."""
     out1 = torch.empty(batch, dtype=like.dtype, device=like.device)
     out2 = torch.empty_like(out1)
     launch(False, out1, out1, out2)  # pass 1 reads no mu
-    mu = torch.stack([out1.sum(), out2.sum()]) / (batch * (batch - 1))
+    mu = torch.stack([out1.sum(), out2.sum()]) * (2.0 / (batch * (batch - 1)))
     launch(True, mu, out1, out2)
-    stats = torch.cat([mu, (out2.sum() / (mu[0] * mu[0])).reshape(1)])
-    return out1.sum(), stats
+    stats = torch.cat([mu, (2.0 * out2.sum() / (mu[0] * mu[0])).reshape(1)])
+    return 2.0 * out1.sum(), stats
 
 
 def rkd_distance_forward(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
