@@ -215,14 +215,83 @@ struct Rows {
     });
     at::Tensor we = scratch.narrow(0, 0, r1 - r0);
     at::mm_out(we, w, e);
-    const T* wep = we.const_data_ptr<T>();
+    add_rows(r0, r1, rowsum.data(), we.const_data_ptr<T>(), grad);
+  }
+
+  // add_pair_gradient for a symmetric weight matrix of which the block holds the rows [r0, r1) and
+  // only the columns [r0, B) (w and sq are (r1 - r0, B - r0)): every entry adds to its row, and
+  // the entries right of the diagonal block (j >= r1; their transposes w_ji are in no later
+  // block) also add w_ij (e_j - e_i) to row j. The diagonal block holds both (i, j) and (j, i)
+  // already. w is overwritten; scratch is (tile, D) with tile >= r1 - r0.
+  void add_symmetric_pair_gradient(int64_t r0, int64_t r1, at::Tensor w, const T* sq, at::Tensor scratch,
+                                   T* grad) const {
+    const int64_t rows = r1 - r0, cols = B - r0;
+    T* wp = w.data_ptr<T>();
+    // columns j >= r1 first, a thread per column range (it owns those rows of grad): near pairs
+    // from the differences, the far weights' column sums for the GEMM part
+    std::vector<T> colsum(B - r1, T(0));
+    at::parallel_for(r1, B, 64, [&](int64_t j0, int64_t j1) {
+      for (int64_t i = r0; i < r1; ++i) {
+        const T* wr = wp + (i - r0) * cols;  // wr[j - r0]
+        const T* sr = sq + (i - r0) * cols;
+        for (int64_t j = j0; j < j1; ++j) {
+          const T v = wr[j - r0];
+          if (v != T(0) && gram_unreliable(sr[j - r0], norm2[i], norm2[j])) {
+            const T *a = row(j), *b = row(i);
+            T* g = grad + j * D;
+            for (int64_t c = 0; c < D; ++c) g[c] += v * (a[c] - b[c]);
+          } else {
+            colsum[j - r1] += v;
+          }
+        }
+      }
+    });
+    // then the rows, as add_pair_gradient (the near pairs leave w here)
+    std::vector<T> rowsum(rows);
     at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
-        const T* a = row(i);
-        const T* m = wep + (i - r0) * D;
+        T* wr = wp + (i - r0) * cols;
+        const T* sr = sq + (i - r0) * cols;
         T* g = grad + i * D;
-        const T s = rowsum[i - r0];
-        for (int64_t c = 0; c < D; ++c) g[c] += s * a[c] - m[c];
+        T s = 0;
+        for (int64_t c0 = 0; c0 < cols; ++c0) {
+          const int64_t j = r0 + c0;
+          if (j == i) {
+            wr[c0] = T(0);
+            continue;
+          }
+          if (wr[c0] != T(0) && gram_unreliable(sr[c0], norm2[i], norm2[j])) {
+            const T *a = row(i), *b = row(j);
+            for (int64_t c = 0; c < D; ++c) g[c] += wr[c0] * (a[c] - b[c]);
+            wr[c0] = T(0);
+          }
+          s += wr[c0];
+        }
+        rowsum[i - r0] = s;
+      }
+    });
+    // far pairs: grad_i += rowsum_i e_i - (w E)_i, and grad_j += colsum_j e_j - (w^T E_I)_j
+    at::Tensor we = scratch.narrow(0, 0, rows);
+    at::mm_out(we, w, e.narrow(0, r0, cols));
+    add_rows(r0, r1, rowsum.data(), we.const_data_ptr<T>(), grad);
+    const int64_t chunk = scratch.size(0);
+    for (int64_t j0 = r1; j0 < B; j0 += chunk) {
+      const int64_t j1 = std::min(B, j0 + chunk);
+      at::Tensor wt = scratch.narrow(0, 0, j1 - j0);
+      at::mm_out(wt, w.narrow(1, j0 - r0, j1 - j0).t(), e.narrow(0, r0, rows));
+      add_rows(j0, j1, colsum.data() + (j0 - r1), wt.const_data_ptr<T>(), grad);
+    }
+  }
+
+  // grad_i += s_i e_i - m_i for the rows [i0, i1); s and m (i1 - i0, D) indexed from i0
+  void add_rows(int64_t i0, int64_t i1, const T* s, const T* m, T* grad) const {
+    at::parallel_for(i0, i1, 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t i = k0; i < k1; ++i) {
+        const T* a = row(i);
+        const T* mi = m + (i - i0) * D;
+        T* g = grad + i * D;
+        const T si = s[i - i0];
+        for (int64_t c = 0; c < D; ++c) g[c] += si * a[c] - mi[c];
       }
     });
   }
@@ -318,18 +387,19 @@ struct DistanceTerm {
   }
 };
 
-// Pair weights of the distance term for rows [r0, r1): w_ij with dL/de_i = sum_j w_ij (e_i - e_j),
-// written to pw (accumulate: added to it). pw may alias pt: element k is read before it is written.
+// Pair weights of the distance term for rows [r0, r1) and columns [c0, B): w_ij with dL/de_i =
+// sum_j w_ij (e_i - e_j), written to pw (accumulate: added to it); ps, pt and pw are
+// (r1 - r0, B - c0). pw may alias pt: element k is read before it is written.
 template <typename T>
-void distance_pair_weights(const T* ps, const T* pt, int64_t r0, int64_t r1, int64_t B, T g, const T* stats, T* pw,
-                           bool accumulate) {
+void distance_pair_weights(const T* ps, const T* pt, int64_t r0, int64_t r1, int64_t c0, int64_t B, T g,
+                           const T* stats, T* pw, bool accumulate) {
   const T mu_s = stats[0], mu_t = stats[1];
   // dL/dd_ij = g (h_ij / mu_s - A / count); the factor 2 counts d_ji = d_ij (both symmetric).
   const T through_mu = stats[2] / static_cast<T>(static_cast<double>(B) * (B - 1));
   at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      for (int64_t j = 0; j < B; ++j) {
-        const int64_t k = (i - r0) * B + j;
+      for (int64_t j = c0; j < B; ++j) {
+        const int64_t k = (i - r0) * (B - c0) + (j - c0);
         T w = T(0);
         if (j != i) {
           const T x = clamped_distance(ps[k]) / mu_s - clamped_distance(pt[k]) / mu_t;
@@ -373,17 +443,19 @@ at::Tensor distance_backward(const at::Tensor& grad_loss, const at::Tensor& stud
   const int64_t B = s.B, tile = tile_rows(B);
   const T g = scalar_of<T>(grad_loss);
   const at::Tensor st = stats.contiguous();
-  at::Tensor buf_s = at::empty({tile, B}, s.e.options()), buf_t = at::empty({tile, B}, s.e.options());
+  at::Tensor buf_s = at::empty({tile * B}, s.e.options()), buf_t = at::empty({tile * B}, s.e.options());
   at::Tensor scratch = at::empty({tile, s.D}, s.e.options());
   at::Tensor grad = at::zeros({B, s.D}, s.e.options());
+  // the weights are symmetric: a row block forms its columns j >= r0 only (half the Gram work)
   for_each_block(B, tile, [&](int64_t r0, int64_t r1) {
-    // the weights overwrite the teacher's block
-    at::Tensor bs = buf_s.narrow(0, 0, r1 - r0), bt = buf_t.narrow(0, 0, r1 - r0);
-    s.squared_distances(r0, r1, bs);
-    t.squared_distances(r0, r1, bt);
-    T* pw = bt.data_ptr<T>();
-    distance_pair_weights(bs.const_data_ptr<T>(), pw, r0, r1, B, g, st.const_data_ptr<T>(), pw, /*accumulate=*/false);
-    s.add_pair_gradient(r0, r1, bt, bs.const_data_ptr<T>(), scratch, grad.data_ptr<T>());
+    const int64_t rows = r1 - r0, cols = B - r0;
+    at::Tensor bs = buf_s.narrow(0, 0, rows * cols).view({rows, cols});
+    at::Tensor bt = buf_t.narrow(0, 0, rows * cols).view({rows, cols});
+    s.squared_distances(r0, r1, bs, r0);
+    t.squared_distances(r0, r1, bt, r0);
+    T* pw = bt.data_ptr<T>();  // the weights overwrite the teacher's block
+    distance_pair_weights(bs.const_data_ptr<T>(), pw, r0, r1, r0, B, g, st.const_data_ptr<T>(), pw, /*accumulate=*/false);
+    s.add_symmetric_pair_gradient(r0, r1, bt, bs.const_data_ptr<T>(), scratch, grad.data_ptr<T>());
   });
   // e = x - mean(x): the loss is translation invariant, so the gradient w.r.t. x is the one w.r.t. e.
   return grad.to(student.scalar_type());
@@ -619,7 +691,7 @@ at::Tensor distance_angle_backward(const at::Tensor& grad_distance, const at::Te
   const int64_t B = s.rows.B;
   at::Tensor weights = angle_pair_weights(s, t, scalar_of<T>(grad_angle));
   const at::Tensor st = stats.contiguous();
-  distance_pair_weights(s.psq, t.psq, 0, B, B, scalar_of<T>(grad_distance), st.const_data_ptr<T>(),
+  distance_pair_weights(s.psq, t.psq, 0, B, 0, B, scalar_of<T>(grad_distance), st.const_data_ptr<T>(),
                         weights.data_ptr<T>(), /*accumulate=*/true);
   return gradient_from_pair_weights(s, weights, student);
 }
