@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "kdkernels/relation.h"
@@ -190,29 +191,7 @@ struct Rows {
   // removed from w) so that large weights on close pairs do not amplify cancellation; the rest is
   // rowsum(w) e_i - (w E)_i, one GEMM. sq holds the same block's squared distances.
   void add_pair_gradient(int64_t r0, int64_t r1, at::Tensor w, const T* sq, at::Tensor scratch, T* grad) const {
-    T* wp = w.data_ptr<T>();
-    std::vector<T> rowsum(r1 - r0);
-    at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        T* wr = wp + (i - r0) * B;
-        const T* sr = sq + (i - r0) * B;
-        T* g = grad + i * D;
-        T s = 0;
-        for (int64_t j = 0; j < B; ++j) {
-          if (j == i) {  // d(e_i - e_i) = 0
-            wr[j] = T(0);
-            continue;
-          }
-          if (wr[j] != T(0) && gram_unreliable(sr[j], norm2[i], norm2[j])) {
-            const T *a = row(i), *b = row(j);
-            for (int64_t c = 0; c < D; ++c) g[c] += wr[j] * (a[c] - b[c]);
-            wr[j] = T(0);
-          }
-          s += wr[j];
-        }
-        rowsum[i - r0] = s;
-      }
-    });
+    const std::vector<T> rowsum = take_near_pairs_by_row(r0, r1, 0, w.data_ptr<T>(), sq, grad);
     at::Tensor we = scratch.narrow(0, 0, r1 - r0);
     at::mm_out(we, w, e);
     add_rows(r0, r1, rowsum.data(), we.const_data_ptr<T>(), grad);
@@ -247,29 +226,7 @@ struct Rows {
       }
     });
     // then the rows, as add_pair_gradient (the near pairs leave w here)
-    std::vector<T> rowsum(rows);
-    at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        T* wr = wp + (i - r0) * cols;
-        const T* sr = sq + (i - r0) * cols;
-        T* g = grad + i * D;
-        T s = 0;
-        for (int64_t c0 = 0; c0 < cols; ++c0) {
-          const int64_t j = r0 + c0;
-          if (j == i) {
-            wr[c0] = T(0);
-            continue;
-          }
-          if (wr[c0] != T(0) && gram_unreliable(sr[c0], norm2[i], norm2[j])) {
-            const T *a = row(i), *b = row(j);
-            for (int64_t c = 0; c < D; ++c) g[c] += wr[c0] * (a[c] - b[c]);
-            wr[c0] = T(0);
-          }
-          s += wr[c0];
-        }
-        rowsum[i - r0] = s;
-      }
-    });
+    const std::vector<T> rowsum = take_near_pairs_by_row(r0, r1, r0, wp, sq, grad);
     // far pairs: grad_i += rowsum_i e_i - (w E)_i, and grad_j += colsum_j e_j - (w^T E_I)_j
     at::Tensor we = scratch.narrow(0, 0, rows);
     at::mm_out(we, w, e.narrow(0, r0, cols));
@@ -281,6 +238,38 @@ struct Rows {
       at::mm_out(wt, w.narrow(1, j0 - r0, j1 - j0).t(), e.narrow(0, r0, rows));
       add_rows(j0, j1, colsum.data() + (j0 - r1), wt.const_data_ptr<T>(), grad);
     }
+  }
+
+  // The row pass of the pair gradients, for rows [r0, r1) of a weight block w (and its squared
+  // distances sq) holding the columns [c0, B): zeroes the diagonal (d(e_i - e_i) = 0), adds the
+  // pairs where the Gram expansion is unreliable to grad_i from the differences and removes them
+  // from w; returns each row's remaining weight sum.
+  std::vector<T> take_near_pairs_by_row(int64_t r0, int64_t r1, int64_t c0, T* wp, const T* sq, T* grad) const {
+    const int64_t cols = B - c0;
+    std::vector<T> rowsum(r1 - r0);
+    at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        T* wr = wp + (i - r0) * cols;  // wr[j - c0]
+        const T* sr = sq + (i - r0) * cols;
+        T* g = grad + i * D;
+        T s = 0;
+        for (int64_t k = 0; k < cols; ++k) {
+          const int64_t j = c0 + k;
+          if (j == i) {
+            wr[k] = T(0);
+            continue;
+          }
+          if (wr[k] != T(0) && gram_unreliable(sr[k], norm2[i], norm2[j])) {
+            const T *a = row(i), *b = row(j);
+            for (int64_t c = 0; c < D; ++c) g[c] += wr[k] * (a[c] - b[c]);
+            wr[k] = T(0);
+          }
+          s += wr[k];
+        }
+        rowsum[i - r0] = s;
+      }
+    });
+    return rowsum;
   }
 
   // grad_i += s_i e_i - m_i for the rows [i0, i1); s and m (i1 - i0, D) indexed from i0
@@ -411,6 +400,19 @@ void distance_pair_weights(const T* ps, const T* pt, int64_t r0, int64_t r1, int
   });
 }
 
+// Both sides' squared distances of the rows [r0, r1) to the rows [r0, B), as (r1 - r0, B - r0)
+// views of the flat scratch buffers: the upper part of a row block, all a symmetric pass needs.
+template <typename T>
+std::pair<at::Tensor, at::Tensor> upper_squared_distances(const Rows<T>& s, const Rows<T>& t, int64_t r0, int64_t r1,
+                                                          const at::Tensor& buf_s, const at::Tensor& buf_t) {
+  const int64_t rows = r1 - r0, cols = s.B - r0;
+  at::Tensor bs = buf_s.narrow(0, 0, rows * cols).view({rows, cols});
+  at::Tensor bt = buf_t.narrow(0, 0, rows * cols).view({rows, cols});
+  s.squared_distances(r0, r1, bs, r0);
+  t.squared_distances(r0, r1, bt, r0);
+  return {bs, bt};
+}
+
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> distance_forward(const at::Tensor& student, const at::Tensor& teacher) {
   // the teacher only enters through its distances: its centred rows are formed block by block
@@ -422,11 +424,8 @@ std::tuple<at::Tensor, at::Tensor> distance_forward(const at::Tensor& student, c
   for (int pass = 0; pass < 2; ++pass) {
     // the sums are symmetric: a row block needs only its columns j >= r0 (half the Gram work)
     for_each_block(B, tile, [&](int64_t r0, int64_t r1) {
-      const int64_t rows = r1 - r0, cols = B - r0;
-      at::Tensor bs = buf_s.narrow(0, 0, rows * cols).view({rows, cols});
-      at::Tensor bt = buf_t.narrow(0, 0, rows * cols).view({rows, cols});
-      s.squared_distances(r0, r1, bs, r0);
-      t.squared_distances(r0, r1, bt, r0);
+      at::Tensor bs, bt;
+      std::tie(bs, bt) = upper_squared_distances(s, t, r0, r1, buf_s, buf_t);
       const T *ps = bs.const_data_ptr<T>(), *pt = bt.const_data_ptr<T>();
       if (pass == 0) term.add_mu_rows(ps, pt, r0, r1, r0);
       else term.add_loss_rows(ps, pt, r0, r1, r0);
@@ -448,11 +447,8 @@ at::Tensor distance_backward(const at::Tensor& grad_loss, const at::Tensor& stud
   at::Tensor grad = at::zeros({B, s.D}, s.e.options());
   // the weights are symmetric: a row block forms its columns j >= r0 only (half the Gram work)
   for_each_block(B, tile, [&](int64_t r0, int64_t r1) {
-    const int64_t rows = r1 - r0, cols = B - r0;
-    at::Tensor bs = buf_s.narrow(0, 0, rows * cols).view({rows, cols});
-    at::Tensor bt = buf_t.narrow(0, 0, rows * cols).view({rows, cols});
-    s.squared_distances(r0, r1, bs, r0);
-    t.squared_distances(r0, r1, bt, r0);
+    at::Tensor bs, bt;
+    std::tie(bs, bt) = upper_squared_distances(s, t, r0, r1, buf_s, buf_t);
     T* pw = bt.data_ptr<T>();  // the weights overwrite the teacher's block
     distance_pair_weights(bs.const_data_ptr<T>(), pw, r0, r1, r0, B, g, st.const_data_ptr<T>(), pw, /*accumulate=*/false);
     s.add_symmetric_pair_gradient(r0, r1, bt, bs.const_data_ptr<T>(), scratch, grad.data_ptr<T>());
