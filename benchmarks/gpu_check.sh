@@ -28,7 +28,10 @@ fi
 tail -2 "$OUT/build.log"
 
 step "tests (CUDA + CPU; Triton compiled for real)"
-timeout 180 $PY -m pytest python_tests -q -rs -p no:cacheprovider >"$OUT/tests.log" 2>&1 || status=1
+# test_triton_compile.py (sm_90 compile of every Triton launch without a GPU, ~1-2 min) is left to
+# the CPU machines: here the kernels compile and run for real
+timeout 180 $PY -m pytest python_tests -q -rs -p no:cacheprovider --ignore=python_tests/test_triton_compile.py \
+  >"$OUT/tests.log" 2>&1 || status=1
 tail -25 "$OUT/tests.log"
 
 step "benchmarks (--preset gpu)"
