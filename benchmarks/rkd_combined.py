@@ -20,7 +20,7 @@ import sys
 import torch
 
 from kdkernels import functional, reference
-from kdkernels.bench._rss_worker import reset_peak, rss_bytes
+from kdkernels.bench._rss_worker import _status_kb, reset_peak, rss_bytes
 from kdkernels.bench.cases import DTYPES, Inputs
 from kdkernels.bench.memory import worker_env
 from kdkernels.bench.timing import one_step, time_phases
@@ -59,9 +59,7 @@ def extra_bytes(fn, inputs: Inputs, device: torch.device) -> int:
         return -1
     before = rss_bytes()
     one_step(fn, inputs)
-    with open("/proc/self/status") as f:
-        peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    return peak - before
+    return _status_kb("VmHWM") - before  # bytes, despite the name
 
 
 def main(argv=None) -> None:

@@ -172,18 +172,25 @@ def _check_relation_inputs(student, teacher, reduction, reductions):
         raise ValueError(f"student must have a batch of at least 2 samples for relation losses, got {student.shape[0]}")
 
 
+def _relation_rows(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, ...) inputs as the contiguous (B, Ds) / (B, Dt) rows the fused ops take."""
+    batch = student.shape[0]
+    return student.reshape(batch, -1).contiguous(), teacher.reshape(batch, -1).contiguous()
+
+
+def _reduce_relation(total: Tensor, loss: str, reduction: str, batch: int) -> Tensor:
+    """A fused op's summed ``loss`` reduced: "sum" as is, "mean" (RKD) / "batchmean" (SP) over its entries."""
+    if reduction == "sum":
+        return total
+    return total / (batch ** 3 if loss == "rkd_angle" else batch * batch)
+
+
 def _relation_loss(loss: str, student: Tensor, teacher: Tensor, reduction: str, backend: str) -> Tensor:
     name = backends.resolve(loss, backend, student.device)
     if name == "torch":
         return getattr(reference, loss)(student, teacher, reduction)
-    batch = student.shape[0]
-    s = student.reshape(batch, -1).contiguous()
-    t = teacher.reshape(batch, -1).contiguous()
-    total = relation_ops.summed_loss(loss, name, s, t)
-    if reduction == "sum":
-        return total
-    entries = batch ** 3 if loss == "rkd_angle" else batch * batch  # "mean" (RKD) / "batchmean" (SP)
-    return total / entries
+    total = relation_ops.summed_loss(loss, name, *_relation_rows(student, teacher))
+    return _reduce_relation(total, loss, reduction, student.shape[0])
 
 
 def rkd_distance(student: Tensor, teacher: Tensor, reduction: str = "mean", backend: str = "auto") -> Tensor:
@@ -227,13 +234,10 @@ def rkd(student: Tensor, teacher: Tensor, distance_weight: float = 1.0, angle_we
         return distance_weight * _relation_loss("rkd_distance", student, teacher, reduction, name)
     if distance_weight == 0:
         return angle_weight * _relation_loss("rkd_angle", student, teacher, reduction, name)
+    distance, angle = relation_ops.distance_and_angle_sums(name, *_relation_rows(student, teacher))
     batch = student.shape[0]
-    s = student.reshape(batch, -1).contiguous()
-    t = teacher.reshape(batch, -1).contiguous()
-    distance, angle = relation_ops.distance_and_angle_sums(name, s, t)
-    if reduction == "mean":
-        distance, angle = distance / (batch * batch), angle / batch ** 3
-    return distance_weight * distance + angle_weight * angle
+    return (distance_weight * _reduce_relation(distance, "rkd_distance", reduction, batch)
+            + angle_weight * _reduce_relation(angle, "rkd_angle", reduction, batch))
 
 
 def similarity_preserving(student: Tensor, teacher: Tensor, reduction: str = "batchmean",

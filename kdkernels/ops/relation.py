@@ -149,12 +149,8 @@ def _combined_autograd_backward(backward_op):
     def backward(ctx, grad_distance, grad_angle, _grad_stats):
         if not ctx.needs_input_grad[0]:
             return None, None
-        student, teacher, stats = ctx.saved_tensors
-        # an unused output's gradient may come as None: it contributes nothing
-        zero = stats.new_zeros(())
-        grad_distance = zero if grad_distance is None else grad_distance.contiguous()
-        grad_angle = zero if grad_angle is None else grad_angle.contiguous()
-        return backward_op(grad_distance, grad_angle, student, teacher, stats), None
+        # an output that was not used gets a zero gradient (autograd materialises it)
+        return backward_op(grad_distance.contiguous(), grad_angle.contiguous(), *ctx.saved_tensors), None
 
     return backward
 
