@@ -15,8 +15,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-REDUCTION_CODES = {"mean": 0, "sum": 1, "batchmean": 2}
-
 
 def feature_major(positions: int, features: int, position_stride: int) -> bool:
     return positions > 1 and features > 1 and position_stride == 1
@@ -28,23 +26,6 @@ def empty_in_layout(batch: int, positions: int, features: int, fmajor: bool, lik
     if fmajor:
         return torch.empty((batch, features, positions), **opts).transpose(1, 2)
     return torch.empty((batch, positions, features), **opts)
-
-
-def denominator(reduction: int, rows: int, teacher_dim: int) -> float:
-    """What the sum of squared residuals is divided by: elements ("mean"; 0 for an empty input, whose
-    loss is then NaN as for F.mse_loss), 1 ("sum") or max(1, rows) ("batchmean")."""
-    if reduction == REDUCTION_CODES["sum"]:
-        return 1.0
-    if reduction == REDUCTION_CODES["batchmean"]:
-        return float(max(1, rows))
-    return float(rows * teacher_dim)
-
-
-def grad_factor(reduction: int, rows: int, teacher_dim: int) -> float:
-    """d loss / d residual per unit grad_loss; 0 for an empty residual (nothing to differentiate, and
-    no 0 * inf = NaN in grad_W / grad_b, which are sums over no rows)."""
-    d = denominator(reduction, rows, teacher_dim)
-    return 2.0 / d if d > 0 else 0.0
 
 
 def _flattens(t: Tensor, begin: int, end: int) -> bool:

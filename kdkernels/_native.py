@@ -1,9 +1,10 @@
 """Loads the compiled extension modules, if they were built, and remembers why not; notes whether
 Triton is installed.
 
-``kdkernels._C`` holds every op schema and the CPU kernels; ``kdkernels._C_cuda`` the CUDA
-kernels, registered under the same op names. The CUDA module is loaded only after ``_C``
-(its kernels implement ops that ``_C`` defines).
+``kdkernels._C`` holds the CPU kernels and ``kdkernels._C_cuda`` the CUDA kernels; both only
+register kernels (``TORCH_LIBRARY_IMPL``) for ops whose schemas are defined in Python, by the op
+specs (kdkernels/ops/_spec.py). The CUDA module is loaded only when ``_C`` is: a build without the
+CPU module is a broken build, and the CUDA module is then left out too.
 """
 from __future__ import annotations
 
@@ -31,4 +32,4 @@ if cpu_loaded:
     except ImportError as exc:  # built without nvcc / with KDKERNELS_SKIP_CUDA=1 / CPU-only torch
         cuda_error = str(exc)
 else:
-    cuda_error = "kdkernels._C (which defines the ops) is not built"
+    cuda_error = "kdkernels._C is not built (the CUDA module is loaded only with it)"

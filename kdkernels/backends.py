@@ -18,20 +18,29 @@ import os
 
 import torch
 
-from kdkernels import _native
+from kdkernels import _native, ops
+from kdkernels.ops._spec import Op
 
 BACKENDS = ("torch", "cpu", "cuda", "triton")
-LOSSES = ("softmax_kl_div", "projected_mse", "rkd_distance", "rkd_angle", "rkd", "similarity_preserving")
 
-# Fused backends implemented so far, per loss ("torch" is always implemented). The relation
-# losses' CUDA kernels (csrc/cuda/relation.cu) are compile-checked only: no GPU has run them yet.
+# Every loss of kdkernels.functional and the fused ops it runs: the one list of losses. "rkd" runs
+# the combined op, or one of the single-term ops when a weight is 0.
+LOSS_OPS: dict[str, tuple[Op, ...]] = {
+    "softmax_kl_div": (ops.SOFTMAX_KL,),
+    "projected_mse": (ops.PROJECTED_MSE,),
+    "rkd_distance": (ops.RKD_DISTANCE,),
+    "rkd_angle": (ops.RKD_ANGLE,),
+    "rkd": (ops.RKD_DISTANCE_ANGLE, ops.RKD_DISTANCE, ops.RKD_ANGLE),
+    "similarity_preserving": (ops.SIMILARITY_PRESERVING,),
+}
+LOSSES = tuple(LOSS_OPS)
+
+# Backends implemented per loss: "torch" (the reference) always, plus every fused backend that all
+# of the loss's ops have kernels for (from their OpDefs). The relation losses' CUDA kernels are
+# compile-checked only: no GPU has run them yet.
 IMPLEMENTED: dict[str, frozenset[str]] = {
-    "softmax_kl_div": frozenset({"torch", "cpu", "cuda", "triton"}),
-    "projected_mse": frozenset({"torch", "cpu", "cuda", "triton"}),
-    "rkd_distance": frozenset({"torch", "cpu", "cuda", "triton"}),
-    "rkd_angle": frozenset({"torch", "cpu", "cuda", "triton"}),
-    "rkd": frozenset({"torch", "cpu", "cuda", "triton"}),  # distance + angle in one op (RKDLoss)
-    "similarity_preserving": frozenset({"torch", "cpu", "cuda", "triton"}),
+    loss: frozenset({"torch"}) | frozenset.intersection(*(op.backends for op in loss_ops))
+    for loss, loss_ops in LOSS_OPS.items()
 }
 
 # The faster GPU backend per loss. Not yet measured on a GPU (no GPU was lent so far): Triton is

@@ -1,30 +1,23 @@
-"""Functional distillation losses: validate the inputs, pick a backend, run, reduce.
+"""Functional distillation losses: validate the inputs, then run on the chosen backend (kdkernels._dispatch).
 
 Every function takes ``backend="auto"`` (see kdkernels.backends) and returns a float32 loss
 (float64 for float64 inputs); gradients come back in each input's own dtype.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from kdkernels import backends, reference
+from kdkernels import _dispatch, ops, reference
 from kdkernels import _validation as v
-from kdkernels._feature import REDUCTION_CODES as FEATURE_REDUCTION_CODES
+from kdkernels import reduction as red
 from kdkernels._feature import rows_3d
-from kdkernels._reduction import ROW_REDUCTIONS, reduce_rows
-from kdkernels.ops import feature as feature_ops
-from kdkernels.ops import relation as relation_ops
-from kdkernels.ops import response as response_ops
+from kdkernels.ops.response import DIVERGENCE_CODES
 
 __all__ = ["softmax_kl_div", "projected_mse", "rkd_distance", "rkd_angle", "rkd", "similarity_preserving"]
-
-FEATURE_REDUCTIONS = tuple(FEATURE_REDUCTION_CODES)
-RKD_REDUCTIONS = ("mean", "sum")
-SP_REDUCTIONS = ("batchmean", "sum")
-
 
 def softmax_kl_div(
     student_logits: Tensor,
@@ -64,9 +57,9 @@ def softmax_kl_div(
     v.check_same_dtype(student_logits=student_logits, teacher_logits=teacher_logits)
     v.check_same_device(student_logits=student_logits, teacher_logits=teacher_logits, labels=labels)
     temperature = v.check_positive("temperature", temperature)
-    v.check_choice("divergence", divergence, tuple(response_ops.DIVERGENCE_CODES))
+    v.check_choice("divergence", divergence, tuple(DIVERGENCE_CODES))
     beta = v.check_open_unit_interval("beta", beta)
-    v.check_choice("reduction", reduction, ROW_REDUCTIONS)
+    red.ROWS.check(reduction)
     ignore_index = v.check_int("ignore_index", ignore_index)
     t2_scale = v.check_bool("t2_scale", t2_scale)
     lead, vocab = tuple(student_logits.shape[:-1]), student_logits.shape[-1]
@@ -80,17 +73,20 @@ def softmax_kl_div(
         if tuple(labels.shape) != lead:
             raise ValueError(f"labels must have the leading shape of the logits {lead}, got {tuple(labels.shape)}")
 
-    name = backends.resolve("softmax_kl_div", backend, student_logits.device)
-    if name == "torch":
-        return reference.softmax_kl_div(student_logits, teacher_logits, temperature, divergence, beta, reduction,
-                                        labels, ignore_index, t2_scale)
+    return _dispatch.run("softmax_kl_div", backend, student_logits.device, reference.softmax_kl_div,
+                         _fused_softmax_kl_div, student_logits, teacher_logits, temperature, divergence, beta,
+                         reduction, labels, ignore_index, t2_scale)
+
+
+def _fused_softmax_kl_div(backend, student_logits, teacher_logits, temperature, divergence, beta, reduction, labels,
+                          ignore_index, t2_scale):
+    lead, vocab = tuple(student_logits.shape[:-1]), student_logits.shape[-1]
     student = student_logits.reshape(-1, vocab).contiguous()
     teacher = teacher_logits.reshape(-1, vocab).contiguous()
     flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
-    rows, _stats = response_ops.softmax_kl_forward(name, student, teacher, flat_labels, temperature,
-                                                   response_ops.DIVERGENCE_CODES[divergence], beta, ignore_index,
-                                                   t2_scale)
-    return reduce_rows(rows, reduction, lead, vocab, flat_labels, ignore_index)
+    rows, _stats = ops.SOFTMAX_KL.forward(backend, student, teacher, flat_labels, temperature,
+                                          DIVERGENCE_CODES[divergence], beta, ignore_index, t2_scale)
+    return red.reduce_rows(rows, reduction, lead, vocab, flat_labels, ignore_index)
 
 
 def _check_feature_inputs(student, teacher, weight, bias, feature_dim, reduction):
@@ -102,7 +98,7 @@ def _check_feature_inputs(student, teacher, weight, bias, feature_dim, reduction
     v.check_same_dtype(student=student, teacher=teacher, weight=weight, **({} if bias is None else {"bias": bias}))
     v.check_same_device(student=student, teacher=teacher, weight=weight, bias=bias)
     feature_dim = v.check_int("feature_dim", feature_dim)
-    v.check_choice("reduction", reduction, FEATURE_REDUCTIONS)
+    red.FEATURES.check(reduction)
     v.check_min_dim("student", student, 1, "features")
     if not -student.dim() <= feature_dim < student.dim():
         raise ValueError(f"feature_dim must be in [{-student.dim()}, {student.dim() - 1}] for student of shape "
@@ -150,20 +146,22 @@ def projected_mse(
     permuted copy; see kdkernels._feature.rows_3d for the rare inputs that are copied once.
     """
     feature_dim = _check_feature_inputs(student, teacher, weight, bias, feature_dim, reduction)
-    name = backends.resolve("projected_mse", backend, student.device)
-    if name == "torch":
-        return reference.projected_mse(student, teacher, weight, bias, feature_dim, reduction)
+    return _dispatch.run("projected_mse", backend, student.device, reference.projected_mse, _fused_projected_mse,
+                         student, teacher, weight, bias, feature_dim, reduction)
+
+
+def _fused_projected_mse(backend, student, teacher, weight, bias, feature_dim, reduction):
     x, t = rows_3d(student, teacher, feature_dim)
-    loss, _residual = feature_ops.projected_mse_forward(name, x, t, weight, bias, FEATURE_REDUCTION_CODES[reduction])
+    loss, _residual = ops.PROJECTED_MSE.forward(backend, x, t, weight, bias, red.FEATURES.code(reduction))
     return loss
 
 
-def _check_relation_inputs(student, teacher, reduction, reductions):
+def _check_relation_inputs(student, teacher, reduction, reductions: red.Reductions):
     v.check_float_tensor("student", student)
     v.check_float_tensor("teacher", teacher)
     v.check_same_dtype(student=student, teacher=teacher)
     v.check_same_device(student=student, teacher=teacher)
-    v.check_choice("reduction", reduction, reductions)
+    reductions.check(reduction)
     v.check_min_dim("student", student, 2, "batch, features...")
     v.check_min_dim("teacher", teacher, 2, "batch, features...")
     if student.shape[0] != teacher.shape[0]:
@@ -178,19 +176,16 @@ def _relation_rows(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
     return student.reshape(batch, -1).contiguous(), teacher.reshape(batch, -1).contiguous()
 
 
-def _reduce_relation(total: Tensor, loss: str, reduction: str, batch: int) -> Tensor:
-    """A fused op's summed ``loss`` reduced: "sum" as is, "mean" (RKD) / "batchmean" (SP) over its entries."""
-    if reduction == "sum":
-        return total
-    return total / (batch ** 3 if loss == "rkd_angle" else batch * batch)
+def _entries(loss_op, batch: int) -> int:
+    """How many matrix entries a relation op's summed loss runs over: B^3 for angle, B^2 otherwise."""
+    return batch ** 3 if loss_op is ops.RKD_ANGLE else batch * batch
 
 
-def _relation_loss(loss: str, student: Tensor, teacher: Tensor, reduction: str, backend: str) -> Tensor:
-    name = backends.resolve(loss, backend, student.device)
-    if name == "torch":
-        return getattr(reference, loss)(student, teacher, reduction)
-    total = relation_ops.summed_loss(loss, name, *_relation_rows(student, teacher))
-    return _reduce_relation(total, loss, reduction, student.shape[0])
+def _fused_relation(loss_op, backend: str, student: Tensor, teacher: Tensor, reduction: str) -> Tensor:
+    """``loss_op`` (a single-loss relation op) on ``backend``, reduced."""
+    out = loss_op.forward(backend, *_relation_rows(student, teacher))
+    total = out[0] if isinstance(out, tuple) else out  # distance and SP also return their stats
+    return red.reduce_entry_sum(total, reduction, _entries(loss_op, student.shape[0]))
 
 
 def rkd_distance(student: Tensor, teacher: Tensor, reduction: str = "mean", backend: str = "auto") -> Tensor:
@@ -200,8 +195,9 @@ def rkd_distance(student: Tensor, teacher: Tensor, reduction: str = "mean", back
     The teacher gets no gradient. reduction: "mean" over the B^2 entries, or "sum". The fused
     backends never form the (B, B) distance matrices.
     """
-    _check_relation_inputs(student, teacher, reduction, RKD_REDUCTIONS)
-    return _relation_loss("rkd_distance", student, teacher, reduction, backend)
+    _check_relation_inputs(student, teacher, reduction, red.RKD_ENTRIES)
+    return _dispatch.run("rkd_distance", backend, student.device, reference.rkd_distance,
+                         functools.partial(_fused_relation, ops.RKD_DISTANCE), student, teacher, reduction)
 
 
 def rkd_angle(student: Tensor, teacher: Tensor, reduction: str = "mean", backend: str = "auto") -> Tensor:
@@ -211,8 +207,9 @@ def rkd_angle(student: Tensor, teacher: Tensor, reduction: str = "mean", backend
     backends keep O(B^2) memory (no (B, B, B) or (B, B, D) tensor). A coincident pair
     (|e_j - e_i| <= 1e-12, u_ij = 0) passes no gradient, on every backend.
     """
-    _check_relation_inputs(student, teacher, reduction, RKD_REDUCTIONS)
-    return _relation_loss("rkd_angle", student, teacher, reduction, backend)
+    _check_relation_inputs(student, teacher, reduction, red.RKD_ENTRIES)
+    return _dispatch.run("rkd_angle", backend, student.device, reference.rkd_angle,
+                         functools.partial(_fused_relation, ops.RKD_ANGLE), student, teacher, reduction)
 
 
 def rkd(student: Tensor, teacher: Tensor, distance_weight: float = 1.0, angle_weight: float = 2.0,
@@ -225,19 +222,21 @@ def rkd(student: Tensor, teacher: Tensor, distance_weight: float = 1.0, angle_we
     entirely (so distance alone keeps ``rkd_distance``'s O(B) memory); weights must be finite and
     >= 0, not both 0.
     """
-    _check_relation_inputs(student, teacher, reduction, RKD_REDUCTIONS)
+    _check_relation_inputs(student, teacher, reduction, red.RKD_ENTRIES)
     distance_weight, angle_weight = v.check_rkd_weights(distance_weight, angle_weight)
-    name = backends.resolve("rkd", backend, student.device)
-    if name == "torch":
-        return reference.rkd(student, teacher, distance_weight, angle_weight, reduction)
+    return _dispatch.run("rkd", backend, student.device, reference.rkd, _fused_rkd, student, teacher,
+                         distance_weight, angle_weight, reduction)
+
+
+def _fused_rkd(backend, student, teacher, distance_weight, angle_weight, reduction):
     if angle_weight == 0:
-        return distance_weight * _relation_loss("rkd_distance", student, teacher, reduction, name)
+        return distance_weight * _fused_relation(ops.RKD_DISTANCE, backend, student, teacher, reduction)
     if distance_weight == 0:
-        return angle_weight * _relation_loss("rkd_angle", student, teacher, reduction, name)
-    distance, angle = relation_ops.distance_and_angle_sums(name, *_relation_rows(student, teacher))
+        return angle_weight * _fused_relation(ops.RKD_ANGLE, backend, student, teacher, reduction)
+    distance, angle, _stats = ops.RKD_DISTANCE_ANGLE.forward(backend, *_relation_rows(student, teacher))
     batch = student.shape[0]
-    return (distance_weight * _reduce_relation(distance, "rkd_distance", reduction, batch)
-            + angle_weight * _reduce_relation(angle, "rkd_angle", reduction, batch))
+    return (distance_weight * red.reduce_entry_sum(distance, reduction, _entries(ops.RKD_DISTANCE, batch))
+            + angle_weight * red.reduce_entry_sum(angle, reduction, _entries(ops.RKD_ANGLE, batch)))
 
 
 def similarity_preserving(student: Tensor, teacher: Tensor, reduction: str = "batchmean",
@@ -245,5 +244,6 @@ def similarity_preserving(student: Tensor, teacher: Tensor, reduction: str = "ba
     """Similarity-preserving loss between (B, ...) features: ||G_t^ - G_s^||_F^2 of the L2
     row-normalised Gram matrices; "batchmean" divides by B^2, "sum" does not. The teacher gets
     no gradient; the fused backends never form the (B, B) Gram matrices."""
-    _check_relation_inputs(student, teacher, reduction, SP_REDUCTIONS)
-    return _relation_loss("similarity_preserving", student, teacher, reduction, backend)
+    _check_relation_inputs(student, teacher, reduction, red.SP_ENTRIES)
+    return _dispatch.run("similarity_preserving", backend, student.device, reference.similarity_preserving,
+                         functools.partial(_fused_relation, ops.SIMILARITY_PRESERVING), student, teacher, reduction)

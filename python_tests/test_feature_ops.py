@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from helpers import backend_params, cuda_only
-from kdkernels import _feature, _native, functional
+from kdkernels import _feature, _native, functional, ops
 
 needs_cpu_ext = pytest.mark.skipif(not _native.cpu_loaded, reason=f"C++ extension not built: {_native.cpu_error}")
 
@@ -41,10 +41,7 @@ def _op_args(device, layout, bias=True, dtype=torch.float32):
 
 
 def _ops(backend):
-    if backend == "triton":
-        return (torch.ops.kdkernels.projected_mse_forward_triton.default,
-                torch.ops.kdkernels.projected_mse_backward_triton.default)
-    return torch.ops.kdkernels.projected_mse_forward.default, torch.ops.kdkernels.projected_mse_backward.default
+    return ops.PROJECTED_MSE.forward_ops[backend], ops.PROJECTED_MSE.backward_ops[backend]
 
 
 @pytest.mark.parametrize("device,backend", backend_params("projected_mse"))

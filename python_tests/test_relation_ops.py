@@ -14,11 +14,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import backend_params, cuda_only
 import kdkernels
-from kdkernels import _native, functional
-from kdkernels.ops import relation as relation_ops
+from kdkernels import _native, backends, functional, ops
 
 needs_cpu_ext = pytest.mark.skipif(not _native.cpu_loaded, reason=f"C++ extension not built: {_native.cpu_error}")
-LOSSES = relation_ops.LOSSES
+LOSSES = ("rkd_distance", "similarity_preserving", "rkd_angle")  # the single-loss relation ops
 PARAMS = [pytest.param(loss, *p.values, id=f"{loss}-{p.id}", marks=p.marks)
           for loss in LOSSES for p in backend_params(loss)]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,9 +45,8 @@ def test_gradcheck_cpu_distance_through_mu_in_huber_linear_region():
 
 
 def _ops(loss, backend):
-    suffix = "_triton" if backend == "triton" else ""
-    return (getattr(torch.ops.kdkernels, f"{loss}_forward{suffix}").default,
-            getattr(torch.ops.kdkernels, f"{loss}_backward{suffix}").default)
+    (op,) = backends.LOSS_OPS[loss]
+    return op.forward_ops[backend], op.backward_ops[backend]
 
 
 def _op_inputs(device, dtype=torch.float32, batch=9):
@@ -135,9 +133,7 @@ COMBINED_PARAMS = backend_params("rkd")
 
 
 def _combined_ops(backend):
-    suffix = "_triton" if backend == "triton" else ""
-    return (getattr(torch.ops.kdkernels, f"rkd_distance_angle_forward{suffix}").default,
-            getattr(torch.ops.kdkernels, f"rkd_distance_angle_backward{suffix}").default)
+    return ops.RKD_DISTANCE_ANGLE.forward_ops[backend], ops.RKD_DISTANCE_ANGLE.backward_ops[backend]
 
 
 @needs_cpu_ext

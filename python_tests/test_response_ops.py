@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from helpers import backend_params
-from kdkernels import _native, functional
+from kdkernels import _native, functional, ops
 from kdkernels.ops import response as response_ops
 
 needs_cpu_ext = pytest.mark.skipif(not _native.cpu_loaded, reason=f"C++ extension not built: {_native.cpu_error}")
@@ -36,9 +36,7 @@ def _op_args(device, dtype=torch.float32, labels=True, divergence=2):
 
 
 def _ops(backend):
-    if backend == "triton":
-        return torch.ops.kdkernels.softmax_kl_forward_triton.default, torch.ops.kdkernels.softmax_kl_backward_triton.default
-    return torch.ops.kdkernels.softmax_kl_forward.default, torch.ops.kdkernels.softmax_kl_backward.default
+    return ops.SOFTMAX_KL.forward_ops[backend], ops.SOFTMAX_KL.backward_ops[backend]
 
 
 @pytest.mark.parametrize("device,backend", backend_params("softmax_kl_div"))

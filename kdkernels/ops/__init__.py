@@ -1,6 +1,13 @@
-"""Dispatcher ops with their fake (meta) and autograd registrations, one module per loss family.
+"""The fused ops: one declarative spec (``OpDef``, kdkernels/ops/_spec.py) per op, grouped by family.
 
-C++ ops (``torch.ops.kdkernels.<op>``) get their CPU/CUDA kernels from the extension modules;
-Triton ops are ``torch.library.custom_op``s named ``kdkernels::<op>_triton`` with the same schema.
+Importing this package registers every op with the dispatcher (C++ and Triton variants, fake
+kernels, autograd). The functional layer calls them through the ``Op`` entries below.
 """
-from kdkernels.ops import feature, relation, response  # noqa: F401  (registers on import)
+from kdkernels.ops.feature import PROJECTED_MSE
+from kdkernels.ops.relation import RKD_ANGLE, RKD_DISTANCE, RKD_DISTANCE_ANGLE, SIMILARITY_PRESERVING
+from kdkernels.ops.response import SOFTMAX_KL
+
+ALL_OPS = (SOFTMAX_KL, PROJECTED_MSE, RKD_DISTANCE, RKD_ANGLE, RKD_DISTANCE_ANGLE, SIMILARITY_PRESERVING)
+
+__all__ = ["ALL_OPS", "PROJECTED_MSE", "RKD_ANGLE", "RKD_DISTANCE", "RKD_DISTANCE_ANGLE", "SIMILARITY_PRESERVING",
+           "SOFTMAX_KL"]

@@ -1,24 +1,11 @@
-"""Feature family ops: projected MSE (DESIGN §2.2).
-
-Two variants with one schema (see csrc/ops.cpp for the argument meanings):
-  torch.ops.kdkernels.projected_mse_forward / _backward                 C++ CPU and CUDA kernels
-  torch.ops.kdkernels.projected_mse_forward_triton / _backward_triton   Triton kernels
-The forward returns (loss (), residual (B, P, Dt)); the backward needs only the residual (in the
-input dtype), x (for grad_weight) and the weight (for grad_x): the projection y is never saved.
-"""
+"""Feature family ops: projected MSE (docs/design.md §2.2)."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
-from torch import Tensor
 
-from kdkernels import _native
 from kdkernels._dtypes import opmath_dtype
-from kdkernels._feature import REDUCTION_CODES, empty_in_layout, feature_major
-from kdkernels.ops._registration import register_fake_and_autograd
-
-__all__ = ["REDUCTION_CODES", "projected_mse_forward"]
+from kdkernels._feature import empty_in_layout, feature_major
+from kdkernels.ops._spec import OpDef, register
 
 
 def _forward_fake(x, t, weight, bias, reduction):
@@ -54,61 +41,40 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _autograd_backward(backward_op):
-    def backward(ctx, grad_loss, _grad_residual):
-        x, weight, residual = ctx.saved_tensors
-        need_x, need_t, need_w, need_b = ctx.needs_input_grad[:4]
-        if grad_loss is None:  # the loss took no part in what is being differentiated
-            return (None,) * 5
-        empty = residual.new_empty((0,))
-        grad_x, grad_t, grad_w, grad_b = backward_op(
-            grad_loss, empty if x is None else x, empty if weight is None else weight, residual, ctx.reduction,
-            need_x, need_t, need_w, need_b)
-        return (grad_x if need_x else None, grad_t if need_t else None, grad_w if need_w else None,
-                grad_b if need_b else None, None)
-
-    return backward
+def _backward(backward_op, ctx, grad_loss, _grad_residual):
+    x, weight, residual = ctx.saved_tensors
+    need_x, need_t, need_w, need_b = ctx.needs_input_grad[:4]
+    if grad_loss is None:  # the loss took no part in what is being differentiated
+        return (None,) * 5
+    empty = residual.new_empty((0,))
+    grad_x, grad_t, grad_w, grad_b = backward_op(
+        grad_loss, empty if x is None else x, empty if weight is None else weight, residual, ctx.reduction,
+        need_x, need_t, need_w, need_b)
+    return (grad_x if need_x else None, grad_t if need_t else None, grad_w if need_w else None,
+            grad_b if need_b else None, None)
 
 
-# ---- C++ (CPU / CUDA) variant: schemas and kernels come from kdkernels._C / _C_cuda -----------
-if _native.cpu_loaded:
-    register_fake_and_autograd(
-        "kdkernels::projected_mse_forward", _forward_fake,
-        "kdkernels::projected_mse_backward", _backward_fake,
-        _setup_context, _autograd_backward(torch.ops.kdkernels.projected_mse_backward.default),
-    )
+PROJECTED_MSE = register(OpDef(
+    name="projected_mse",
+    forward_schema="(Tensor x, Tensor t, Tensor weight, Tensor? bias, int reduction) -> (Tensor, Tensor)",
+    backward_schema="(Tensor grad_loss, Tensor x, Tensor weight, Tensor residual, int reduction, bool x_grad, "
+                    "bool t_grad, bool weight_grad, bool bias_grad) -> (Tensor, Tensor, Tensor, Tensor)",
+    forward_fake=_forward_fake,
+    backward_fake=_backward_fake,
+    setup_context=_setup_context,
+    backward=_backward,
+    triton_module="kdkernels.triton.feature.projected_mse",
+    doc="""Projected MSE with the reduction fused.
 
-# ---- Triton variant ---------------------------------------------------------------------------
-if _native.triton_installed:
-
-    @torch.library.custom_op("kdkernels::projected_mse_forward_triton", mutates_args=())
-    def projected_mse_forward_triton(x: Tensor, t: Tensor, weight: Tensor, bias: Optional[Tensor],
-                                     reduction: int) -> tuple[Tensor, Tensor]:
-        from kdkernels.triton import feature as kernels  # lazy: TRITON_INTERPRET is read at import
-
-        return kernels.projected_mse_forward(x, t, weight, bias, reduction)
-
-    @torch.library.custom_op("kdkernels::projected_mse_backward_triton", mutates_args=())
-    def projected_mse_backward_triton(grad_loss: Tensor, x: Tensor, weight: Tensor, residual: Tensor,
-                                      reduction: int, x_grad: bool, t_grad: bool, weight_grad: bool,
-                                      bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        from kdkernels.triton import feature as kernels
-
-        return kernels.projected_mse_backward(grad_loss, x, weight, residual, reduction, x_grad, t_grad,
-                                              weight_grad, bias_grad)
-
-    register_fake_and_autograd(
-        "kdkernels::projected_mse_forward_triton", _forward_fake,
-        "kdkernels::projected_mse_backward_triton", _backward_fake,
-        _setup_context, _autograd_backward(projected_mse_backward_triton),
-    )
-
-
-def projected_mse_forward(backend: str, x: Tensor, t: Tensor, weight: Tensor, bias: Optional[Tensor],
-                          reduction: int) -> tuple[Tensor, Tensor]:
-    """Run the fused forward on ``backend`` ("cpu", "cuda" or "triton"): (loss (), residual (B, P, Dt))."""
-    if backend == "triton":
-        op = torch.ops.kdkernels.projected_mse_forward_triton
-    else:
-        op = torch.ops.kdkernels.projected_mse_forward
-    return op(x, t, weight, bias, reduction)
+    forward: x (B, P, Ds) student features, t (B, P, Dt) teacher features, same dtype, any strides:
+    B * P feature vectors ("rows"); P > 1 only when the features were not the last dim (NCHW maps
+    arrive as (N, H*W, C) views, no copy). weight (Dt, Ds); bias (Dt,) or None. reduction is
+    kdkernels.reduction.FEATURES.code(name) (0 "mean", 1 "sum", 2 "batchmean"). Returns loss () in
+    the op-math dtype and residual = x W^T + b - t, (B, P, Dt) in the input dtype: all the backward
+    needs besides x and W (y itself is never stored). The residual's layout follows t
+    (kdkernels._feature.feature_major): contiguous (B, P, Dt), or for feature-major teachers
+    (stride 1 along P) the transpose of a contiguous (B, Dt, P) tensor.
+    backward: grad_loss () op-math dtype. x is read only for grad_weight and weight only for grad_x
+    (an empty tensor otherwise). Returns (grad_x, grad_t, grad_weight, grad_bias); grad_x and grad_t
+    have the residual's layout; a gradient that is not requested is an empty (0,) tensor.""",
+))

@@ -1,31 +1,20 @@
-"""Response family ops: temperature softmax-KL (DESIGN §2.1).
-
-Two variants with one schema (see csrc/ops.cpp for the argument meanings):
-  torch.ops.kdkernels.softmax_kl_forward / _backward            C++ CPU and CUDA kernels
-  torch.ops.kdkernels.softmax_kl_forward_triton / _backward_triton   Triton kernels
-The forward returns (loss (R,), stats (R, 6) = [m_s, log_sum_s, m_t, log_sum_t, c_s, c_t]); the
-backward recomputes probabilities from the logits and the O(R) stats, so no (R, V) intermediate is
-saved between forward and backward.
-"""
+"""Response family ops: temperature softmax-KL (docs/design.md §2.1)."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
-from torch import Tensor
 
-from kdkernels import _native
 from kdkernels._dtypes import opmath_dtype
-from kdkernels.ops._registration import register_fake_and_autograd
+from kdkernels.ops._spec import OpDef, register
 
 DIVERGENCE_CODES = {"forward": 0, "reverse": 1, "jsd": 2}
+ROW_STATS = 6  # [m_s, log_sum_s, m_t, log_sum_t, c_s, c_t] per row
 
 
 def _forward_fake(student, teacher, labels, temperature, divergence, beta, ignore_index, t2_scale):
     torch._check(student.dim() == 2, lambda: "student must be 2-D (rows, vocab)")
     torch._check(student.shape == teacher.shape, lambda: "student and teacher must have the same shape")
     rows, dt = student.shape[0], opmath_dtype(student.dtype)
-    return student.new_empty((rows,), dtype=dt), student.new_empty((rows, 6), dtype=dt)
+    return student.new_empty((rows,), dtype=dt), student.new_empty((rows, ROW_STATS), dtype=dt)
 
 
 def _backward_fake(grad_loss, student, teacher, labels, stats, temperature, divergence, beta, ignore_index,
@@ -42,56 +31,33 @@ def _setup_context(ctx, inputs, output):
     ctx.options = (temperature, divergence, beta, ignore_index, t2_scale)
 
 
-def _autograd_backward(backward_op):
-    def backward(ctx, grad_loss, _grad_stats):
-        student, teacher, labels, stats = ctx.saved_tensors
-        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_s, grad_t = backward_op(grad_loss.contiguous(), student, teacher, labels, stats, *ctx.options,
-                                     need_s, need_t)
-        return (grad_s if need_s else None, grad_t if need_t else None) + (None,) * 6
-
-    return backward
+def _backward(backward_op, ctx, grad_loss, _grad_stats):
+    student, teacher, labels, stats = ctx.saved_tensors
+    need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_s, grad_t = backward_op(grad_loss.contiguous(), student, teacher, labels, stats, *ctx.options, need_s, need_t)
+    return (grad_s if need_s else None, grad_t if need_t else None) + (None,) * 6
 
 
-# ---- C++ (CPU / CUDA) variant: schemas and kernels come from kdkernels._C / _C_cuda -----------
-if _native.cpu_loaded:
-    register_fake_and_autograd(
-        "kdkernels::softmax_kl_forward", _forward_fake,
-        "kdkernels::softmax_kl_backward", _backward_fake,
-        _setup_context, _autograd_backward(torch.ops.kdkernels.softmax_kl_backward.default),
-    )
+SOFTMAX_KL = register(OpDef(
+    name="softmax_kl",
+    forward_schema="(Tensor student, Tensor teacher, Tensor? labels, float temperature, int divergence, "
+                   "float beta, int ignore_index, bool t2_scale) -> (Tensor, Tensor)",
+    backward_schema="(Tensor grad_loss, Tensor student, Tensor teacher, Tensor? labels, Tensor stats, "
+                    "float temperature, int divergence, float beta, int ignore_index, bool t2_scale, "
+                    "bool student_grad, bool teacher_grad) -> (Tensor, Tensor)",
+    forward_fake=_forward_fake,
+    backward_fake=_backward_fake,
+    setup_context=_setup_context,
+    backward=_backward,
+    triton_module="kdkernels.triton.response.softmax_kl",
+    doc="""Temperature softmax-KL per row.
 
-# ---- Triton variant ---------------------------------------------------------------------------
-if _native.triton_installed:
-
-    @torch.library.custom_op("kdkernels::softmax_kl_forward_triton", mutates_args=())
-    def softmax_kl_forward_triton(student: Tensor, teacher: Tensor, labels: Optional[Tensor], temperature: float,
-                                  divergence: int, beta: float, ignore_index: int,
-                                  t2_scale: bool) -> tuple[Tensor, Tensor]:
-        from kdkernels.triton import response as kernels  # lazy: TRITON_INTERPRET is read at import
-
-        return kernels.softmax_kl_forward(student, teacher, labels, temperature, divergence, beta, ignore_index,
-                                          t2_scale)
-
-    @torch.library.custom_op("kdkernels::softmax_kl_backward_triton", mutates_args=())
-    def softmax_kl_backward_triton(grad_loss: Tensor, student: Tensor, teacher: Tensor, labels: Optional[Tensor],
-                                   stats: Tensor, temperature: float, divergence: int, beta: float,
-                                   ignore_index: int, t2_scale: bool, student_grad: bool,
-                                   teacher_grad: bool) -> tuple[Tensor, Tensor]:
-        from kdkernels.triton import response as kernels
-
-        return kernels.softmax_kl_backward(grad_loss, student, teacher, labels, stats, temperature, divergence,
-                                           beta, ignore_index, t2_scale, student_grad, teacher_grad)
-
-    register_fake_and_autograd(
-        "kdkernels::softmax_kl_forward_triton", _forward_fake,
-        "kdkernels::softmax_kl_backward_triton", _backward_fake,
-        _setup_context, _autograd_backward(softmax_kl_backward_triton),
-    )
-
-
-def softmax_kl_forward(backend: str, student: Tensor, teacher: Tensor, labels: Optional[Tensor], temperature: float,
-                       divergence: int, beta: float, ignore_index: int, t2_scale: bool) -> tuple[Tensor, Tensor]:
-    """Run the fused forward on ``backend`` ("cpu", "cuda" or "triton"): (loss (R,), stats (R, 6))."""
-    op = torch.ops.kdkernels.softmax_kl_forward_triton if backend == "triton" else torch.ops.kdkernels.softmax_kl_forward
-    return op(student, teacher, labels, temperature, divergence, beta, ignore_index, t2_scale)
+    forward: student, teacher (R, V) contiguous, one dtype; labels (R,) int64 or None; divergence is
+    DIVERGENCE_CODES' 0 forward KL(q||p), 1 reverse KL(p||q), 2 generalised JSD(beta). Returns the
+    per-row loss (R,) in the op-math dtype (float32; float64 for float64 inputs), T^2-scaled when
+    t2_scale and 0 for ignored rows, and stats (R, 6) = [m_s, log_sum_s, m_t, log_sum_t, c_s, c_t]
+    (row maxes of z/T, log sum exp(z/T - max), divergence parts; csrc/include/kdkernels/softmax_kl.h),
+    all the backward needs besides the logits: no (R, V) intermediate is saved.
+    backward: grad_loss (R,) op-math dtype; returns (grad_student, grad_teacher), a gradient that is
+    not requested comes back as an empty (0,) tensor.""",
+))

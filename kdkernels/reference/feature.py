@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from kdkernels._dtypes import opmath_dtype
-
-REDUCTIONS = ("mean", "sum", "batchmean")
+from kdkernels.reduction import reduce_squared_error
 
 
 def projected_mse(
@@ -41,11 +40,5 @@ def projected_mse(
     x = student.to(dt).movedim(feature_dim, -1)  # (..., Ds)
     t = teacher.to(dt).movedim(feature_dim, -1)  # (..., Dt)
     y = F.linear(x, weight.to(dt), None if bias is None else bias.to(dt))  # (..., Dt)
-    sq = (y - t).square()
-    if reduction == "mean":
-        return sq.mean()
-    total = sq.sum()
-    if reduction == "sum":
-        return total
-    rows = t.numel() // t.shape[-1] if t.shape[-1] else 0  # "batchmean"
-    return total / max(1, rows)
+    rows = t.numel() // t.shape[-1] if t.shape[-1] else 0
+    return reduce_squared_error((y - t).square(), reduction, rows)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from kdkernels._dtypes import opmath_dtype
+from kdkernels.reduction import reduce_entry_sum
 
 EPS = 1e-12
 
@@ -116,6 +117,4 @@ def similarity_preserving(student: torch.Tensor, teacher: torch.Tensor, reductio
     with torch.no_grad():
         g_t = normalized_gram(t)
     total = (g_t - normalized_gram(s)).square().sum()
-    if reduction == "sum":
-        return total
-    return total / (s.shape[0] * s.shape[0])  # "batchmean"
+    return reduce_entry_sum(total, reduction, s.shape[0] * s.shape[0])

@@ -5,10 +5,8 @@ import math
 
 import torch
 
-from kdkernels._reduction import reduce_rows
 from kdkernels._dtypes import opmath_dtype
-
-DIVERGENCES = ("forward", "reverse", "jsd")
+from kdkernels.reduction import reduce_rows
 
 
 def _weighted_log_ratio(w: torch.Tensor, log_w: torch.Tensor, log_o: torch.Tensor) -> torch.Tensor:

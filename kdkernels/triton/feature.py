@@ -26,7 +26,9 @@ import triton.language as tl
 from torch import Tensor
 
 from kdkernels._dtypes import opmath_dtype
-from kdkernels._feature import denominator, empty_in_layout, feature_major, grad_factor
+from kdkernels._feature import empty_in_layout, feature_major
+from kdkernels.reduction import feature_denominator as denominator
+from kdkernels.reduction import feature_grad_factor as grad_factor
 from kdkernels.triton._common import device_guard, dot_precision, tl_opmath
 
 # Tile sizes per input element size (bytes): (BLOCK_M positions, BLOCK_N teacher features,

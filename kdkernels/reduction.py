@@ -1,0 +1,106 @@
+"""Every reduction of every loss family: its names, its validation and its application.
+
+A loss family reduces one of three things, so it has one of three reduction sets:
+
+* ``ROWS`` (response: softmax-KL) reduces per-row losses (R,) with leading shape ``lead``:
+  "none" -> per-row losses of shape ``lead``; "sum" -> sum of rows; "batchmean" -> sum / max(1, kept
+  rows); "mean" -> sum / (max(1, kept rows) * V). Kept rows are those whose label is not
+  ``ignore_index``; counting them is a tensor op (no host sync).
+* ``FEATURES`` (feature: projected MSE) reduces squared residuals of ``rows`` feature vectors of size
+  Dt: "mean" -> / (rows * Dt) (``F.mse_loss``; NaN for an empty input, as there), "sum", "batchmean" ->
+  / max(1, rows). The fused kernels apply it inside (they take ``FEATURES.code(name)``) with the
+  divisor ``feature_denominator`` gives; the C++ kernels use the same rule from
+  csrc/include/kdkernels/feature.h.
+* ``RKD_ENTRIES`` / ``SP_ENTRIES`` (relation) reduce a sum over matrix entries (B^2 for distance and
+  SP, B^3 for angle): "sum" as is, "mean" (RKD) / "batchmean" (SP) divide by the number of entries.
+
+The reference (backend "torch") and the fused backends reduce through these functions, so every
+backend reduces exactly the same way (docs/design.md §2).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Reductions:
+    """The reductions one family accepts; ``names[0]`` is the family's default."""
+
+    family: str
+    names: tuple[str, ...]
+
+    def check(self, reduction: object) -> str:
+        """``reduction`` if it is one of ``names``; ValueError naming the argument otherwise."""
+        if not isinstance(reduction, str) or reduction not in self.names:
+            raise ValueError(f"reduction must be one of {self.names}, got {reduction!r}")
+        return reduction
+
+    def code(self, reduction: str) -> int:
+        """The integer a fused kernel takes for ``reduction`` (its index in ``names``)."""
+        return self.names.index(reduction)
+
+
+ROWS = Reductions("response", ("batchmean", "sum", "mean", "none"))
+FEATURES = Reductions("feature", ("mean", "sum", "batchmean"))
+RKD_ENTRIES = Reductions("relation (RKD)", ("mean", "sum"))
+SP_ENTRIES = Reductions("relation (SP)", ("batchmean", "sum"))
+
+
+# ---- ROWS ------------------------------------------------------------------------------------
+def kept_row_count(labels: Tensor | None, ignore_index: int, rows: int, like: Tensor) -> Tensor:
+    """Number of rows that count, as a tensor of ``like``'s dtype and device, at least 1."""
+    if labels is None:
+        return torch.full((), max(1, rows), dtype=like.dtype, device=like.device)
+    return (labels != ignore_index).sum().to(like.dtype).clamp_min(1)
+
+
+def reduce_rows(row_loss: Tensor, reduction: str, lead_shape: tuple[int, ...], vocab: int,
+                labels: Tensor | None, ignore_index: int) -> Tensor:
+    """Reduce flat per-row losses ``row_loss`` (R,) as ``reduction`` (one of ``ROWS``) says."""
+    if reduction == "none":
+        return row_loss.reshape(lead_shape)
+    total = row_loss.sum()
+    if reduction == "sum":
+        return total
+    kept = kept_row_count(labels, ignore_index, row_loss.numel(), total)
+    if reduction == "batchmean":
+        return total / kept
+    return total / (kept * vocab)  # "mean"
+
+
+# ---- FEATURES --------------------------------------------------------------------------------
+def feature_denominator(code: int, rows: int, teacher_dim: int) -> float:
+    """What a fused projected-MSE kernel divides the sum of squared residuals by, for the reduction
+    with ``FEATURES.code`` ``code``: elements ("mean"; 0 for an empty input, whose loss is then NaN as
+    for F.mse_loss), 1 ("sum") or max(1, rows) ("batchmean")."""
+    name = FEATURES.names[code]
+    if name == "sum":
+        return 1.0
+    if name == "batchmean":
+        return float(max(1, rows))
+    return float(rows * teacher_dim)
+
+
+def feature_grad_factor(code: int, rows: int, teacher_dim: int) -> float:
+    """d loss / d residual per unit upstream gradient; 0 for an empty residual (nothing to
+    differentiate, and no 0 * inf = NaN in grad_W / grad_b, which are sums over no rows)."""
+    d = feature_denominator(code, rows, teacher_dim)
+    return 2.0 / d if d > 0 else 0.0
+
+
+def reduce_squared_error(squared_error: Tensor, reduction: str, rows: int) -> Tensor:
+    """An elementwise squared error (rows feature vectors) reduced as ``reduction`` (``FEATURES``)."""
+    if reduction == "mean":
+        return squared_error.mean()
+    total = squared_error.sum()
+    return total if reduction == "sum" else total / max(1, rows)
+
+
+# ---- RKD_ENTRIES / SP_ENTRIES ----------------------------------------------------------------
+def reduce_entry_sum(total: Tensor, reduction: str, entries: int) -> Tensor:
+    """A loss summed over ``entries`` matrix entries, reduced: "sum" as is, "mean" / "batchmean"
+    divided by ``entries``."""
+    return total if reduction == "sum" else total / entries
