@@ -57,7 +57,7 @@ def measure(spec: dict) -> dict:
         inputs.zero_grad()
         gc.collect()
         stage = "measured step"
-        if reset_peak():
+        if reset_peak(check=True):
             base = rss_bytes()
             one_step(fn, inputs)
             peak = peak_bytes()

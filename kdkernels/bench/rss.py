@@ -3,7 +3,7 @@
 Linux keeps the peak RSS as ``VmHWM`` in ``/proc/self/status``; writing ``5`` to
 ``/proc/self/clear_refs`` (Linux >= 4.0) resets it to the current RSS, so the extra memory of one
 step is ``peak_bytes()`` after the step minus ``rss_bytes()`` before it, once ``reset_peak()``
-returned True. Where the mark cannot be reset, :class:`PeakPoller` samples the RSS instead.
+returned True (``peak_extra_bytes`` does exactly that). Where the mark cannot be reset, :class:`PeakPoller` samples the RSS instead.
 
 Used by the bench's memory worker, the stand-alone scripts in ``benchmarks/`` and the memory tests.
 """
@@ -48,13 +48,17 @@ def virtual_bytes() -> int | None:
     return _status_bytes("VmSize")
 
 
-def reset_peak() -> bool:
-    """Reset the peak-RSS mark to the current RSS. True if it worked (the mark then reads about the RSS)."""
+def reset_peak(check: bool = False) -> bool:
+    """Reset the peak-RSS mark to the current RSS. False if ``/proc/self/clear_refs`` is not
+    writable, or, with ``check``, if the mark does not read about the RSS right after the write
+    (a kernel that accepts the write but keeps the mark)."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:
         return False
+    if not check:
+        return True
     hwm, rss = peak_bytes(), _status_bytes("VmRSS")
     return hwm is not None and rss is not None and hwm <= rss + _RESET_SLACK_BYTES
 
