@@ -19,19 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from kdkernels import backends, functional
+from kdkernels.bench.rss import peak_extra_bytes
 
 
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def _rss_mib(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def main():
@@ -91,11 +84,8 @@ def main():
             torch.cuda.synchronize()
             mem = (torch.cuda.max_memory_allocated() - base) / 2**20
         else:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            base = _rss_mib("VmRSS")
-            fn().backward()
-            mem = _rss_mib("VmHWM") - base
+            extra = peak_extra_bytes(lambda: fn().backward())
+            mem = float("nan") if extra is None else extra / 2**20
         clear()
         rows.append((name, statistics.median(fwd), statistics.median(bwd), statistics.median(full), mem))
 

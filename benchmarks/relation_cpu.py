@@ -22,31 +22,30 @@ CASES = [
 ]
 
 
-def _kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field))
-
-
 def run_case(loss: str, backend: str, batch: int, dim: int, reps: int = 3) -> None:
     import torch
 
     from kdkernels import functional
+    from kdkernels.bench.rss import peak_extra_bytes
 
     fn = getattr(functional, loss)
     torch.manual_seed(0)
     fn(torch.randn(64, dim, requires_grad=True), torch.randn(64, dim), backend=backend).backward()  # warm up
     s = torch.randn(batch, dim, requires_grad=True)
     t = torch.randn(batch, dim)
-    with open("/proc/self/clear_refs", "w") as f:  # reset the peak RSS to the current RSS
-        f.write("5")
-    before = _kib("VmRSS:")
     times = []
-    for _ in range(reps):
-        s.grad = None
-        t0 = time.perf_counter()
-        fn(s, t, backend=backend).backward()
-        times.append(time.perf_counter() - t0)
-    peak = (_kib("VmHWM:") - before) / 1024
+
+    def steps():
+        for _ in range(reps):
+            s.grad = None
+            t0 = time.perf_counter()
+            fn(s, t, backend=backend).backward()
+            times.append(time.perf_counter() - t0)
+
+    extra = peak_extra_bytes(steps)
+    if extra is None:
+        sys.exit("cannot reset the peak RSS here (/proc/self/clear_refs)")
+    peak = extra / 2**20
     print(f"{loss:22s} {backend:6s} B={batch:5d} D={dim:4d}  fwd+bwd {statistics.median(times) * 1e3:9.1f} ms  "
           f"peak extra {peak:8.1f} MiB  (threads {torch.get_num_threads()})", flush=True)
 

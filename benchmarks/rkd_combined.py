@@ -20,9 +20,10 @@ import sys
 import torch
 
 from kdkernels import functional, reference
-from kdkernels.bench._rss_worker import _status_kb, reset_peak, rss_bytes
 from kdkernels.bench.cases import DTYPES, Inputs
+from kdkernels.bench.inputs import DeviceSource, relation_inputs
 from kdkernels.bench.memory import worker_env
+from kdkernels.bench.rss import peak_extra_bytes
 from kdkernels.bench.timing import one_step, time_phases
 
 WEIGHTS = (1.0, 2.0)
@@ -39,11 +40,7 @@ def implementations(backend: str) -> dict:
 
 
 def make_inputs(args) -> Inputs:
-    gen = torch.Generator(device=args.device).manual_seed(0)
-    dtype = DTYPES[args.dtype]
-    s = torch.randn(args.batch, args.dim, device=args.device, dtype=dtype, generator=gen).requires_grad_(True)
-    t = torch.randn(args.batch, args.dim, device=args.device, dtype=dtype, generator=gen)
-    return Inputs((s, t), {})
+    return Inputs(relation_inputs(DeviceSource(0, DTYPES[args.dtype], args.device), args.batch, args.dim, args.dim), {})
 
 
 def extra_bytes(fn, inputs: Inputs, device: torch.device) -> int:
@@ -55,11 +52,8 @@ def extra_bytes(fn, inputs: Inputs, device: torch.device) -> int:
         one_step(fn, inputs)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
-    if not reset_peak():
-        return -1
-    before = rss_bytes()
-    one_step(fn, inputs)
-    return _status_kb("VmHWM") - before  # bytes, despite the name
+    extra = peak_extra_bytes(lambda: one_step(fn, inputs))
+    return -1 if extra is None else extra
 
 
 def main(argv=None) -> None:

@@ -1,10 +1,9 @@
-"""Shared test helpers: the per-dtype tolerance table, devices and backends under test."""
+"""Shared test helpers: the per-dtype tolerance table and the (device, backend) pairs under test."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-import kdkernels
 from kdkernels import backends
 
 # One table: (rtol, atol) per input dtype, applied to values scaled by the reference's magnitude
@@ -25,17 +24,6 @@ LOSS_TOLERANCES = {
 
 HAS_CUDA = torch.cuda.is_available()
 cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-
-
-def devices() -> list:
-    out = [pytest.param(torch.device("cpu"), id="cpu")]
-    out.append(pytest.param(torch.device("cuda"), id="cuda", marks=[pytest.mark.cuda, cuda_only]))
-    return out
-
-
-def fused_backends(loss: str, device: torch.device) -> list[str]:
-    """Every backend except the reference itself that can run ``loss`` on ``device`` here."""
-    return [b for b in backends.implemented_backends(loss, device) if b != "torch"]
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, table=TOLERANCES, what="",

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 import kdkernels
 from helpers import LOSS_TOLERANCES, TOLERANCES, assert_close, backend_params
 from kdkernels import backends, functional, reference
+from kdkernels.bench.inputs import Float64Source, projected_mse_inputs
 
 BACKENDS = backend_params("projected_mse")
 INTERPRETED = not torch.cuda.is_available()
@@ -62,32 +63,13 @@ def _shape(case: Case, d: int) -> tuple:
     }[case.layout]
 
 
-def _make(case: Case, d: int, gen, device, channels_last: bool, grad: bool) -> torch.Tensor:
-    """A leaf of the case's layout: dense (contiguous or channels_last), or with ``noncontiguous`` a
-    slice taking every other feature of a wider tensor."""
-    fd = LAYOUTS[case.layout] % len(_shape(case, d))
-    shape = list(_shape(case, d))
-    if case.noncontiguous:
-        shape[fd] *= 2
-    a = (torch.randn(shape, generator=gen, dtype=torch.float64) * case.scale).to(device=device, dtype=case.dtype)
-    if channels_last:
-        a = a.contiguous(memory_format=torch.channels_last)
-    if case.noncontiguous:
-        a = a[(slice(None),) * fd + (slice(None, None, 2),)]
-    return a.requires_grad_(grad)
-
-
 def make_inputs(case: Case, device):
-    gen = torch.Generator().manual_seed(case.seed)
-    x = _make(case, case.ds, gen, device, case.layout == "channels_last", case.frozen != "student")
-    t = _make(case, case.dt, gen, device, case.layout in ("channels_last", "mixed"), case.teacher_grad)
-    w = torch.randn(case.dt, case.ds, generator=gen, dtype=torch.float64) / max(1, case.ds) ** 0.5
-    w = w.to(device=device, dtype=case.dtype).requires_grad_(case.frozen != "weight")
-    b = None
-    if case.bias:
-        b = torch.randn(case.dt, generator=gen, dtype=torch.float64).to(device=device, dtype=case.dtype)
-        b.requires_grad_(True)
-    return x, t, w, b
+    return projected_mse_inputs(
+        Float64Source(case.seed, case.dtype, device), _shape(case, case.ds), _shape(case, case.dt),
+        LAYOUTS[case.layout], scale=case.scale, bias=case.bias, student_requires_grad=case.frozen != "student",
+        teacher_requires_grad=case.teacher_grad, weight_requires_grad=case.frozen != "weight",
+        student_channels_last=case.layout == "channels_last",
+        teacher_channels_last=case.layout in ("channels_last", "mixed"), strided=case.noncontiguous)
 
 
 def check_against_reference(case: Case, device, backend: str):

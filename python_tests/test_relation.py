@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from helpers import LOSS_TOLERANCES, assert_close, backend_params
 from kdkernels import functional, reference
+from kdkernels.bench.inputs import Float64Source, relation_inputs
 
 LOSSES = ("rkd_distance", "rkd_angle", "rkd", "similarity_preserving")
 REDUCTIONS = {"rkd_distance": ("mean", "sum"), "rkd_angle": ("mean", "sum"), "rkd": ("mean", "sum"),
@@ -51,27 +52,9 @@ class Case:
 
 
 def make_inputs(case: Case, device):
-    gen = torch.Generator().manual_seed(case.seed)
-    s = torch.randn((case.batch, case.ds) + case.spatial, generator=gen, dtype=torch.float64)
-    t = torch.randn((case.batch, case.dt) + case.spatial, generator=gen, dtype=torch.float64)
-    s, t = s * case.scale + case.offset, t * case.scale + case.offset
-    if case.pattern == "duplicates":  # some repeated rows on both sides (not the same ones)
-        s[1] = s[0]
-        s[-1] = s[0]
-        t[2 % case.batch] = t[case.batch - 2]
-    elif case.pattern == "near":  # close but distinct rows: the Gram expansion cancels, gradients flow
-        s[1] = s[0] + 1e-3 * case.scale * torch.randn(s[0].shape, generator=gen, dtype=torch.float64)
-        s[-1] = s[0] + 1e-3 * case.scale * torch.randn(s[0].shape, generator=gen, dtype=torch.float64)
-        t[2 % case.batch] = t[case.batch - 2] + 1e-3 * case.scale * torch.randn(t[0].shape, generator=gen,
-                                                                              dtype=torch.float64)
-    elif case.pattern == "teacher_identical":
-        t[:] = t[0]
-    elif case.pattern == "all_identical":
-        s[:] = s[0]
-        t[:] = t[0]
-    s = s.to(case.dtype).to(device).requires_grad_(True)
-    t = t.to(case.dtype).to(device).requires_grad_(True)  # must still get no gradient
-    return s, t
+    # the teacher requires grad: it must still get no gradient
+    return relation_inputs(Float64Source(case.seed, case.dtype, device), case.batch, case.ds, case.dt, case.spatial,
+                           scale=case.scale, offset=case.offset, pattern=case.pattern, teacher_requires_grad=True)
 
 
 def loss_fn(module, case: Case):

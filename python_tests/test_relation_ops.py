@@ -78,20 +78,17 @@ def test_opcheck_backward(loss, device, backend):
 _MEMORY_SCRIPT = textwrap.dedent("""
     import sys, torch
     from kdkernels import functional
+    from kdkernels.bench.rss import peak_extra_bytes
     loss, backend, batch, dim = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     torch.manual_seed(0)
     fn = getattr(functional, loss)
     fn(torch.randn(64, dim, requires_grad=True), torch.randn(64, dim), backend=backend).backward()  # load, warm up
     s = torch.randn(batch, dim, requires_grad=True)
     t = torch.randn(batch, dim)
-    def kib(field):
-        with open("/proc/self/status") as f:
-            return next(int(l.split()[1]) for l in f if l.startswith(field))
-    with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
-        f.write("5")
-    before = kib("VmRSS:")
-    fn(s, t, backend=backend).backward()
-    print((kib("VmHWM:") - before) * 1024)
+    extra = peak_extra_bytes(lambda: fn(s, t, backend=backend).backward())
+    if extra is None:
+        sys.exit("cannot reset the peak RSS here (/proc/self/clear_refs)")
+    print(extra)
 """)
 
 

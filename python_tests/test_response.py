@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from helpers import LOSS_TOLERANCES, assert_close, backend_params
 from kdkernels import functional, reference
+from kdkernels.bench.inputs import Float64Source, softmax_kl_inputs
 
 BACKENDS = backend_params("softmax_kl_div")
 
@@ -37,28 +38,9 @@ class Case:
 
 
 def make_inputs(case: Case, device):
-    gen = torch.Generator().manual_seed(case.seed)
-    shape = case.lead + (case.vocab,)
-    s = torch.randn(shape, generator=gen, dtype=torch.float64) * case.scale
-    t = torch.randn(shape, generator=gen, dtype=torch.float64) * case.scale
-    s, t = s + case.offset, t + case.offset
-    if case.mask != "none" and case.vocab > 1:
-        masked = torch.rand(shape, generator=gen) < 0.3
-        masked[..., 0] = False  # every row keeps a finite logit
-        if case.mask == "shared":
-            s, t = s.masked_fill(masked, -math.inf), t.masked_fill(masked, -math.inf)
-        elif case.divergence == "reverse":  # p = 0 where q > 0 keeps KL(p||q) finite
-            s = s.masked_fill(masked, -math.inf)
-        else:  # q = 0 where p > 0 keeps KL(q||p) and the JSD finite
-            t = t.masked_fill(masked, -math.inf)
-    labels = None
-    if case.labels != "none":
-        labels = torch.randint(0, max(case.vocab, 2), case.lead, generator=gen)
-        drop = torch.rand(case.lead, generator=gen) < (0.4 if case.labels == "some" else 2.0)
-        labels = labels.masked_fill(drop, -100).to(device)
-    s = s.to(case.dtype).to(device).requires_grad_(True)
-    t = t.to(case.dtype).to(device).requires_grad_(case.teacher_grad)
-    return s, t, labels
+    return softmax_kl_inputs(Float64Source(case.seed, case.dtype, device), case.lead + (case.vocab,),
+                             scale=case.scale, offset=case.offset, mask=case.mask, divergence=case.divergence,
+                             labels=case.labels, teacher_requires_grad=case.teacher_grad)
 
 
 def loss_kwargs(case: Case) -> dict:

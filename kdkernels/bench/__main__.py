@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kdkernels.bench.cases import LOSSES, PRESETS
-
-IMPL_NAMES = ("torch", "compile", "liger", "cpu", "cuda", "triton")
+from kdkernels.backends import LOSSES
+from kdkernels.bench.cases import PRESETS
+from kdkernels.bench.impls import ALL_IMPLS
 
 
 def _csv_list(allowed):
@@ -38,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="override the preset's device")
     p.add_argument("--losses", type=_csv_list(LOSSES), default=None,
                    help=f"comma-separated subset of {','.join(LOSSES)}")
-    p.add_argument("--backends", type=_csv_list(IMPL_NAMES), default=None,
-                   help=f"comma-separated subset of {','.join(IMPL_NAMES)} (torch = eager, the baseline of "
+    p.add_argument("--backends", type=_csv_list(ALL_IMPLS), default=None,
+                   help=f"comma-separated subset of {','.join(ALL_IMPLS)} (torch = eager, the baseline of "
                         "every ratio; compile = torch.compile of the reference)")
     p.add_argument("--out", default="bench_out", help="output directory (default: bench_out/)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurements")

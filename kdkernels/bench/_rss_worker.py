@@ -7,70 +7,18 @@ from __future__ import annotations
 
 import gc
 import json
-import re
 import resource
 import sys
-import threading
 import time
+
+from kdkernels.bench.rss import PeakPoller, peak_bytes, reset_peak, rss_bytes, virtual_bytes
 
 RESULT_TAG = "KDKBENCH_RESULT "  # same as memory.RESULT_TAG (not imported: keep the worker's imports lean)
 
 
-def _status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
-        return int(m.group(1)) * 1024 if m else None
-    except OSError:
-        return None
-
-
-def rss_bytes() -> int:
-    v = _status_kb("VmRSS")
-    if v is not None:
-        return v
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
-def reset_peak() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0). True if it worked."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    hwm, rss = _status_kb("VmHWM"), _status_kb("VmRSS")
-    return hwm is not None and rss is not None and hwm <= rss + (4 << 20)
-
-
-class _Poller:
-    """Fallback when VmHWM cannot be reset: poll the RSS every millisecond."""
-
-    def __init__(self):
-        self.peak = rss_bytes()
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes())
-            time.sleep(0.001)
-
-    def __enter__(self):
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, rss_bytes())
-
-
 def _limit_address_space(limit_bytes: int) -> None:
     """Cap this process's address space at what it has now plus ``limit_bytes``."""
-    vms = _status_kb("VmSize")
+    vms = virtual_bytes()
     if vms is None or limit_bytes <= 0:
         return
     _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
@@ -109,16 +57,16 @@ def measure(spec: dict) -> dict:
         inputs.zero_grad()
         gc.collect()
         stage = "measured step"
-        if reset_peak():
+        if reset_peak(check=True):
             base = rss_bytes()
             one_step(fn, inputs)
-            peak = _status_kb("VmHWM")
+            peak = peak_bytes()
             method = "fresh process: VmHWM after clear_refs - RSS before the step"
         else:
             base = rss_bytes()
-            with _Poller() as poller:
+            with PeakPoller() as poller:
                 one_step(fn, inputs)
-            peak = poller.peak
+            peak = poller.peak_bytes
             method = "fresh process: polled RSS peak (1 ms) - RSS before the step"
     except Exception as e:  # noqa: BLE001 - reported, never raised
         if impls.is_not_implemented(e):

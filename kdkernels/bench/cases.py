@@ -15,8 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-LOSSES = ("softmax_kl_div", "projected_mse", "rkd_distance", "rkd_angle", "rkd", "similarity_preserving")
-RELATION_LOSSES = ("rkd_distance", "rkd_angle", "rkd", "similarity_preserving")
+from kdkernels.bench.inputs import DeviceSource, projected_mse_inputs, relation_inputs, softmax_kl_inputs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
@@ -82,21 +81,6 @@ class Inputs:
         return sum(t.numel() * t.element_size() for t in self.grad_tensors())
 
 
-def _randn(shape, dtype, device, gen, scale=1.0, requires_grad=False) -> torch.Tensor:
-    if device.type == "meta":  # sizes only: bytes and guards before anything is allocated
-        return torch.empty(shape, dtype=dtype, device=device).requires_grad_(requires_grad)
-    t = torch.randn(shape, dtype=dtype, device=device, generator=gen)
-    if scale != 1.0:
-        t.mul_(scale)
-    return t.requires_grad_(requires_grad)
-
-
-def _generator(device: torch.device, seed: int) -> torch.Generator | None:
-    if device.type == "meta":
-        return None
-    return torch.Generator(device=device).manual_seed(seed)
-
-
 # ------------------------------------------------------------------------------------- loss specs
 @dataclass
 class LossSpec:
@@ -119,10 +103,8 @@ OPMATH_BYTES = 4  # every backend computes in fp32 (DESIGN §2)
 
 # softmax_kl_div ---------------------------------------------------------------------------------
 def _kl_inputs(case: Case, device: torch.device, seed: int) -> Inputs:
-    g = _generator(device, seed)
-    shape = (case.dims["R"], case.dims["V"])
-    s = _randn(shape, case.torch_dtype, device, g, scale=2.0, requires_grad=True)
-    t = _randn(shape, case.torch_dtype, device, g, scale=2.0)
+    s, t, _ = softmax_kl_inputs(DeviceSource(seed, case.torch_dtype, device), (case.dims["R"], case.dims["V"]),
+                                scale=2.0)
     return Inputs((s, t), dict(case.options))
 
 
@@ -150,17 +132,14 @@ def _pm_sizes(case: Case) -> tuple[int, int, int]:
 
 
 def _pm_inputs(case: Case, device: torch.device, seed: int) -> Inputs:
-    g = _generator(device, seed)
-    d, dt = case.dims, case.torch_dtype
+    d = case.dims
     rows, ds, dtt = _pm_sizes(case)
     if "N" in d:  # (N, C, H, W) feature maps, projected per pixel (a 1x1 convolution)
-        x = _randn((d["N"], ds, d["H"], d["W"]), dt, device, g, requires_grad=True)
-        t = _randn((d["N"], dtt, d["H"], d["W"]), dt, device, g)
+        shapes, layout_dim = ((d["N"], ds, d["H"], d["W"]), (d["N"], dtt, d["H"], d["W"])), 1
     else:
-        x = _randn((rows, ds), dt, device, g, requires_grad=True)
-        t = _randn((rows, dtt), dt, device, g)
-    w = _randn((dtt, ds), dt, device, g, scale=ds ** -0.5, requires_grad=True)
-    b = _randn((dtt,), dt, device, g, scale=0.1, requires_grad=True)
+        shapes, layout_dim = ((rows, ds), (rows, dtt)), -1
+    x, t, w, b = projected_mse_inputs(DeviceSource(seed, case.torch_dtype, device), *shapes, layout_dim,
+                                      bias_scale=0.1)
     return Inputs((x, t, w), {"bias": b, **case.options})
 
 
@@ -190,11 +169,8 @@ def _pm_work(case: Case) -> float:
 
 # relation losses --------------------------------------------------------------------------------
 def _rel_inputs(case: Case, device: torch.device, seed: int) -> Inputs:
-    g = _generator(device, seed)
-    d = case.dims
-    s = _randn((d["B"], d.get("Ds", d.get("D"))), case.torch_dtype, device, g, requires_grad=True)
-    t = _randn((d["B"], d.get("Dt", d.get("D"))), case.torch_dtype, device, g)
-    return Inputs((s, t), dict(case.options))
+    return Inputs(relation_inputs(DeviceSource(seed, case.torch_dtype, device), *_rel_dims(case)),
+                  dict(case.options))
 
 
 def _rel_dims(case: Case) -> tuple[int, int, int]:

@@ -28,7 +28,7 @@ from kdkernels.bench.cases import Case, Inputs
 BASELINES = ("torch", "compile")
 PEERS = ("liger",)
 KERNELS = ("cpu", "cuda", "triton")
-ALL_IMPLS = BASELINES + PEERS + KERNELS
+ALL_IMPLS = BASELINES + PEERS + KERNELS  # the values --backends accepts
 # the kind used by the memory / time models of cases.LossSpec
 KIND = {"torch": "eager", "compile": "compile", "liger": "peer", "cpu": "kernel", "cuda": "kernel", "triton": "kernel"}
 

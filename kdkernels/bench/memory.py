@@ -80,7 +80,8 @@ def cuda_extra(fn, inputs: Inputs, device: torch.device) -> MemResult:
     return MemResult("ok", peak - base, base, peak, "cuda max_memory_allocated - memory_allocated before the step")
 
 
-def _package_root() -> str:
+def package_root() -> str:
+    """The directory that holds the kdkernels package (on the workers' PYTHONPATH; the git checkout)."""
     import kdkernels
 
     return os.path.dirname(os.path.dirname(os.path.abspath(kdkernels.__file__)))
@@ -91,7 +92,7 @@ def worker_env() -> dict:
     # a fixed mmap threshold turns off glibc's dynamic threshold: big freed blocks go back to the OS
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
     env.setdefault("MALLOC_TRIM_THRESHOLD_", "131072")
-    root = _package_root()
+    root = package_root()
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
 

@@ -14,7 +14,7 @@ import math
 import os
 
 from kdkernels.bench.cases import SPECS
-from kdkernels.bench.runner import ROW_FIELDS
+from kdkernels.bench.rows import ROW_FIELDS
 
 PHASES = ("fwd", "bwd", "step")
 

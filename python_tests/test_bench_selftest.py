@@ -1,15 +1,8 @@
-"""End-to-end check of the profiler: ``run_smoke(tmpdir)`` runs ``--preset smoke`` and checks its output.
+"""`make bench` works end to end: the smoke preset runs every loss and writes complete results.
 
-Meant to be called from the test suite (it needs no GPU and takes well under a minute on two
-idle cores)::
-
-    from kdkernels.bench.selftest import run_smoke
-
-    def test_bench_smoke(tmp_path):
-        summary = run_smoke(tmp_path)
-        assert summary["ok_rows"] > 0
-
-It raises ``AssertionError`` naming what is missing or incomplete, and returns a summary dict.
+``run_smoke(tmpdir)`` runs ``python -m kdkernels.bench --preset smoke`` in a fresh process (no GPU
+needed; well under a minute on two idle cores) and checks its output; a failed check raises
+``AssertionError`` naming what is missing or incomplete.
 """
 from __future__ import annotations
 
@@ -21,9 +14,10 @@ import subprocess
 import sys
 import time
 
-from kdkernels.bench.cases import LOSSES, preset_smoke
+from kdkernels.backends import LOSSES
+from kdkernels.bench.cases import preset_smoke
 from kdkernels.bench.report import FILES
-from kdkernels.bench.runner import ROW_FIELDS
+from kdkernels.bench.rows import ROW_FIELDS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # a status is one of these, or starts with one of these followed by " ("
@@ -125,8 +119,6 @@ def run_smoke(tmpdir, timeout_s: float = 300.0, extra_args: list[str] | None = N
             "elapsed_s": elapsed, "bench_elapsed_s": result["meta"]["elapsed_s"]}
 
 
-if __name__ == "__main__":
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        print(json.dumps(run_smoke(d), indent=1, default=str))
+def test_bench_smoke(tmp_path):
+    summary = run_smoke(tmp_path)
+    assert summary["ok_rows"] > 0
