@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one command for a lent GPU machine (DESIGN §4): builds kdkernels in place, runs the whole
+# The one command for a lent GPU machine (docs/design.md §4): builds kdkernels in place, runs the whole
 # test suite on CUDA (Triton + CUDA backends, bf16 included) and the GPU benchmark preset.
 # Works with the device image's python3 (torch 2.11 cu130, Triton 3.6, no network). Everything
 # lands under $OUT (at most 8 files come back from the device tool): build.log (starts with the

@@ -1,6 +1,6 @@
 """CPU time and peak memory of the relation losses, fused ("cpu") vs the eager reference ("torch").
 
-One fresh process per case (DESIGN §5: peak RSS of a fresh process); forward + backward of the
+One fresh process per case (docs/design.md §5: peak RSS of a fresh process); forward + backward of the
 "mean"/"batchmean" loss on fp32 (B, D) inputs, the student requiring grad. Prints one line per case:
 
     python benchmarks/relation_cpu.py                      # the default table

@@ -1,4 +1,4 @@
-"""Argument checks shared by every loss (DESIGN §2.4): errors name the argument and what was expected."""
+"""Argument checks shared by every loss (docs/design.md §2.4): errors name the argument and what was expected."""
 from __future__ import annotations
 
 import numbers

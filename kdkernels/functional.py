@@ -31,7 +31,7 @@ def softmax_kl_div(
     t2_scale: bool = True,
     backend: str = "auto",
 ) -> Tensor:
-    """Temperature softmax-KL between student and teacher logits (DESIGN §2.1).
+    """Temperature softmax-KL between student and teacher logits (docs/design.md §2.1).
 
     Args:
         student_logits: (..., V) raw student logits; gradients flow here.
@@ -127,7 +127,7 @@ def projected_mse(
     reduction: str = "mean",
     backend: str = "auto",
 ) -> Tensor:
-    """FitNets hint: MSE between the projected student features and the teacher's (DESIGN §2.2).
+    """FitNets hint: MSE between the projected student features and the teacher's (docs/design.md §2.2).
 
     Args:
         student: (..., Ds, ...) with the features at ``feature_dim``.
@@ -189,7 +189,7 @@ def _fused_relation(loss_op, backend: str, student: Tensor, teacher: Tensor, red
 
 
 def rkd_distance(student: Tensor, teacher: Tensor, reduction: str = "mean", backend: str = "auto") -> Tensor:
-    """RKD distance loss between (B, ...) student and teacher embeddings (DESIGN §2.3).
+    """RKD distance loss between (B, ...) student and teacher embeddings (docs/design.md §2.3).
 
     Smooth-L1 between the pairwise distance matrices, each divided by its mean positive distance.
     The teacher gets no gradient. reduction: "mean" over the B^2 entries, or "sum". The fused
@@ -214,7 +214,7 @@ def rkd_angle(student: Tensor, teacher: Tensor, reduction: str = "mean", backend
 
 def rkd(student: Tensor, teacher: Tensor, distance_weight: float = 1.0, angle_weight: float = 2.0,
         reduction: str = "mean", backend: str = "auto") -> Tensor:
-    """``distance_weight * rkd_distance + angle_weight * rkd_angle`` (DESIGN §2.3; the RKD paper's
+    """``distance_weight * rkd_distance + angle_weight * rkd_angle`` (docs/design.md §2.3; the RKD paper's
     lambda_D = 1, lambda_A = 2 by default), each term reduced by ``reduction`` ("mean" or "sum").
 
     The fused backends compute both terms in one op from one set of (B, B) squared distances per

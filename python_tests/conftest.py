@@ -4,7 +4,7 @@ import os
 import torch
 
 # Must happen before anything imports triton: without a GPU, Triton kernels run on CPU tensors
-# in the interpreter (DESIGN §4). With a GPU the real compiler is used.
+# in the interpreter (docs/design.md §4). With a GPU the real compiler is used.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

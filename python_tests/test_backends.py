@@ -1,4 +1,4 @@
-"""Backend dispatch (DESIGN §1): auto choice, KDKERNELS_BACKEND, clear errors, no silent fallback."""
+"""Backend dispatch (docs/design.md §1): auto choice, KDKERNELS_BACKEND, clear errors, no silent fallback."""
 from __future__ import annotations
 
 import pytest

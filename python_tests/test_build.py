@@ -1,4 +1,4 @@
-"""The build facts of DESIGN §3: on a machine with nvcc and a CUDA torch the CUDA module must exist."""
+"""The build facts of docs/design.md §3: on a machine with nvcc and a CUDA torch the CUDA module must exist."""
 from __future__ import annotations
 
 import os

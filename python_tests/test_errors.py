@@ -1,4 +1,4 @@
-"""Bad input gets a ValueError / TypeError naming the argument (DESIGN §2.4), one test each."""
+"""Bad input gets a ValueError / TypeError naming the argument (docs/design.md §2.4), one test each."""
 from __future__ import annotations
 
 import pytest

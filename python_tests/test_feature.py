@@ -1,4 +1,4 @@
-"""Fused projected MSE against the reference, on every available backend (DESIGN §2.2)."""
+"""Fused projected MSE against the reference, on every available backend (docs/design.md §2.2)."""
 from __future__ import annotations
 
 import dataclasses
@@ -231,7 +231,7 @@ def test_no_teacher_grad_when_not_required(device, backend):
 @pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_saves_only_the_residual_besides_inputs(device, backend, dtype):
-    """DESIGN §2.2: the projection y is not kept for the backward; the one tensor saved besides the
+    """docs/design.md §2.2: the projection y is not kept for the backward; the one tensor saved besides the
     inputs is the residual, in the input dtype, and the NCHW student is saved as a view, not a copy."""
     if dtype == torch.bfloat16 and backend == "triton" and INTERPRETED:
         pytest.skip("bf16 Triton runs on a GPU only")

@@ -1,6 +1,6 @@
-"""The eager references (the executable spec, DESIGN §2) against independent textbook formulas.
+"""The eager references (the executable spec, docs/design.md §2) against independent textbook formulas.
 
-Every expected value here is computed from the DESIGN's formulas with plain float64 Python loops
+Every expected value here is computed from the formulas of docs/design.md with plain float64 Python loops
 over small cases (R <= 4, V <= 6, B <= 5, D <= 4); nothing is shared with the code under test.
 hypothesis draws the small inputs; ``@example`` pins the edge cases (V = 1, all rows ignored,
 -inf masks, +-1e4 logits, duplicate embeddings, B = 2, all-identical rows). Also: gradcheck of the
@@ -170,7 +170,7 @@ def tb_similarity_preserving(s, t, reduction):
 
 
 # ---------------------------------------------------------------------------------------------
-# softmax-KL (DESIGN §2.1)
+# softmax-KL (docs/design.md §2.1)
 # ---------------------------------------------------------------------------------------------
 def kl_case(s, t, T=1.0, beta=0.5, labels=None, ignore_index=-100, t2_scale=True):
     s, t = np.asarray(s, dtype=np.float64), np.asarray(t, dtype=np.float64)
@@ -327,7 +327,7 @@ def test_softmax_kl_dtypes(dtype):
 
 
 # ---------------------------------------------------------------------------------------------
-# projected MSE (DESIGN §2.2)
+# projected MSE (docs/design.md §2.2)
 # ---------------------------------------------------------------------------------------------
 FEATURE = st.floats(-5, 5, allow_nan=False)
 
@@ -415,7 +415,7 @@ def test_projected_mse_dtypes(dtype):
 
 
 # ---------------------------------------------------------------------------------------------
-# relation losses (DESIGN §2.3)
+# relation losses (docs/design.md §2.3)
 # ---------------------------------------------------------------------------------------------
 RELATIONS = {
     "rkd_distance": (rkd_distance, tb_rkd_distance, ("mean", "sum")),

@@ -1,5 +1,5 @@
 """Fused relation losses (RKD distance, RKD angle, their weighted sum RKD, SP) against the reference,
-on every available backend (DESIGN §2.3)."""
+on every available backend (docs/design.md §2.3)."""
 from __future__ import annotations
 
 import dataclasses

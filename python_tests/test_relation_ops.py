@@ -1,5 +1,5 @@
 """Op-level checks of the relation dispatcher ops: gradcheck (float64), torch.library.opcheck and
-the memory contract (no B x B tensor for distance / SP, no B^3 one for angle; DESIGN §2.3); the
+the memory contract (no B x B tensor for distance / SP, no B^3 one for angle; docs/design.md §2.3); the
 combined RKD distance + angle op is the one RKDLoss runs."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Fused temperature softmax-KL against the reference, on every available backend (DESIGN §2.1)."""
+"""Fused temperature softmax-KL against the reference, on every available backend (docs/design.md §2.1)."""
 from __future__ import annotations
 
 import dataclasses

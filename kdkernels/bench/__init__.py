@@ -1,7 +1,7 @@
 """The kdkernels profiler behind ``make bench`` (``python -m kdkernels.bench``).
 
 It times every loss on every available backend against baselines measured in the same process and
-run (DESIGN §5): eager PyTorch (the reference), ``torch.compile`` of the reference and, where
+run (docs/design.md §5): eager PyTorch (the reference), ``torch.compile`` of the reference and, where
 installed, Liger-Kernel's KL/JSD. One concept per module:
 
 * ``cases``       what to run: the losses, their inputs, the presets

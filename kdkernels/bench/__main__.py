@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m kdkernels.bench",
         description="Time and measure the kdkernels losses against eager PyTorch, torch.compile and Liger, "
-                    "in one run (DESIGN §5). Writes results.json, results.csv, speedup.png and scaling.png to --out.")
+                    "in one run (docs/design.md §5). Writes results.json, results.csv, speedup.png and scaling.png to --out.")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="cpu (a few minutes on 2 cores), gpu (H100/H200 sizes) or smoke (tiny, < 60 s); "
                         "default: gpu when CUDA is available, else cpu")

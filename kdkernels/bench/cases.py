@@ -98,7 +98,7 @@ class LossSpec:
     scale_power: float = 1.0  # run time grows as scale_dim ** scale_power
 
 
-OPMATH_BYTES = 4  # every backend computes in fp32 (DESIGN §2)
+OPMATH_BYTES = 4  # every backend computes in fp32 (docs/design.md §2)
 
 
 # softmax_kl_div ---------------------------------------------------------------------------------

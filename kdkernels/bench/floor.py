@@ -1,4 +1,4 @@
-"""The copy-bandwidth floor (DESIGN §5).
+"""The copy-bandwidth floor (docs/design.md §5).
 
 A full step has to read every input once and write every gradient once; nothing can do it faster
 than a plain tensor copy moves the same bytes. ``floor = bytes that must move / copy bandwidth``,

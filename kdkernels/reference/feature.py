@@ -1,4 +1,4 @@
-"""Reference projected MSE (DESIGN §2.2): a FitNets-style hint through a linear / 1x1-conv regressor."""
+"""Reference projected MSE (docs/design.md §2.2): a FitNets-style hint through a linear / 1x1-conv regressor."""
 from __future__ import annotations
 
 import functools

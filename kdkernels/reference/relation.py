@@ -1,4 +1,4 @@
-"""Reference relation losses (DESIGN §2.3): RKD distance, RKD angle, their weighted sum (RKD), and
+"""Reference relation losses (docs/design.md §2.3): RKD distance, RKD angle, their weighted sum (RKD), and
 similarity-preserving (SP).
 
 Shapes: ``student`` (B, ...) and ``teacher`` (B, ...) are flattened from dim 1 to (B, Ds) and

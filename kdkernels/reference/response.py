@@ -1,4 +1,4 @@
-"""Reference temperature softmax-KL (DESIGN §2.1): forward KL, reverse KL, generalised JSD."""
+"""Reference temperature softmax-KL (docs/design.md §2.1): forward KL, reverse KL, generalised JSD."""
 from __future__ import annotations
 
 import math
