@@ -4,7 +4,7 @@
 # Works with the device image's python3 (torch 2.11 cu130, Triton 3.6, no network). Everything
 # lands under $OUT (at most 8 files come back from the device tool): build.log (starts with the
 # machine's versions), tests.log, bench.log and bench/{results.json, results.csv, speedup.png,
-# scaling.png}; bench.log ends with benchmarks/rkd_combined.py's table. Sized for < 8 minutes.
+# scaling.png}; bench.log ends with benchmarks/rkd_combined.py's table and benchmarks/triton_op_probe.py's verdict. Sized for < 8 minutes.
 #
 #   device run:  bash benchmarks/gpu_check.sh          (timeout_s ~ 540)
 set -uo pipefail
@@ -40,6 +40,9 @@ tail -40 "$OUT/bench.log"
 
 step "RKDLoss: one fused op vs the two fused ops (appended to bench.log)"
 timeout 40 $PY benchmarks/rkd_combined.py --device cuda --batch 1024 --dim 1024 --dtype bfloat16 >>"$OUT/bench.log" 2>&1 || status=1
+tail -6 "$OUT/bench.log"
+step "triton_op probe: does a triton_op + wrap_triton kernel compile under Inductor here (docs/decisions.md)"
+timeout 60 $PY benchmarks/triton_op_probe.py >>"$OUT/bench.log" 2>&1 || status=1
 tail -6 "$OUT/bench.log"
 step "done (status $status)"
 exit $status
