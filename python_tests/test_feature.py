@@ -156,13 +156,15 @@ def _with_examples(test):
 
 
 @pytest.fixture
-def small_triton_tiles(monkeypatch):
+def small_triton_tiles():
     """Triton tiles of 16 so that small inputs span several tiles (and several grad_W splits)."""
     if not INTERPRETED:
+        yield
         return
-    from kdkernels.triton import feature as kernels
+    from kdkernels.triton._common import override_tiles
 
-    monkeypatch.setattr(kernels, "TILES", {2: (16, 16, 16, 1), 4: (16, 16, 16, 1), 8: (16, 16, 16, 1)})
+    with override_tiles("feature", {2: (16, 16, 16, 1), 4: (16, 16, 16, 1), 8: (16, 16, 16, 1)}):
+        yield
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)

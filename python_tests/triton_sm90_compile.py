@@ -5,7 +5,7 @@
 The Triton interpreter (how the test suite runs Triton on CPU) executes kernels as NumPy code: it
 never runs Triton's compiler, so a kernel can pass every interpreted test and still fail to compile
 for a GPU (types that do not unify, an op without a lowering, a constexpr branch that is not
-static). This script runs the real launchers (kdkernels/triton/*.py) on small CPU tensors with
+static). This script runs the real launchers (kdkernels/triton/<family>/<op>.py) on small CPU tensors with
 ``JITFunction.run`` replaced by a recorder, so every launch's arguments, constexprs and options are
 captured exactly as a GPU run would pass them, then compiles each distinct variant with
 ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` down to a cubin (ptxas included). No kernel
@@ -82,7 +82,7 @@ def variant(fn: JITFunction, arguments: dict, options: dict):
 
 # ---- the launches: every loss family, every constexpr branch, the dtypes a GPU run sees ------------
 def response_launches():
-    from kdkernels.triton import response as k
+    from kdkernels.triton.response import softmax_kl as k
 
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         for vocab in (100, 40000):  # one chunk / several chunks (and the larger block config)
@@ -91,14 +91,14 @@ def response_launches():
             labels = torch.tensor([0, -100, 2])
             for divergence in (0, 1, 2):
                 for lab in (None, labels):
-                    _, stats = k.softmax_kl_forward(s, t, lab, 2.0, divergence, 0.5, -100, True)
+                    _, stats = k.forward(s, t, lab, 2.0, divergence, 0.5, -100, True)
                     for student_grad, teacher_grad in ((True, False), (True, True), (False, True)):
-                        k.softmax_kl_backward(torch.ones(3), s, t, lab, stats, 2.0, divergence, 0.5, -100, True,
+                        k.backward(torch.ones(3), s, t, lab, stats, 2.0, divergence, 0.5, -100, True,
                                               student_grad, teacher_grad)
 
 
 def feature_launches():
-    from kdkernels.triton import feature as k
+    from kdkernels.triton.feature import projected_mse as k
 
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         for layout in ("rows", "feature_major"):
@@ -109,28 +109,28 @@ def feature_launches():
                 t = torch.randn(2, 36, 40).to(dtype).transpose(1, 2)
             w = torch.randn(36, 24).to(dtype)
             for bias in (None, torch.randn(36).to(dtype)):
-                _, residual = k.projected_mse_forward(x, t, w, bias, 0)
+                _, residual = k.forward(x, t, w, bias, 0)
                 for flags in ((True, False, True, bias is not None), (True, True, False, False),
                               (False, False, True, False)):
-                    k.projected_mse_backward(torch.ones(()), x, w, residual, 0, *flags)
+                    k.backward(torch.ones(()), x, w, residual, 0, *flags)
 
 
 def relation_launches():
-    from kdkernels.triton import relation as k
+    from kdkernels.triton.relation import rkd_angle, rkd_distance, rkd_distance_angle, similarity_preserving
 
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         s = torch.randn(70, 20).to(dtype)
         t = torch.randn(70, 12).to(dtype)
         g = torch.ones((), dtype=torch.float64 if dtype == torch.float64 else torch.float32)
         stats3 = torch.ones(3, dtype=g.dtype)
-        k.rkd_distance_forward(s, t)
-        k.rkd_distance_backward(g, s, t, stats3)
-        k.similarity_preserving_forward(s, t)
-        k.similarity_preserving_backward(g, s, t, torch.ones(3, 70, dtype=g.dtype))
-        k.rkd_angle_forward(s, t)
-        k.rkd_angle_backward(g, s, t)
-        k.rkd_distance_angle_forward(s, t)
-        k.rkd_distance_angle_backward(g, g, s, t, stats3)
+        rkd_distance.forward(s, t)
+        rkd_distance.backward(g, s, t, stats3)
+        similarity_preserving.forward(s, t)
+        similarity_preserving.backward(g, s, t, torch.ones(3, 70, dtype=g.dtype))
+        rkd_angle.forward(s, t)
+        rkd_angle.backward(g, s, t)
+        rkd_distance_angle.forward(s, t)
+        rkd_distance_angle.backward(g, g, s, t, stats3)
 
 
 FAMILIES = {"response": response_launches, "feature": feature_launches, "relation": relation_launches}

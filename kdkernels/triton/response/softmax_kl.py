@@ -1,4 +1,4 @@
-"""Triton kernels for the temperature softmax-KL (DESIGN §2.1): forward KL, reverse KL, generalised JSD.
+"""Triton kernels of the ``softmax_kl`` op (docs/design.md §2.1): forward KL, reverse KL, generalised JSD.
 
 The math is the one of csrc/include/kdkernels/softmax_kl.h (the C++ CPU / CUDA kernels), so the
 three backends agree on the loss, on the per-row ``stats`` = [m_s, log_sum_s, m_t, log_sum_t, c_s, c_t]
@@ -39,66 +39,15 @@ fp32 and cost float64 inputs their precision) and converted once to the op-math 
 
 Importing this module imports triton: set ``TRITON_INTERPRET=1`` before it for CPU tensors.
 """
-import math
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-# Largest BLOCK_V for 2-byte / 4-byte inputs (float64 uses half of it). Module-level so tests can
-# lower it to exercise the multi-chunk paths on small vocabularies.
-MAX_BLOCK_V = 4096
-
-
-# ---------------------------------------------------------------------------------------------
-# helpers (inlined by the compiler)
-# ---------------------------------------------------------------------------------------------
-@triton.jit
-def _log1p_01(e):
-    """log(1 + e) for e in [0, 1] without libdevice, accurate for tiny e (Goldberg's trick)."""
-    u = 1.0 + e
-    d = u - 1.0
-    return tl.where(d == 0.0, e, tl.log(u) * (e / tl.where(d == 0.0, 1.0, d)))
-
-
-@triton.jit
-def _log_add_exp(u, v):
-    """log(exp(u) + exp(v)); -inf + -inf = -inf (not NaN); NaN on either side gives NaN."""
-    u_hi = (u > v) | (u != u)  # NaN-propagating max (tl.maximum may drop a NaN)
-    hi = tl.where(u_hi, u, v)
-    lo = tl.where(u_hi, v, u)
-    hi_finite = hi != float("-inf")
-    diff = tl.where(hi_finite, lo - hi, float("-inf"))
-    return tl.where(hi_finite, hi + _log1p_01(tl.exp(diff)), hi)
-
-
-# numbers per row in the stats tensor: [m_s, log_sum_s, m_t, log_sum_t, c_s, c_t]
-ROW_STATS = 6
-
-
-@triton.jit
-def _store_row_stats(stats_ptr, row, m_s, log_sum_s, m_t, log_sum_t, c_s, c_t):
-    base = stats_ptr + row * 6
-    tl.store(base + 0, m_s)
-    tl.store(base + 1, log_sum_s)
-    tl.store(base + 2, m_t)
-    tl.store(base + 3, log_sum_t)
-    tl.store(base + 4, c_s)
-    tl.store(base + 5, c_t)
-
-
-@triton.jit
-def _load_scaled(ptrs, mask, inv_t, DT: tl.constexpr):
-    """A chunk of logits divided by T (as z * (1/T)) in the op-math dtype; -inf past the row end."""
-    return tl.load(ptrs, mask=mask, other=float("-inf")).to(DT) * inv_t
-
-
-@triton.jit
-def _write_ignored_row(loss_ptr, stats_ptr, row, zero):
-    """An ignored row: loss 0 and zero stats (its logits are never read)."""
-    tl.store(loss_ptr + row, zero)
-    _store_row_stats(stats_ptr, row, zero, zero, zero, zero, zero, zero)
+from kdkernels._dtypes import opmath_dtype
+from kdkernels.triton._common import launch, tl_opmath
+from kdkernels.triton.response._rows import (ROW_STATS, check_rows, jsd_constants, launch_config, load_scaled,
+                                             log_add_exp, store_row_stats, write_ignored_row)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,7 +74,7 @@ def _softmax_kl_fwd_kernel(
     if HAS_LABELS:
         label = tl.load(labels_ptr + row)
         if label == ignore_index:
-            _write_ignored_row(loss_ptr, stats_ptr, row, zero)
+            write_ignored_row(loss_ptr, stats_ptr, row, zero)
             return
 
     inv_t = tl.full([], inv_temp, DT)
@@ -142,8 +91,8 @@ def _softmax_kl_fwd_kernel(
     for start in range(0, V, BLOCK_V):
         offs = start + cols
         mask = offs < V
-        x = _load_scaled(w_row + offs, mask, inv_t, DT)
-        y = _load_scaled(o_row + offs, mask, inv_t, DT)
+        x = load_scaled(w_row + offs, mask, inv_t, DT)
+        y = load_scaled(o_row + offs, mask, inv_t, DT)
         new_mw = tl.maximum(mw, tl.max(x, 0))
         new_mo = tl.maximum(mo, tl.max(y, 0))
         # "safe" maxes: 0 while everything seen is -inf, so exp(-inf - 0) = 0 instead of NaN
@@ -173,9 +122,9 @@ def _softmax_kl_fwd_kernel(
     kl = acc / sw - log_sw + log_so
     tl.store(loss_ptr + row, kl * tl.full([], loss_scale, DT))
     if REVERSE:  # x = student, y = teacher
-        _store_row_stats(stats_ptr, row, mw, log_sw, mo, log_so, kl, zero)
+        store_row_stats(stats_ptr, row, mw, log_sw, mo, log_so, kl, zero)
     else:  # x = teacher, y = student
-        _store_row_stats(stats_ptr, row, mo, log_so, mw, log_sw, zero, kl)
+        store_row_stats(stats_ptr, row, mo, log_so, mw, log_sw, zero, kl)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,7 +153,7 @@ def _softmax_jsd_fwd_kernel(
     if HAS_LABELS:
         label = tl.load(labels_ptr + row)
         if label == ignore_index:
-            _write_ignored_row(loss_ptr, stats_ptr, row, zero)
+            write_ignored_row(loss_ptr, stats_ptr, row, zero)
             return
 
     inv_t = tl.full([], inv_temp, DT)
@@ -221,8 +170,8 @@ def _softmax_jsd_fwd_kernel(
     for start in range(0, V, BLOCK_V):
         offs = start + cols
         mask = offs < V
-        b = _load_scaled(s_row + offs, mask, inv_t, DT)
-        a = _load_scaled(t_row + offs, mask, inv_t, DT)
+        b = load_scaled(s_row + offs, mask, inv_t, DT)
+        a = load_scaled(t_row + offs, mask, inv_t, DT)
         new_ms = tl.maximum(ms, tl.max(b, 0))
         new_mt = tl.maximum(mt, tl.max(a, 0))
         cs = tl.where(new_ms == float("-inf"), 0.0, new_ms)
@@ -242,11 +191,11 @@ def _softmax_jsd_fwd_kernel(
     for start in range(0, V, BLOCK_V):
         offs = start + cols
         mask = offs < V
-        b = _load_scaled(s_row + offs, mask, inv_t, DT)
-        a = _load_scaled(t_row + offs, mask, inv_t, DT)
+        b = load_scaled(s_row + offs, mask, inv_t, DT)
+        a = load_scaled(t_row + offs, mask, inv_t, DT)
         log_p = (b - ms) - log_sum_s
         log_q = (a - mt) - log_sum_t
-        log_m = _log_add_exp(log_q + lb, log_p + l1mb)
+        log_m = log_add_exp(log_q + lb, log_p + l1mb)
         p = tl.exp(log_p)
         q = tl.exp(log_q)
         acc_s += tl.sum(tl.where((p > 0.0) | (p != p), p * (log_p - log_m), 0.0), 0)
@@ -255,7 +204,7 @@ def _softmax_jsd_fwd_kernel(
     c_s = (1.0 - b_dt) * acc_s
     c_t = b_dt * acc_t
     tl.store(loss_ptr + row, (c_s + c_t) * tl.full([], loss_scale, DT))
-    _store_row_stats(stats_ptr, row, ms, log_sum_s, mt, log_sum_t, c_s, c_t)
+    store_row_stats(stats_ptr, row, ms, log_sum_s, mt, log_sum_t, c_s, c_t)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,8 +266,8 @@ def _softmax_kl_bwd_kernel(
     for start in range(0, V, BLOCK_V):
         offs = start + cols
         mask = offs < V
-        b = _load_scaled(s_ptr + row_off + offs, mask, inv_t, DT)
-        a = _load_scaled(t_ptr + row_off + offs, mask, inv_t, DT)
+        b = load_scaled(s_ptr + row_off + offs, mask, inv_t, DT)
+        a = load_scaled(t_ptr + row_off + offs, mask, inv_t, DT)
         log_p = (b - m_s) - log_sum_s
         log_q = (a - m_t) - log_sum_t
         p = tl.exp(log_p)
@@ -332,7 +281,7 @@ def _softmax_kl_bwd_kernel(
             grad_b = tl.where(p_pos, p * (log_p - log_q - c_s), 0.0)
             grad_a = q - p
         else:
-            log_m = _log_add_exp(log_q + lb, log_p + l1mb)
+            log_m = log_add_exp(log_q + lb, log_p + l1mb)
             grad_b = tl.where(p_pos, p * ((1.0 - b_dt) * (log_p - log_m) - c_s), 0.0)
             grad_a = tl.where(q_pos, q * (b_dt * (log_q - log_m) - c_t), 0.0)
         if STUDENT_GRAD:
@@ -341,59 +290,18 @@ def _softmax_kl_bwd_kernel(
             tl.store(grad_t_ptr + row_off + offs, (grad_a * g).to(grad_t_ptr.dtype.element_ty), mask=mask)
 
 
-# ---------------------------------------------------------------------------------------------
-# launchers
-# ---------------------------------------------------------------------------------------------
-def _opmath(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _tl_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _launch_config(vocab: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(BLOCK_V, num_warps): chunks of up to MAX_BLOCK_V (half of it for float64), ~16 per thread."""
-    cap = MAX_BLOCK_V // 2 if dtype == torch.float64 else MAX_BLOCK_V
-    block = triton.next_power_of_2(max(1, min(vocab, cap)))
-    num_warps = max(1, min(8, block // 256))
-    return block, num_warps
-
-
-def _device_guard(t: Tensor):
-    if t.is_cuda:
-        return torch.cuda.device(t.device)
-    import contextlib
-
-    return contextlib.nullcontext()
-
-
-def _check_inputs(student: Tensor, teacher: Tensor, labels) -> None:
-    if student.dim() != 2 or student.shape != teacher.shape:
-        raise ValueError(f"student and teacher must be 2-D (rows, vocab) of the same shape, got "
-                         f"{tuple(student.shape)} and {tuple(teacher.shape)}")
-    if student.dtype != teacher.dtype:
-        raise TypeError(f"student and teacher must have the same dtype, got {student.dtype} and {teacher.dtype}")
-    if labels is not None and (labels.dim() != 1 or labels.shape[0] != student.shape[0]):
-        raise ValueError(f"labels must have shape ({student.shape[0]},), got {tuple(labels.shape)}")
-
-
-def _jsd_constants(beta: float) -> tuple[float, float, float]:
-    beta = float(beta)
-    if 0.0 < beta < 1.0:
-        return beta, math.log(beta), math.log1p(-beta)
-    return beta, 0.0, 0.0  # unused unless divergence == 2, where the op layer guarantees 0 < beta < 1
-
-
-def softmax_kl_forward(student: Tensor, teacher: Tensor, labels, temperature: float, divergence: int, beta: float,
-                       ignore_index: int, t2_scale: bool) -> tuple[Tensor, Tensor]:
+def forward(student: Tensor, teacher: Tensor, labels, temperature: float, divergence: int, beta: float,
+            ignore_index: int, t2_scale: bool) -> tuple[Tensor, Tensor]:
     """Per-row loss (R,) (already T^2-scaled when ``t2_scale``) and stats (R, 6) =
     [m_s, log_sum_s, m_t, log_sum_t, c_s, c_t]."""
-    _check_inputs(student, teacher, labels)
+    check_rows(student, teacher, labels)
+    divergence = int(divergence)
+    if divergence not in (0, 1, 2):
+        raise ValueError(f"divergence must be 0 (forward), 1 (reverse) or 2 (jsd), got {divergence}")
     student = student.contiguous()
     teacher = teacher.contiguous()
     rows, vocab = student.shape
-    dt = _opmath(student.dtype)
+    dt = opmath_dtype(student.dtype)
     loss = torch.empty((rows,), dtype=dt, device=student.device)
     stats = torch.empty((rows, ROW_STATS), dtype=dt, device=student.device)
     if rows == 0:
@@ -404,73 +312,55 @@ def softmax_kl_forward(student: Tensor, teacher: Tensor, labels, temperature: fl
         stats[:, :4] = float("-inf")  # maxes and log-sums of empty rows
         return loss, stats
     temperature = float(temperature)
-    divergence = int(divergence)
     has_labels = labels is not None
-    if has_labels:
-        labels = labels.contiguous()
-    labels_arg = labels if has_labels else loss  # dummy pointer, never read
+    labels_arg = labels.contiguous() if has_labels else loss  # dummy pointer, never read
     inv_temp = 1.0 / temperature
     loss_scale = temperature * temperature if t2_scale else 1.0
-    block, num_warps = _launch_config(vocab, student.dtype)
-    with _device_guard(student):
-        if divergence in (0, 1):
-            reverse = divergence == 1
-            w, o = (student, teacher) if reverse else (teacher, student)
-            _softmax_kl_fwd_kernel[(rows,)](
-                w, o, labels_arg, loss, stats, vocab, int(ignore_index), inv_temp, loss_scale,
-                HAS_LABELS=has_labels, REVERSE=reverse, DT=_tl_dtype(student.dtype), BLOCK_V=block,
-                num_warps=num_warps, enable_fp_fusion=False,
-            )
-        elif divergence == 2:
-            b, lb, l1mb = _jsd_constants(beta)
-            _softmax_jsd_fwd_kernel[(rows,)](
-                student, teacher, labels_arg, loss, stats, vocab, int(ignore_index), inv_temp, loss_scale,
-                b, lb, l1mb,
-                HAS_LABELS=has_labels, DT=_tl_dtype(student.dtype), BLOCK_V=block, num_warps=num_warps,
-                enable_fp_fusion=False,
-            )
-        else:
-            raise ValueError(f"divergence must be 0 (forward), 1 (reverse) or 2 (jsd), got {divergence}")
+    block, num_warps = launch_config(vocab, student.dtype)
+    common = dict(HAS_LABELS=has_labels, DT=tl_opmath(student.dtype), BLOCK_V=block, num_warps=num_warps,
+                  enable_fp_fusion=False)
+    if divergence in (0, 1):
+        reverse = divergence == 1
+        w, o = (student, teacher) if reverse else (teacher, student)
+        launch(_softmax_kl_fwd_kernel, (rows,), w, o, labels_arg, loss, stats, vocab, int(ignore_index), inv_temp,
+               loss_scale, REVERSE=reverse, **common)
+    else:
+        b, lb, l1mb = jsd_constants(beta)
+        launch(_softmax_jsd_fwd_kernel, (rows,), student, teacher, labels_arg, loss, stats, vocab, int(ignore_index),
+               inv_temp, loss_scale, b, lb, l1mb, **common)
     return loss, stats
 
 
-def softmax_kl_backward(grad_loss: Tensor, student: Tensor, teacher: Tensor, labels, stats: Tensor,
-                        temperature: float, divergence: int, beta: float, ignore_index: int, t2_scale: bool,
-                        student_grad: bool, teacher_grad: bool) -> tuple[Tensor, Tensor]:
+def backward(grad_loss: Tensor, student: Tensor, teacher: Tensor, labels, stats: Tensor, temperature: float,
+             divergence: int, beta: float, ignore_index: int, t2_scale: bool, student_grad: bool,
+             teacher_grad: bool) -> tuple[Tensor, Tensor]:
     """(grad_student, grad_teacher) in the logits' dtype; an unrequested one is an empty (0,) tensor."""
-    _check_inputs(student, teacher, labels)
+    check_rows(student, teacher, labels)
     divergence = int(divergence)
     if divergence not in (0, 1, 2):
         raise ValueError(f"divergence must be 0 (forward), 1 (reverse) or 2 (jsd), got {divergence}")
     student = student.contiguous()
     teacher = teacher.contiguous()
     rows, vocab = student.shape
-    grad_s = torch.empty_like(student) if student_grad else torch.empty(0, dtype=student.dtype,
-                                                                         device=student.device)
-    grad_t = torch.empty_like(teacher) if teacher_grad else torch.empty(0, dtype=teacher.dtype,
-                                                                         device=teacher.device)
+    grad_s = torch.empty_like(student) if student_grad else student.new_empty((0,))
+    grad_t = torch.empty_like(teacher) if teacher_grad else teacher.new_empty((0,))
     if rows == 0 or vocab == 0 or not (student_grad or teacher_grad):
         return grad_s, grad_t
     stats = stats.contiguous()
     if grad_loss.dim() != 1 or grad_loss.shape[0] != rows:
         grad_loss = grad_loss.reshape(rows)
     has_labels = labels is not None
-    if has_labels:
-        labels = labels.contiguous()
-    labels_arg = labels if has_labels else stats  # dummy pointer, never read
+    labels_arg = labels.contiguous() if has_labels else stats  # dummy pointer, never read
     temperature = float(temperature)
     inv_temp = 1.0 / temperature
     grad_scale = temperature if t2_scale else inv_temp  # T^2 loss scale times the 1/T of d(z/T)/dz
-    b, lb, l1mb = _jsd_constants(beta)
-    block, num_warps = _launch_config(vocab, student.dtype)
-    with _device_guard(student):
-        _softmax_kl_bwd_kernel[(rows,)](
-            student, teacher, labels_arg, stats, grad_loss, grad_loss.stride(0),
-            grad_s if student_grad else student,  # dummy pointers are never written
-            grad_t if teacher_grad else teacher,
-            vocab, int(ignore_index), inv_temp, grad_scale, b, lb, l1mb,
-            HAS_LABELS=has_labels, DIVERGENCE=divergence, STUDENT_GRAD=bool(student_grad),
-            TEACHER_GRAD=bool(teacher_grad), DT=_tl_dtype(student.dtype), BLOCK_V=block, num_warps=num_warps,
-            enable_fp_fusion=False,
-        )
+    b, lb, l1mb = jsd_constants(beta)
+    block, num_warps = launch_config(vocab, student.dtype)
+    launch(_softmax_kl_bwd_kernel, (rows,), student, teacher, labels_arg, stats, grad_loss, grad_loss.stride(0),
+           grad_s if student_grad else student,  # dummy pointers are never written
+           grad_t if teacher_grad else teacher,
+           vocab, int(ignore_index), inv_temp, grad_scale, b, lb, l1mb,
+           HAS_LABELS=has_labels, DIVERGENCE=divergence, STUDENT_GRAD=bool(student_grad),
+           TEACHER_GRAD=bool(teacher_grad), DT=tl_opmath(student.dtype), BLOCK_V=block, num_warps=num_warps,
+           enable_fp_fusion=False)
     return grad_s, grad_t

@@ -1,4 +1,4 @@
-"""Triton kernels for the projected MSE (DESIGN §2.2); the math is csrc/include/kdkernels/feature.h.
+"""Triton kernels of the ``projected_mse`` op (docs/design.md §2.2); the math is csrc/include/kdkernels/feature.h.
 
 x is (B, P, Ds), t (B, P, Dt), W (Dt, Ds), all read through their strides (NCHW maps arrive as
 (N, H*W, C) views and are never copied). Per feature vector ``r = x W^T + b - t``; with
@@ -29,11 +29,12 @@ from kdkernels._dtypes import opmath_dtype
 from kdkernels._feature import empty_in_layout, feature_major
 from kdkernels.reduction import feature_denominator as denominator
 from kdkernels.reduction import feature_grad_factor as grad_factor
-from kdkernels.triton._common import device_guard, dot_precision, tl_opmath
+from kdkernels.triton._common import dot_precision, launch, tiles, tl_opmath
 
 # Tile sizes per input element size (bytes): (BLOCK_M positions, BLOCK_N teacher features,
-# BLOCK_K student features, num_warps). Module-level so tests can shrink them to exercise multi-tile
-# paths on small inputs. Not autotuned yet (no GPU measurements so far).
+# BLOCK_K student features, num_warps). Tests shrink them with
+# kdkernels.triton._common.override_tiles("feature", ...) to exercise multi-tile paths on small inputs.
+# Not autotuned yet (no GPU measurements so far).
 TILES = {2: (128, 64, 32, 4), 4: (64, 64, 32, 4), 8: (32, 32, 16, 4)}
 NUM_STAGES = 3
 # grad_W / grad_b split the rows into at most this many partial sums.
@@ -164,7 +165,7 @@ def _projected_mse_grad_w_kernel(
 # launchers
 # ---------------------------------------------------------------------------------------------
 def _tiles(dtype: torch.dtype):
-    return TILES[torch.empty((), dtype=dtype).element_size()]
+    return tiles("feature", TILES)[torch.empty((), dtype=dtype).element_size()]
 
 
 def _check(x: Tensor, t: Tensor, weight: Tensor, bias: Optional[Tensor], reduction: int) -> None:
@@ -179,8 +180,7 @@ def _check(x: Tensor, t: Tensor, weight: Tensor, bias: Optional[Tensor], reducti
         raise ValueError(f"bias must be (Dt,) = ({t.shape[2]},), got {tuple(bias.shape)}")
 
 
-def projected_mse_forward(x: Tensor, t: Tensor, weight: Tensor, bias: Optional[Tensor],
-                          reduction: int) -> tuple[Tensor, Tensor]:
+def forward(x: Tensor, t: Tensor, weight: Tensor, bias: Optional[Tensor], reduction: int) -> tuple[Tensor, Tensor]:
     """(loss (), residual (B, P, Dt) in the input dtype and feature.h's layout)."""
     _check(x, t, weight, bias, reduction)
     B, P, Ds = x.shape
@@ -190,13 +190,10 @@ def projected_mse_forward(x: Tensor, t: Tensor, weight: Tensor, bias: Optional[T
     tiles_p, tiles_n = triton.cdiv(P, block_m), triton.cdiv(Dt, block_n)
     partial = torch.zeros((B * tiles_p, tiles_n), dtype=opmath_dtype(x.dtype), device=x.device)
     if partial.numel():
-        with device_guard(x):
-            _projected_mse_fwd_kernel[(B * tiles_p, tiles_n)](
-                x, t, weight, weight if bias is None else bias, residual, partial,
-                P, Ds, Dt, tiles_p, *x.stride(), *t.stride(), *weight.stride(), *residual.stride(),
-                HAS_BIAS=bias is not None, ACC=tl_opmath(x.dtype), PRECISION=dot_precision(x.dtype),
-                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=NUM_STAGES,
-            )
+        launch(_projected_mse_fwd_kernel, (B * tiles_p, tiles_n), x, t, weight, weight if bias is None else bias,
+               residual, partial, P, Ds, Dt, tiles_p, *x.stride(), *t.stride(), *weight.stride(), *residual.stride(),
+               HAS_BIAS=bias is not None, ACC=tl_opmath(x.dtype), PRECISION=dot_precision(x.dtype), BLOCK_M=block_m,
+               BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=NUM_STAGES)
     return partial.sum() / denominator(reduction, B * P, Dt), residual
 
 
@@ -208,9 +205,8 @@ def _splits(total_tiles: int, programs: int, device: torch.device) -> int:
     return max(1, min(total_tiles, MAX_SPLITS, triton.cdiv(2 * sms, max(1, programs))))
 
 
-def projected_mse_backward(grad_loss: Tensor, x: Tensor, weight: Tensor, residual: Tensor, reduction: int,
-                           x_grad: bool, t_grad: bool, weight_grad: bool,
-                           bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def backward(grad_loss: Tensor, x: Tensor, weight: Tensor, residual: Tensor, reduction: int, x_grad: bool,
+             t_grad: bool, weight_grad: bool, bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(grad_x, grad_t, grad_weight, grad_bias); grad_x / grad_t in the residual's layout, an
     unrequested gradient is an empty (0,) tensor. x is read only for grad_weight, weight only for grad_x."""
     if reduction not in (0, 1, 2):
@@ -232,39 +228,34 @@ def projected_mse_backward(grad_loss: Tensor, x: Tensor, weight: Tensor, residua
     tiles_p = triton.cdiv(P, block_m)
     ACC, PRECISION = tl_opmath(dtype), dot_precision(dtype)
 
-    with device_guard(residual):
-        if x_grad and B * tiles_p and Ds:
-            _projected_mse_grad_x_kernel[(B * tiles_p, triton.cdiv(Ds, block_k))](
-                residual, weight, s, grad_x, grad_t if t_grad else grad_x,
-                P, Ds, Dt, tiles_p, *residual.stride(), *weight.stride(), *grad_x.stride(),
-                *(grad_t.stride() if t_grad else grad_x.stride()),
-                WRITE_GT=t_grad, ACC=ACC, PRECISION=PRECISION,
-                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=NUM_STAGES,
-            )
-        elif x_grad:
-            grad_x.zero_()
-        if t_grad and not (x_grad and B * tiles_p and Ds):  # no grad_x program wrote it
-            torch.mul(residual, -s.reshape(()), out=grad_t)  # a 0-d factor keeps the residual's dtype
+    if x_grad and B * tiles_p and Ds:
+        launch(_projected_mse_grad_x_kernel, (B * tiles_p, triton.cdiv(Ds, block_k)), residual, weight, s, grad_x,
+               grad_t if t_grad else grad_x, P, Ds, Dt, tiles_p, *residual.stride(), *weight.stride(), *grad_x.stride(),
+               *(grad_t.stride() if t_grad else grad_x.stride()), WRITE_GT=t_grad, ACC=ACC, PRECISION=PRECISION,
+               BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=NUM_STAGES)
+    elif x_grad:
+        grad_x.zero_()
+    if t_grad and not (x_grad and B * tiles_p and Ds):  # no grad_x program wrote it
+        torch.mul(residual, -s.reshape(()), out=grad_t)  # a 0-d factor keeps the residual's dtype
 
-        grad_w = empty()
-        grad_b = empty()
-        w_kernel = weight_grad and Ds > 0
-        if w_kernel or bias_grad:
-            tiles_n = triton.cdiv(Dt, block_n)
-            tiles_k = triton.cdiv(Ds, block_k) if w_kernel else 1
-            total = B * tiles_p
-            splits = _splits(total, tiles_n * tiles_k, residual.device)
-            part_w = torch.zeros((splits, Dt, Ds) if w_kernel else (0,), dtype=acc_dtype, device=residual.device)
-            part_b = torch.zeros((splits, Dt) if bias_grad else (0,), dtype=acc_dtype, device=residual.device)
-            if total and tiles_n:
-                _projected_mse_grad_w_kernel[(tiles_n, tiles_k, splits)](
-                    residual, x if w_kernel else residual, part_w, part_b,
-                    P, Ds, Dt, tiles_p, total, *residual.stride(), *(x.stride() if w_kernel else residual.stride()),
-                    WEIGHT_GRAD=w_kernel, BIAS_GRAD=bias_grad, ACC=ACC, PRECISION=PRECISION,
-                    BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=NUM_STAGES,
-                )
-            if weight_grad:
-                grad_w = (part_w.sum(0) * s).to(dtype) if w_kernel else residual.new_zeros((Dt, Ds))
-            if bias_grad:
-                grad_b = (part_b.sum(0) * s).to(dtype)
+    grad_w = empty()
+    grad_b = empty()
+    w_kernel = weight_grad and Ds > 0
+    if w_kernel or bias_grad:
+        tiles_n = triton.cdiv(Dt, block_n)
+        tiles_k = triton.cdiv(Ds, block_k) if w_kernel else 1
+        total = B * tiles_p
+        splits = _splits(total, tiles_n * tiles_k, residual.device)
+        part_w = torch.zeros((splits, Dt, Ds) if w_kernel else (0,), dtype=acc_dtype, device=residual.device)
+        part_b = torch.zeros((splits, Dt) if bias_grad else (0,), dtype=acc_dtype, device=residual.device)
+        if total and tiles_n:
+            launch(_projected_mse_grad_w_kernel, (tiles_n, tiles_k, splits), residual, x if w_kernel else residual,
+                   part_w, part_b, P, Ds, Dt, tiles_p, total, *residual.stride(),
+                   *(x.stride() if w_kernel else residual.stride()), WEIGHT_GRAD=w_kernel, BIAS_GRAD=bias_grad, ACC=ACC,
+                   PRECISION=PRECISION, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+                   num_stages=NUM_STAGES)
+        if weight_grad:
+            grad_w = (part_w.sum(0) * s).to(dtype) if w_kernel else residual.new_zeros((Dt, Ds))
+        if bias_grad:
+            grad_b = (part_b.sum(0) * s).to(dtype)
     return grad_x, grad_t, grad_w, grad_b

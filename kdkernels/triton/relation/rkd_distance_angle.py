@@ -1,0 +1,60 @@
+"""Triton kernels of the ``rkd_distance_angle`` op (RKDLoss; docs/design.md §2.3).
+
+One set of (B, B) squared distances per side serves both terms: the angle's matrices also feed the
+distance passes (read, not re-formed), and the distance's pair weights are added to the angle's
+``S`` before the one ``S -> dL/dE`` pass.
+
+Importing this module imports triton: set ``TRITON_INTERPRET=1`` before it for CPU tensors.
+"""
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kdkernels.triton._common import launch
+from kdkernels.triton.relation._rows import EPS, NEAR_RATIO, relation_tiles
+from kdkernels.triton.relation.rkd_angle import angle_loss, angle_pair_weights, angle_side, gradient_from_pair_weights
+from kdkernels.triton.relation.rkd_distance import distance_pair_weight, distance_passes, distance_rows_kernel
+
+
+@triton.jit
+def _add_distance_weights_kernel(sqs_ptr, sqt_ptr, stats_ptr, g_ptr, w_ptr, B, EPS: tl.constexpr,
+                                 BLOCK: tl.constexpr):
+    """w += the distance term's pair weights, for a (B, B) weight matrix (the combined op's)."""
+    rows = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    cols = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    inside = (rows[:, None] < B) & (cols[None, :] < B)
+    keep = inside & (rows[:, None] != cols[None, :])
+    offs = rows[:, None] * B + cols[None, :]
+    sq_s = tl.load(sqs_ptr + offs, mask=keep, other=1.0)
+    sq_t = tl.load(sqt_ptr + offs, mask=keep, other=1.0)
+    mu_s = tl.load(stats_ptr)
+    through_mu = tl.load(stats_ptr + 2) / (B * (B - 1.0))
+    w = distance_pair_weight(sq_s, sq_t, keep, tl.load(g_ptr), mu_s, tl.load(stats_ptr + 1), through_mu, EPS)
+    tl.store(w_ptr + offs, tl.load(w_ptr + offs, mask=inside, other=0.0) + w, mask=inside)
+
+
+def forward(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    block, block_d, angle_block = relation_tiles()
+    _, _, sq_s, inv_s = angle_side(student, block, block_d)
+    _, _, sq_t, inv_t = angle_side(teacher, block, block_d)
+    batch = sq_s.shape[0]
+
+    def run_pass(loss, mu, out1, out2):
+        launch(distance_rows_kernel, (triton.cdiv(batch, block),), sq_s, out1, sq_t, out1, sq_s, sq_t, mu, out1, out2,
+               batch, 0, 0, loss, True, EPS, NEAR_RATIO, block, block_d)
+
+    distance, stats = distance_passes(run_pass, batch, sq_s)
+    return distance, angle_loss(sq_s, inv_s, sq_t, inv_t, angle_block), stats
+
+
+def backward(grad_distance: Tensor, grad_angle: Tensor, student: Tensor, teacher: Tensor, stats: Tensor) -> Tensor:
+    block, block_d, angle_block = relation_tiles()
+    e, n, sq_s, inv_s = angle_side(student, block, block_d)
+    _, _, sq_t, inv_t = angle_side(teacher, block, block_d)
+    batch = e.shape[0]
+    weights = angle_pair_weights(sq_s, inv_s, sq_t, inv_t, grad_angle.to(e.dtype).contiguous(), angle_block)
+    grid = (triton.cdiv(batch, block), triton.cdiv(batch, block))
+    launch(_add_distance_weights_kernel, grid, sq_s, sq_t, stats.contiguous(), grad_distance.to(e.dtype).contiguous(),
+           weights, batch, EPS, block)
+    return gradient_from_pair_weights(weights, sq_s, e, n, block, block_d).to(student.dtype)
