@@ -47,8 +47,8 @@ def check_real(name: str, value: object) -> float:
 
 def check_positive(name: str, value: object) -> float:
     v = check_real(name, value)
-    if not v > 0:  # also rejects NaN
-        raise ValueError(f"{name} must be > 0, got {value!r}")
+    if not 0 < v < float("inf"):  # also rejects NaN
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return v
 
 
@@ -95,3 +95,20 @@ def check_same_shape(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor)
 def check_min_dim(name: str, x: torch.Tensor, ndim: int, what: str) -> None:
     if x.dim() < ndim:
         raise ValueError(f"{name} must have at least {ndim} dimension(s) ({what}), got shape {tuple(x.shape)}")
+
+
+def check_softmax_kl_options(temperature: object, divergence: object, beta: object, reduction: object,
+                             ignore_index: object, t2_scale: object) -> tuple[float, str, float, str, int, bool]:
+    """The options of softmax_kl_div, checked and normalised (one check for the function and the module).
+
+    beta must lie in (0, 1) only for divergence="jsd", the one divergence that uses it.
+    """
+    from kdkernels import reduction as red
+    from kdkernels.ops.response import DIVERGENCE_CODES
+
+    temperature = check_positive("temperature", temperature)
+    divergence = check_choice("divergence", divergence, tuple(DIVERGENCE_CODES))
+    beta = check_open_unit_interval("beta", beta) if divergence == "jsd" else check_real("beta", beta)
+    red.ROWS.check(reduction)
+    return (temperature, divergence, beta, reduction, check_int("ignore_index", ignore_index),
+            check_bool("t2_scale", t2_scale))

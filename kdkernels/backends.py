@@ -88,8 +88,21 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
     raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
 
 
-def implemented_backends(loss: str, device: torch.device) -> list[str]:
+def check_name(backend: object) -> str:
+    """``backend`` if it names a backend ("auto" or one of BACKENDS); TypeError / ValueError otherwise.
+    Availability depends on the tensors' device and is checked when a loss runs (``resolve``)."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    return backend
+
+
+def implemented_backends(loss: str, device: torch.device | str) -> list[str]:
     """Backends that implement ``loss`` and can run tensors on ``device`` here, in BACKENDS order."""
+    if loss not in IMPLEMENTED:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    device = torch.device(device)
     return [b for b in BACKENDS if b in IMPLEMENTED[loss] and unavailable_reason(b, device) is None]
 
 
@@ -110,8 +123,7 @@ def _auto(loss: str, device: torch.device) -> str:
 
 def resolve(loss: str, backend: str, device: torch.device) -> str:
     """The concrete backend that runs ``loss`` for tensors on ``device``; raises if impossible."""
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    check_name(backend)
     if backend == "auto":
         backend = os.environ.get(ENV_VAR, "auto") or "auto"
         if backend == "auto":

@@ -6,6 +6,7 @@ Every function takes ``backend="auto"`` (see kdkernels.backends) and returns a f
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Optional
 
 import torch
@@ -37,10 +38,11 @@ def softmax_kl_div(
         student_logits: (..., V) raw student logits; gradients flow here.
         teacher_logits: (..., V) raw teacher logits, same shape and dtype; they get a gradient too
             if they require one (mutual learning).
-        temperature: T > 0; both distributions are softmax(logits / T).
-        divergence: "forward" = KL(teacher || student) (Hinton), "reverse" = KL(student || teacher),
-            "jsd" = beta KL(q || m) + (1 - beta) KL(p || m), m = beta q + (1 - beta) p.
-        beta: in (0, 1), used by "jsd".
+        temperature: finite T > 0; both distributions are softmax(logits / T).
+        divergence: with q = softmax(teacher_logits / T) and p = softmax(student_logits / T):
+            "forward" = KL(q || p) (Hinton), "reverse" = KL(p || q),
+            "jsd" = beta KL(q || m) + (1 - beta) KL(p || m) with m = beta q + (1 - beta) p.
+        beta: the teacher's weight in (0, 1); used (and checked) only by "jsd".
         reduction: "batchmean" (sum / kept rows), "sum", "mean" (sum / (kept rows * V)) or
             "none" (per-row losses of shape ...).
         labels: optional integer tensor of shape (...); rows equal to ``ignore_index`` are skipped.
@@ -55,19 +57,15 @@ def softmax_kl_div(
     v.check_min_dim("student_logits", student_logits, 1, "..., vocab")
     v.check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
     v.check_same_dtype(student_logits=student_logits, teacher_logits=teacher_logits)
+    if labels is not None and not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
     v.check_same_device(student_logits=student_logits, teacher_logits=teacher_logits, labels=labels)
-    temperature = v.check_positive("temperature", temperature)
-    v.check_choice("divergence", divergence, tuple(DIVERGENCE_CODES))
-    beta = v.check_open_unit_interval("beta", beta)
-    red.ROWS.check(reduction)
-    ignore_index = v.check_int("ignore_index", ignore_index)
-    t2_scale = v.check_bool("t2_scale", t2_scale)
+    temperature, divergence, beta, reduction, ignore_index, t2_scale = v.check_softmax_kl_options(
+        temperature, divergence, beta, reduction, ignore_index, t2_scale)
     lead, vocab = tuple(student_logits.shape[:-1]), student_logits.shape[-1]
     if vocab < 1:
         raise ValueError(f"student_logits must have a vocabulary dimension of size >= 1, got shape {tuple(student_logits.shape)}")
     if labels is not None:
-        if not isinstance(labels, Tensor):
-            raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
         if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
             raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
         if tuple(labels.shape) != lead:
@@ -156,7 +154,7 @@ def _fused_projected_mse(backend, student, teacher, weight, bias, feature_dim, r
     return loss
 
 
-def _check_relation_inputs(student, teacher, reduction, reductions: red.Reductions):
+def _check_relation_inputs(loss, student, teacher, reduction, reductions: red.Reductions):
     v.check_float_tensor("student", student)
     v.check_float_tensor("teacher", teacher)
     v.check_same_dtype(student=student, teacher=teacher)
@@ -168,6 +166,10 @@ def _check_relation_inputs(student, teacher, reduction, reductions: red.Reductio
         raise ValueError(f"teacher must have the same batch size as student ({student.shape[0]}), got {teacher.shape[0]}")
     if student.shape[0] < 2:
         raise ValueError(f"student must have a batch of at least 2 samples for relation losses, got {student.shape[0]}")
+    if teacher.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # Python shows this once per call site: the teacher is a target here, never trained
+        warnings.warn(f"{loss}: the teacher gets no gradient from relation losses (its relations are the "
+                      f"target); pass teacher.detach() to silence this", UserWarning, stacklevel=3)
 
 
 def _relation_rows(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
@@ -195,7 +197,7 @@ def rkd_distance(student: Tensor, teacher: Tensor, reduction: str = "mean", back
     The teacher gets no gradient. reduction: "mean" over the B^2 entries, or "sum". The fused
     backends never form the (B, B) distance matrices.
     """
-    _check_relation_inputs(student, teacher, reduction, red.RKD_ENTRIES)
+    _check_relation_inputs("rkd_distance", student, teacher, reduction, red.RKD_ENTRIES)
     return _dispatch.run("rkd_distance", backend, student.device, reference.rkd_distance,
                          functools.partial(_fused_relation, ops.RKD_DISTANCE), student, teacher, reduction)
 
@@ -207,7 +209,7 @@ def rkd_angle(student: Tensor, teacher: Tensor, reduction: str = "mean", backend
     backends keep O(B^2) memory (no (B, B, B) or (B, B, D) tensor). A coincident pair
     (|e_j - e_i| <= 1e-12, u_ij = 0) passes no gradient, on every backend.
     """
-    _check_relation_inputs(student, teacher, reduction, red.RKD_ENTRIES)
+    _check_relation_inputs("rkd_angle", student, teacher, reduction, red.RKD_ENTRIES)
     return _dispatch.run("rkd_angle", backend, student.device, reference.rkd_angle,
                          functools.partial(_fused_relation, ops.RKD_ANGLE), student, teacher, reduction)
 
@@ -222,7 +224,7 @@ def rkd(student: Tensor, teacher: Tensor, distance_weight: float = 1.0, angle_we
     entirely (so distance alone keeps ``rkd_distance``'s O(B) memory); weights must be finite and
     >= 0, not both 0.
     """
-    _check_relation_inputs(student, teacher, reduction, red.RKD_ENTRIES)
+    _check_relation_inputs("rkd", student, teacher, reduction, red.RKD_ENTRIES)
     distance_weight, angle_weight = v.check_rkd_weights(distance_weight, angle_weight)
     return _dispatch.run("rkd", backend, student.device, reference.rkd, _fused_rkd, student, teacher,
                          distance_weight, angle_weight, reduction)
@@ -244,6 +246,6 @@ def similarity_preserving(student: Tensor, teacher: Tensor, reduction: str = "ba
     """Similarity-preserving loss between (B, ...) features: ||G_t^ - G_s^||_F^2 of the L2
     row-normalised Gram matrices; "batchmean" divides by B^2, "sum" does not. The teacher gets
     no gradient; the fused backends never form the (B, B) Gram matrices."""
-    _check_relation_inputs(student, teacher, reduction, red.SP_ENTRIES)
+    _check_relation_inputs("similarity_preserving", student, teacher, reduction, red.SP_ENTRIES)
     return _dispatch.run("similarity_preserving", backend, student.device, reference.similarity_preserving,
                          functools.partial(_fused_relation, ops.SIMILARITY_PRESERVING), student, teacher, reduction)

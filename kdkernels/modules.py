@@ -8,7 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from kdkernels import _validation as v
+from kdkernels import backends
 from kdkernels import functional as F
+from kdkernels import reduction as red
 
 __all__ = ["SoftmaxKLDivLoss", "ProjectedMSELoss", "RKDDistanceLoss", "RKDAngleLoss", "SimilarityPreservingLoss",
            "RKDLoss"]
@@ -24,16 +26,21 @@ class SoftmaxKLDivLoss(nn.Module):
                  reduction: str = "batchmean", ignore_index: int = -100, t2_scale: bool = True,
                  backend: str = "auto") -> None:
         super().__init__()
-        self.temperature, self.divergence, self.beta = temperature, divergence, beta
-        self.reduction, self.ignore_index, self.t2_scale, self.backend = reduction, ignore_index, t2_scale, backend
+        # checked here, so a bad option fails where it is written, not at the first forward
+        (self.temperature, self.divergence, self.beta, self.reduction, self.ignore_index,
+         self.t2_scale) = v.check_softmax_kl_options(temperature, divergence, beta, reduction, ignore_index, t2_scale)
+        self.backend = backends.check_name(backend)
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        """The loss between (..., V) student and teacher logits; ``labels`` (...) skips rows equal to
+        ``ignore_index``. A 0-d tensor, or (...) for reduction="none"."""
         return F.softmax_kl_div(student_logits, teacher_logits, self.temperature, self.divergence, self.beta,
                                 self.reduction, labels, self.ignore_index, self.t2_scale, self.backend)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, divergence={self.divergence!r}, beta={self.beta}, "
-                f"reduction={self.reduction!r}, backend={self.backend!r}")
+                f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, t2_scale={self.t2_scale}, "
+                f"backend={self.backend!r}")
 
 
 class ProjectedMSELoss(nn.Module):
@@ -50,7 +57,9 @@ class ProjectedMSELoss(nn.Module):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.student_dim, self.teacher_dim = student_dim, teacher_dim
-        self.feature_dim, self.reduction, self.backend = feature_dim, reduction, backend
+        self.feature_dim = v.check_int("feature_dim", feature_dim)
+        self.reduction = red.FEATURES.check(reduction)
+        self.backend = backends.check_name(backend)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(teacher_dim, student_dim, **factory))
         self.bias = nn.Parameter(torch.empty(teacher_dim, **factory)) if bias else None
@@ -64,24 +73,27 @@ class ProjectedMSELoss(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
+        """The hint loss between student features (student_dim at ``feature_dim``) and teacher
+        features (teacher_dim there); a 0-d tensor."""
         return F.projected_mse(student, teacher, self.weight, self.bias, self.feature_dim, self.reduction,
                                self.backend)
 
     def extra_repr(self) -> str:
         return (f"student_dim={self.student_dim}, teacher_dim={self.teacher_dim}, bias={self.bias is not None}, "
-                f"feature_dim={self.feature_dim}, reduction={self.reduction!r}")
+                f"feature_dim={self.feature_dim}, reduction={self.reduction!r}, backend={self.backend!r}")
 
 
 class _RelationLoss(nn.Module):
     _fn = None
-    _default_reduction = "mean"
+    _reductions = red.RKD_ENTRIES
 
-    def __init__(self, reduction: Optional[str] = None, backend: str = "auto") -> None:
+    def __init__(self, reduction: str = "mean", backend: str = "auto") -> None:
         super().__init__()
-        self.reduction = reduction or self._default_reduction
-        self.backend = backend
+        self.reduction = self._reductions.check(reduction)
+        self.backend = backends.check_name(backend)
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
+        """The loss between (B, ...) student and teacher embeddings (the teacher gets no gradient); 0-d."""
         return type(self)._fn(student, teacher, self.reduction, self.backend)
 
     def extra_repr(self) -> str:
@@ -101,7 +113,10 @@ class RKDAngleLoss(_RelationLoss):
 class SimilarityPreservingLoss(_RelationLoss):
     """Similarity-preserving loss; see :func:`kdkernels.functional.similarity_preserving`."""
     _fn = staticmethod(F.similarity_preserving)
-    _default_reduction = "batchmean"
+    _reductions = red.SP_ENTRIES
+
+    def __init__(self, reduction: str = "batchmean", backend: str = "auto") -> None:
+        super().__init__(reduction, backend)
 
 
 class RKDLoss(nn.Module):
@@ -115,9 +130,11 @@ class RKDLoss(nn.Module):
                  backend: str = "auto") -> None:
         super().__init__()
         self.distance_weight, self.angle_weight = v.check_rkd_weights(distance_weight, angle_weight)
-        self.reduction, self.backend = reduction, backend
+        self.reduction = red.RKD_ENTRIES.check(reduction)
+        self.backend = backends.check_name(backend)
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
+        """Both RKD terms between (B, ...) student and teacher embeddings (the teacher gets no gradient); 0-d."""
         return F.rkd(student, teacher, self.distance_weight, self.angle_weight, self.reduction, self.backend)
 
     def extra_repr(self) -> str:

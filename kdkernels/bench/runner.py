@@ -41,6 +41,11 @@ class Runner:
             raise RuntimeError(f"preset {preset.name!r} needs a CUDA device and none is available")
         self.losses = list(losses) if losses else list(LOSSES)
         self.impls = list(impls) if impls else None
+        if self.impls is not None:
+            runnable = {n for loss in self.losses for n in I.candidates(loss, self.device)}
+            if not runnable & set(self.impls):
+                raise RuntimeError(f"none of the backends {','.join(self.impls)} runs on {self.device} "
+                                   f"(preset {preset.name!r}); here: {','.join(sorted(runnable))}")
         self.memory = preset.memory if memory is None else memory
         self.log = log or (lambda s: print(s, flush=True))
         self.on_case = on_case  # called with the partial result after every case (to save it)

@@ -115,9 +115,38 @@ def _register_variant(spec: OpDef, suffix: str) -> tuple[torch._ops.OpOverload, 
             _LIBRARY.impl(backward_name, _triton_launcher(spec.triton_module, "backward"), key)
     torch.library.register_fake(forward_op)(spec.forward_fake)
     torch.library.register_fake(backward_op)(spec.backward_fake)
-    torch.library.register_autograd(forward_op, functools.partial(spec.backward, backward_op),
+    torch.library.register_autograd(forward_op, functools.partial(_backward, spec, backward_op),
                                     setup_context=spec.setup_context)
+    # Differentiating the backward (create_graph=True, then a second backward) is not supported: say
+    # so, instead of the silent None / zero gradients an op without autograd would give.
+    torch.library.register_autograd(backward_op, functools.partial(_no_double_backward, spec.name))
     return forward_op, backward_op
+
+
+def _double_backward_error(name: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"kdkernels op {name!r}: double backward (differentiating a gradient, e.g. torch.autograd.grad(..., "
+        f"create_graph=True) followed by another backward) is not supported by the fused backends; use "
+        f"backend='torch' for that loss")
+
+
+def _no_double_backward(name: str, ctx, *grads):
+    raise _double_backward_error(name)
+
+
+def _backward(spec: OpDef, backward_op, ctx, *grads):
+    """The spec's autograd formula, which never hands create_graph=True a gradient it cannot differentiate.
+
+    A gradient computed only from saved, non-differentiable state (e.g. projected_mse's grad_x from
+    the residual when the weight needs no gradient) would not require grad: a later backward through
+    it would silently miss its second-order terms. Such a gradient raises here instead.
+    """
+    result = spec.backward(backward_op, ctx, *grads)
+    if torch.is_grad_enabled():  # only under create_graph=True
+        for grad, needed in zip(result, ctx.needs_input_grad):
+            if needed and grad is not None and not grad.requires_grad:
+                raise _double_backward_error(spec.name)
+    return result
 
 
 def register(spec: OpDef) -> Op:

@@ -57,9 +57,12 @@ def angles(e: torch.Tensor) -> torch.Tensor:
     artefact of eps that no training wants; every backend uses this zero subgradient.
     """
     diff = e.unsqueeze(0) - e.unsqueeze(1)  # (B, B, D): diff[i, j] = e_j - e_i
-    norm = torch.linalg.vector_norm(diff, dim=2, keepdim=True)
+    far = torch.linalg.vector_norm(diff.detach(), dim=2, keepdim=True) > EPS
+    # The norm of the far pairs only: a norm taken at 0 (the diagonal) has a NaN second derivative,
+    # which torch.where would still route into a double backward.
+    norm = torch.linalg.vector_norm(torch.where(far, diff, torch.ones_like(diff)), dim=2, keepdim=True)
     # value exactly diff / max(norm, eps); below eps the quotient is detached (no gradient)
-    u = torch.where(norm > EPS, diff / norm.clamp_min(EPS), (diff / EPS).detach())
+    u = torch.where(far, diff / norm, (diff / EPS).detach())
     return torch.bmm(u, u.transpose(1, 2))
 
 

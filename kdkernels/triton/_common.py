@@ -40,7 +40,13 @@ def launch(kernel, grid, *args, **meta) -> None:
         if t.device != device:
             raise ValueError(f"{getattr(kernel, '__name__', kernel)}: tensors on {device} and {t.device} in one launch")
     with device_guard(tensors[0]):
-        kernel[grid](*args, **meta)
+        if tensors[0].is_cuda:
+            kernel[grid](*args, **meta)
+        else:  # the interpreter computes with numpy, which warns where a GPU silently gives inf / NaN
+            import numpy
+
+            with numpy.errstate(all="ignore"):
+                kernel[grid](*args, **meta)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
