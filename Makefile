@@ -27,8 +27,10 @@ test: build
 soak: build
 	HYPOTHESIS_PROFILE=soak $(PY) -m pytest python_tests -q
 
+# Options go through BENCH_ARGS, e.g. make bench BENCH_ARGS="--losses rkd --no-scaling"
+BENCH_ARGS ?=
 bench: build
-	$(PY) -m kdkernels.bench
+	$(PY) -m kdkernels.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf build *.egg-info kdkernels/*.so bench_out .hypothesis .pytest_cache
