@@ -17,12 +17,16 @@ def check_float_tensor(name: str, x: object) -> torch.Tensor:
     return x
 
 
-def check_same_dtype(**tensors: torch.Tensor) -> None:
-    names = list(tensors)
-    first = tensors[names[0]]
-    for n in names[1:]:
-        if tensors[n].dtype != first.dtype:
-            raise TypeError(f"{n} must have the same dtype as {names[0]} ({first.dtype}), got {tensors[n].dtype}")
+
+def promote_floating(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """Floating tensors (None passes through) cast to their common dtype, as ``F.mse_loss`` and
+    autocast's promote ops do: a bf16 student (autocast) meets an fp32 teacher or projection in
+    fp32. Only the narrower tensors are copied; autograd returns each gradient in its input's dtype."""
+    present = [t for t in tensors if t is not None]
+    common = present[0].dtype
+    for t in present[1:]:
+        common = torch.promote_types(common, t.dtype)
+    return [t if t is None or t.dtype == common else t.to(common) for t in tensors]
 
 
 def check_same_device(**tensors: torch.Tensor | None) -> None:

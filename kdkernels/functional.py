@@ -1,7 +1,8 @@
 """Functional distillation losses: validate the inputs, then run on the chosen backend (kdkernels._dispatch).
 
 Every function takes ``backend="auto"`` (see kdkernels.backends) and returns a float32 loss
-(float64 for float64 inputs); gradients come back in each input's own dtype.
+(float64 for float64 inputs); gradients come back in each input's own dtype. Inputs of different
+floating dtypes (a bf16 student under autocast, an fp32 teacher) are computed in their common dtype.
 """
 from __future__ import annotations
 
@@ -56,12 +57,12 @@ def softmax_kl_div(
     v.check_float_tensor("teacher_logits", teacher_logits)
     v.check_min_dim("student_logits", student_logits, 1, "..., vocab")
     v.check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
-    v.check_same_dtype(student_logits=student_logits, teacher_logits=teacher_logits)
     if labels is not None and not isinstance(labels, Tensor):
         raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
     v.check_same_device(student_logits=student_logits, teacher_logits=teacher_logits, labels=labels)
     temperature, divergence, beta, reduction, ignore_index, t2_scale = v.check_softmax_kl_options(
         temperature, divergence, beta, reduction, ignore_index, t2_scale)
+    student_logits, teacher_logits = v.promote_floating(student_logits, teacher_logits)
     lead, vocab = tuple(student_logits.shape[:-1]), student_logits.shape[-1]
     if vocab < 1:
         raise ValueError(f"student_logits must have a vocabulary dimension of size >= 1, got shape {tuple(student_logits.shape)}")
@@ -93,7 +94,6 @@ def _check_feature_inputs(student, teacher, weight, bias, feature_dim, reduction
     v.check_float_tensor("weight", weight)
     if bias is not None:
         v.check_float_tensor("bias", bias)
-    v.check_same_dtype(student=student, teacher=teacher, weight=weight, **({} if bias is None else {"bias": bias}))
     v.check_same_device(student=student, teacher=teacher, weight=weight, bias=bias)
     feature_dim = v.check_int("feature_dim", feature_dim)
     red.FEATURES.check(reduction)
@@ -144,6 +144,7 @@ def projected_mse(
     permuted copy; see kdkernels._feature.rows_3d for the rare inputs that are copied once.
     """
     feature_dim = _check_feature_inputs(student, teacher, weight, bias, feature_dim, reduction)
+    student, teacher, weight, bias = v.promote_floating(student, teacher, weight, bias)
     return _dispatch.run("projected_mse", backend, student.device, reference.projected_mse, _fused_projected_mse,
                          student, teacher, weight, bias, feature_dim, reduction)
 
@@ -157,7 +158,6 @@ def _fused_projected_mse(backend, student, teacher, weight, bias, feature_dim, r
 def _check_relation_inputs(loss, student, teacher, reduction, reductions: red.Reductions):
     v.check_float_tensor("student", student)
     v.check_float_tensor("teacher", teacher)
-    v.check_same_dtype(student=student, teacher=teacher)
     v.check_same_device(student=student, teacher=teacher)
     reductions.check(reduction)
     v.check_min_dim("student", student, 2, "batch, features...")
@@ -198,6 +198,7 @@ def rkd_distance(student: Tensor, teacher: Tensor, reduction: str = "mean", back
     backends never form the (B, B) distance matrices.
     """
     _check_relation_inputs("rkd_distance", student, teacher, reduction, red.RKD_ENTRIES)
+    student, teacher = v.promote_floating(student, teacher)
     return _dispatch.run("rkd_distance", backend, student.device, reference.rkd_distance,
                          functools.partial(_fused_relation, ops.RKD_DISTANCE), student, teacher, reduction)
 
@@ -210,6 +211,7 @@ def rkd_angle(student: Tensor, teacher: Tensor, reduction: str = "mean", backend
     (|e_j - e_i| <= 1e-12, u_ij = 0) passes no gradient, on every backend.
     """
     _check_relation_inputs("rkd_angle", student, teacher, reduction, red.RKD_ENTRIES)
+    student, teacher = v.promote_floating(student, teacher)
     return _dispatch.run("rkd_angle", backend, student.device, reference.rkd_angle,
                          functools.partial(_fused_relation, ops.RKD_ANGLE), student, teacher, reduction)
 
@@ -225,6 +227,7 @@ def rkd(student: Tensor, teacher: Tensor, distance_weight: float = 1.0, angle_we
     >= 0, not both 0.
     """
     _check_relation_inputs("rkd", student, teacher, reduction, red.RKD_ENTRIES)
+    student, teacher = v.promote_floating(student, teacher)
     distance_weight, angle_weight = v.check_rkd_weights(distance_weight, angle_weight)
     return _dispatch.run("rkd", backend, student.device, reference.rkd, _fused_rkd, student, teacher,
                          distance_weight, angle_weight, reduction)
@@ -247,5 +250,6 @@ def similarity_preserving(student: Tensor, teacher: Tensor, reduction: str = "ba
     row-normalised Gram matrices; "batchmean" divides by B^2, "sum" does not. The teacher gets
     no gradient; the fused backends never form the (B, B) Gram matrices."""
     _check_relation_inputs("similarity_preserving", student, teacher, reduction, red.SP_ENTRIES)
+    student, teacher = v.promote_floating(student, teacher)
     return _dispatch.run("similarity_preserving", backend, student.device, reference.similarity_preserving,
                          functools.partial(_fused_relation, ops.SIMILARITY_PRESERVING), student, teacher, reduction)

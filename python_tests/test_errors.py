@@ -32,9 +32,8 @@ def test_kl_not_a_tensor():
         kl(teacher_logits=[[1.0] * 10] * 4)
 
 
-def test_kl_dtype_mismatch():
-    with pytest.raises(TypeError, match="teacher_logits"):
-        kl(teacher_logits=T.double())
+def test_kl_mixed_dtypes_are_promoted():  # as F.mse_loss; test_autocast.py checks the values
+    assert kl(teacher_logits=T.double()).dtype == torch.float64
 
 
 def test_kl_device_mismatch():
@@ -118,9 +117,8 @@ def test_mse_feature_dim_out_of_range():
         F.projected_mse(X, TF, W, B, feature_dim=2)
 
 
-def test_mse_dtype_mismatch():
-    with pytest.raises(TypeError, match="weight"):
-        F.projected_mse(X, TF, W.double(), B)
+def test_mse_mixed_dtypes_are_promoted():  # as F.mse_loss; test_autocast.py checks the values
+    assert F.projected_mse(X, TF, W.double(), B).dtype == torch.float64
 
 
 def test_mse_device_mismatch():
