@@ -1,10 +1,16 @@
 """Build kdkernels' two extension modules.
 
-* ``kdkernels._C``      C++ CPU kernels and every op schema. Always built.
-* ``kdkernels._C_cuda`` C++/CUDA kernels. Built when nvcc and a CUDA build of torch are present,
-  decided without ``torch.cuda.is_available()`` so it builds on machines without a GPU.
-  Set ``KDKERNELS_SKIP_CUDA=1`` to skip it. ``TORCH_CUDA_ARCH_LIST`` defaults to Hopper (9.0),
+* ``kdkernels._C``      C++ CPU kernels only (``csrc/cpu/**/*.cpp``). Always built.
+* ``kdkernels._C_cuda`` C++/CUDA kernels (``csrc/cuda/**/*.cu``). Built when nvcc and a CUDA build of
+  torch are present, decided without ``torch.cuda.is_available()`` so it builds on machines without
+  a GPU. Set ``KDKERNELS_SKIP_CUDA=1`` to skip it. ``TORCH_CUDA_ARCH_LIST`` defaults to Hopper (9.0),
   ``CUDA_HOME`` to /usr/local/cuda.
+
+Neither module defines a schema: the op schemas are defined in Python (kdkernels/ops), and the C++
+files only register kernels for them (``TORCH_LIBRARY_IMPL``). Both modules also compile
+``csrc/python_module.cpp``, the empty Python module whose import loads the library (its name comes
+from ``KDKERNELS_MODULE_NAME``). Sources are one op per file (``csrc/{cpu,cuda}/<family>/<op>.*``),
+found by recursive glob: a rebuild of one op recompiles one translation unit per backend.
 
 Install with ``pip install -e . --no-build-isolation`` (an isolated build would fetch another torch).
 """
@@ -28,6 +34,12 @@ def _rel(paths):
     return sorted(os.path.relpath(p, ROOT) for p in paths)
 
 
+def _sources(backend, pattern):
+    """csrc/<backend>/**/<pattern>, recursively, plus the module init every extension needs."""
+    found = glob.glob(os.path.join(ROOT, "csrc", backend, "**", pattern), recursive=True)
+    return _rel(found + [os.path.join(ROOT, "csrc", "python_module.cpp")])
+
+
 def cuda_build_wanted() -> bool:
     if os.environ.get("KDKERNELS_SKIP_CUDA", "0") == "1":
         return False
@@ -42,7 +54,7 @@ def extensions():
     exts = [
         cpp_extension.CppExtension(
             "kdkernels._C",
-            _rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))),
+            _sources("cpu", "*.cpp"),
             include_dirs=INCLUDE,
             define_macros=[("KDKERNELS_MODULE_NAME", "_C")],
             extra_compile_args={"cxx": cxx},
@@ -54,7 +66,7 @@ def extensions():
         exts.append(
             cpp_extension.CUDAExtension(
                 "kdkernels._C_cuda",
-                _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) + [os.path.join(ROOT, "csrc", "python_module.cpp")]),
+                _sources("cuda", "*.cu"),
                 include_dirs=INCLUDE,
                 define_macros=[("KDKERNELS_MODULE_NAME", "_C_cuda")],
                 extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"]},

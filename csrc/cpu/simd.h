@@ -6,7 +6,7 @@
 // Everything here is branch-free (selects only), so it vectorises under `#pragma omp simd`. With
 // GCC, a TU that uses it in hot loops should start with `#pragma GCC optimize("no-trapping-math")`
 // (or be built with -fno-trapping-math): otherwise GCC will not if-convert selects whose arms do
-// floating-point arithmetic, and such loops stay scalar except on AVX-512 (see csrc/cpu/response.cpp).
+// floating-point arithmetic, and such loops stay scalar except on AVX-512 (see csrc/cpu/response/softmax_kl.cpp).
 #pragma once
 #include <cstdint>
 #include <cstring>

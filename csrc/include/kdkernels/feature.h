@@ -1,4 +1,4 @@
-// Projected-MSE math and layout rules (DESIGN §2.2), written once for the CPU and CUDA kernels.
+// Projected-MSE math and layout rules (docs/design.md §2.2), written once for the CPU and CUDA kernels.
 //
 // The ops see x as (B, P, Ds) and t as (B, P, Dt): B * P feature vectors ("rows"). Per row
 //   y = W x + b,   r = y - t (the residual),   loss = reduce(sum r^2)

@@ -1,5 +1,6 @@
 // Host-side argument checks and result allocation of the projected-MSE ops, shared by the CPU
-// (csrc/cpu/feature.cpp) and CUDA (csrc/cuda/feature.cu) kernels so both reject and lay out alike.
+// (csrc/cpu/feature/projected_mse.cpp) and CUDA (csrc/cuda/feature/projected_mse.cu) kernels so both
+// reject and lay out alike.
 #pragma once
 #include <cstdint>
 #include <optional>

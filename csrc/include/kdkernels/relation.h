@@ -1,4 +1,4 @@
-// Relation-family math (DESIGN §2.3), written once for the CPU and CUDA kernels.
+// Relation-family math (docs/design.md §2.3), written once for the CPU and CUDA kernels.
 //
 // Every kernel works on centred embeddings e_i = x_i - mean(x) (distances and angles are
 // translation invariant; centring shrinks the norms the Gram expansion subtracts) and on squared

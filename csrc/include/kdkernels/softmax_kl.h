@@ -1,4 +1,4 @@
-// Temperature softmax-KL math (DESIGN §2.1), written once for the CPU and CUDA kernels.
+// Temperature softmax-KL math (docs/design.md §2.1), written once for the CPU and CUDA kernels.
 //
 // Per row, with a = z_teacher / T and b = z_student / T, m_t = max a, m_s = max b,
 // log_sum_t = log sum exp(a - m_t), log_sum_s = log sum exp(b - m_s):

@@ -1,5 +1,6 @@
-// Host-side argument checks of the softmax-KL ops, shared by the CPU (csrc/cpu/response.cpp) and
-// CUDA (csrc/cuda/response.cu) entry points so both reject alike; each adds its device checks.
+// Host-side argument checks of the softmax-KL ops, shared by the CPU (csrc/cpu/response/softmax_kl.cpp)
+// and CUDA (csrc/cuda/response/softmax_kl.cu) entry points so both reject alike; each adds its device
+// checks.
 #pragma once
 #include <cstdint>
 #include <optional>

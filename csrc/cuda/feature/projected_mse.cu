@@ -1,12 +1,12 @@
-// CUDA kernels of the projected MSE (DESIGN §2.2; math and layout rule in kdkernels/feature.h).
+// CUDA kernels of the projected MSE (docs/design.md §2.2; math and layout rule in kdkernels/feature.h).
 //
 // GEMMs go to cuBLAS through ATen (no cuBLAS headers here, so no epilogue fusion inside the GEMM);
 // everything around them is one fused kernel per pass:
 //   forward:  y = x W^T in the op-math dtype (bf16/fp16 inputs: cuBLAS with float32 output), laid out
 //             like the residual; then ONE kernel reads y and t once, adds the bias, writes
 //             r = y + b - t in the input dtype (in place over y for float32 / float64) and reduces r^2
-//             per block into a small partial-sum buffer (no atomics, no host sync). y is freed when the
-//             forward returns; only r is kept for the backward.
+//             per block (block_reduce.cuh) into a small partial-sum buffer (no atomics, no host sync).
+//             y is freed when the forward returns; only r is kept for the backward.
 //   backward: grad_x = (r W) * s and grad_t = -s r, where s = grad_loss * 2 / denominator stays on the
 //             device (read by the kernel, never copied to the host); grad_W = s r^T x and grad_b = s sum r
 //             by cuBLAS / ATen reductions in float32 (float64).
@@ -30,69 +30,53 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../block_reduce.cuh"
 #include "kdkernels/feature.h"
 #include "kdkernels/feature_args.h"
 
 namespace kdkernels {
+namespace cuda {
 namespace {
 
 using at::Tensor;
 
 constexpr int kThreads = 256;
 constexpr int kMaxBlocks = 2048;  // grid-stride loops beyond this; also the partial-sum buffer size
-constexpr int kWarp = 32;
-
-// Sum over the block; the result is valid in thread 0. All threads of the block must call it.
-template <typename acc_t>
-__device__ acc_t block_sum(acc_t v) {
-  __shared__ acc_t warp_sums[kThreads / kWarp];
-  for (int offset = kWarp / 2; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
-  const int lane = tid % kWarp, warp = tid / kWarp;
-  if (lane == 0) warp_sums[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    const int warps = static_cast<int>(blockDim.x * blockDim.y) / kWarp;
-    v = lane < warps ? warp_sums[lane] : acc_t(0);
-    for (int offset = kWarp / 2; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  }
-  return v;
-}
 
 // y, r: (B * M, N) contiguous (r may alias y). t is read through its (B, M, N) strides. The bias runs
 // along N ("columns", row-major blocks) or along M (feature-major blocks). Each block stores the sum of
 // its r^2 in partial[blockIdx.x]. threadIdx.x walks a row's columns, threadIdx.y the rows, so the only
 // integer division is one per row, not one per element.
-template <typename T, typename acc_t>
-__global__ void residual_sq_kernel(const acc_t* y, const T* __restrict__ t, const T* __restrict__ bias, T* r,
-                                   acc_t* __restrict__ partial, int64_t rows, int64_t M, int64_t N, int64_t tsb,
+template <typename T, typename opmath_t>
+__global__ void residual_sq_kernel(const opmath_t* y, const T* __restrict__ t, const T* __restrict__ bias, T* r,
+                                   opmath_t* __restrict__ partial, int64_t rows, int64_t M, int64_t N, int64_t tsb,
                                    int64_t tsm, int64_t tsn, bool bias_on_cols) {
-  acc_t local = 0;
+  opmath_t local = 0;
   const int64_t row_step = static_cast<int64_t>(gridDim.x) * blockDim.y;
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; row < rows; row += row_step) {
     const int64_t b = row / M, m = row - b * M;
     const T* trow = t + b * tsb + m * tsm;
-    const acc_t* yrow = y + row * N;
+    const opmath_t* yrow = y + row * N;
     T* rrow = r + row * N;
-    const acc_t row_bias = (bias != nullptr && !bias_on_cols) ? static_cast<acc_t>(bias[m]) : acc_t(0);
+    const opmath_t row_bias = (bias != nullptr && !bias_on_cols) ? static_cast<opmath_t>(bias[m]) : opmath_t(0);
     for (int64_t c = threadIdx.x; c < N; c += blockDim.x) {
-      const acc_t bb = (bias != nullptr && bias_on_cols) ? static_cast<acc_t>(bias[c]) : row_bias;
-      const acc_t v = (yrow[c] - static_cast<acc_t>(trow[c * tsn])) + bb;  // the CPU kernel's order
+      const opmath_t bb = (bias != nullptr && bias_on_cols) ? static_cast<opmath_t>(bias[c]) : row_bias;
+      const opmath_t v = (yrow[c] - static_cast<opmath_t>(trow[c * tsn])) + bb;  // the CPU kernel's order
       rrow[c] = static_cast<T>(v);  // same element, same thread: safe when r aliases y
       local += v * v;
     }
   }
-  const acc_t total = block_sum(local);
+  const opmath_t total = block_sum(local);
   if (threadIdx.x == 0 && threadIdx.y == 0) partial[blockIdx.x] = total;
 }
 
 // out[i] = sign * s * in[i] over n contiguous elements (in may alias out); s is a device scalar.
-template <typename T, typename acc_t>
-__global__ void scale_kernel(const T* in, T* out, const acc_t* __restrict__ s, acc_t sign, int64_t n) {
-  const acc_t f = sign * *s;
+template <typename T, typename opmath_t>
+__global__ void scale_kernel(const T* in, T* out, const opmath_t* __restrict__ s, opmath_t sign, int64_t n) {
+  const opmath_t f = sign * *s;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
-    out[i] = static_cast<T>(f * static_cast<acc_t>(in[i]));
+    out[i] = static_cast<T>(f * static_cast<opmath_t>(in[i]));
   }
 }
 
@@ -121,10 +105,11 @@ std::tuple<Tensor, Tensor> projected_mse_forward_cuda(const Tensor& x, const Ten
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), P = x.size(1), Dt = t.size(2);
   const bool fmajor = feature_major(P, Dt, t.stride(1));
-  const auto acc_type = at::toOpMathType(x.scalar_type());
+  const auto opmath_dtype = at::toOpMathType(x.scalar_type());
   // y in the residual's storage order: (B, P, Dt) = x W^T, or (B, Dt, P) = W x^T for feature-major t
-  Tensor y = fmajor ? batched_mm(weight, x.transpose(1, 2), B, acc_type) : batched_mm(x, weight.t(), B, acc_type);
-  const bool in_place = acc_type == x.scalar_type();
+  Tensor y = fmajor ? batched_mm(weight, x.transpose(1, 2), B, opmath_dtype)
+                    : batched_mm(x, weight.t(), B, opmath_dtype);
+  const bool in_place = opmath_dtype == x.scalar_type();
   Tensor storage = in_place ? y : at::empty(y.sizes(), t.options());
   const Tensor residual = fmajor ? storage.transpose(1, 2) : storage;
   const Tensor bias_c = bias.has_value() ? bias->contiguous() : Tensor();
@@ -132,19 +117,19 @@ std::tuple<Tensor, Tensor> projected_mse_forward_cuda(const Tensor& x, const Ten
   const int64_t M = fmajor ? Dt : P, N = fmajor ? P : Dt, rows = B * M;
   // t strides in the (B, M, N) order of the storage
   const int64_t tsb = t.stride(0), tsm = fmajor ? t.stride(2) : t.stride(1), tsn = fmajor ? t.stride(1) : t.stride(2);
-  int tx = kWarp;  // threads along a row: N rounded up to a power of two, within [32, 256]
+  int tx = kWarpSize;  // threads along a row: N rounded up to a power of two, within [kWarpSize, kThreads]
   while (tx < kThreads && tx < N) tx *= 2;
   const dim3 block(tx, kThreads / tx);
   const int grid = blocks_for(rows, block.y);
-  Tensor partial = at::zeros({grid}, x.options().dtype(acc_type));
+  Tensor partial = at::zeros({grid}, x.options().dtype(opmath_dtype));
   if (rows > 0 && N > 0) {
     const auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "projected_mse_forward_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      residual_sq_kernel<scalar_t, acc_t><<<grid, block, 0, stream>>>(
-          y.const_data_ptr<acc_t>(), t.const_data_ptr<scalar_t>(),
+      using opmath_t = at::opmath_type<scalar_t>;
+      residual_sq_kernel<scalar_t, opmath_t><<<grid, block, 0, stream>>>(
+          y.const_data_ptr<opmath_t>(), t.const_data_ptr<scalar_t>(),
           bias_c.defined() ? bias_c.const_data_ptr<scalar_t>() : nullptr, storage.mutable_data_ptr<scalar_t>(),
-          partial.mutable_data_ptr<acc_t>(), rows, M, N, tsb, tsm, tsn, !fmajor);
+          partial.mutable_data_ptr<opmath_t>(), rows, M, N, tsb, tsm, tsn, !fmajor);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -159,10 +144,10 @@ void launch_scale(const Tensor& in, Tensor& out, const Tensor& s, double sign) {
   if (n == 0) return;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.scalar_type(), "projected_mse_scale_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    scale_kernel<scalar_t, acc_t><<<blocks_for(n, kThreads), kThreads, 0, stream>>>(
-        in.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), s.const_data_ptr<acc_t>(),
-        static_cast<acc_t>(sign), n);
+    using opmath_t = at::opmath_type<scalar_t>;
+    scale_kernel<scalar_t, opmath_t><<<blocks_for(n, kThreads), kThreads, 0, stream>>>(
+        in.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), s.const_data_ptr<opmath_t>(),
+        static_cast<opmath_t>(sign), n);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -177,19 +162,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> projected_mse_backward_cuda(const Ten
   const c10::cuda::CUDAGuard guard(residual.device());
   const int64_t B = residual.size(0), P = residual.size(1), Dt = residual.size(2);
   const auto dtype = residual.scalar_type();
-  const auto acc_type = at::toOpMathType(dtype);
+  const auto opmath_dtype = at::toOpMathType(dtype);
   const auto opts = residual.options();
   const bool fmajor = feature_major(P, Dt, residual.stride(1));
   // storage order: (B, P, Dt), or (B, Dt, P) for feature-major; the forward's residual already is
   const Tensor rs = fmajor ? residual.transpose(1, 2).contiguous() : residual.contiguous();
   // s = grad_loss * 2 / denominator, a device scalar in the op-math dtype
-  const Tensor s = at::mul(grad_loss.reshape({}).to(acc_type), projected_mse_grad_factor(reduction, B * P, Dt));
+  const Tensor s = at::mul(grad_loss.reshape({}).to(opmath_dtype), projected_mse_grad_factor(reduction, B * P, Dt));
 
   Tensor grad_x = at::empty({0}, opts), grad_t = at::empty({0}, opts);
   Tensor grad_w = at::empty({0}, opts), grad_b = at::empty({0}, opts);
   if (x_grad) {  // (B, P, Ds) = r W, or (B, Ds, P) = W^T r, in the op-math dtype, scaled, rounded once
     // (as the CPU kernel: a 16-bit r W could overflow or round before the small scale is applied)
-    Tensor gx = fmajor ? batched_mm(weight.t(), rs, B, acc_type) : batched_mm(rs, weight, B, acc_type);
+    Tensor gx = fmajor ? batched_mm(weight.t(), rs, B, opmath_dtype) : batched_mm(rs, weight, B, opmath_dtype);
     gx = gx.mul_(s).to(dtype);
     grad_x = fmajor ? gx.transpose(1, 2) : gx;
   }
@@ -199,20 +184,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> projected_mse_backward_cuda(const Ten
     grad_t = fmajor ? gt.transpose(1, 2) : gt;
   }
   if (weight_grad) {  // sum over batch entries of r^T x (Dt x Ds), in the op-math dtype
-    Tensor gw = fmajor ? batched_mm(rs, x, B, acc_type) : batched_mm(rs.transpose(1, 2), x, B, acc_type);
+    Tensor gw = fmajor ? batched_mm(rs, x, B, opmath_dtype) : batched_mm(rs.transpose(1, 2), x, B, opmath_dtype);
     grad_w = gw.sum(0).mul_(s).to(dtype);
   }
   if (bias_grad) {
-    grad_b = at::sum(rs, {0, fmajor ? 2 : 1}, false, acc_type).mul_(s).to(dtype);
+    grad_b = at::sum(rs, {0, fmajor ? 2 : 1}, false, opmath_dtype).mul_(s).to(dtype);
   }
   return {grad_x, grad_t, grad_w, grad_b};
 }
 
 }  // namespace
+}  // namespace cuda
+}  // namespace kdkernels
 
 TORCH_LIBRARY_IMPL(kdkernels, CUDA, m) {
-  m.impl("projected_mse_forward", &projected_mse_forward_cuda);
-  m.impl("projected_mse_backward", &projected_mse_backward_cuda);
+  m.impl("projected_mse_forward", &kdkernels::cuda::projected_mse_forward_cuda);
+  m.impl("projected_mse_backward", &kdkernels::cuda::projected_mse_backward_cuda);
 }
-
-}  // namespace kdkernels

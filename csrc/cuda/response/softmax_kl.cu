@@ -1,4 +1,4 @@
-// CUDA kernels for the temperature softmax-KL ops (DESIGN §2.1): kdkernels::softmax_kl_forward and
+// CUDA kernels for the temperature softmax-KL ops (docs/design.md §2.1): kdkernels::softmax_kl_forward and
 // kdkernels::softmax_kl_backward. The per-element / per-state maths is in
 // csrc/include/kdkernels/softmax_kl.h; this file only streams rows through it.
 //
@@ -24,11 +24,12 @@
 
 #include "kdkernels/softmax_kl.h"
 #include "kdkernels/softmax_kl_args.h"
-#include "reduce.cuh"
+#include "_rows.cuh"
 
 namespace kdkernels {
 namespace cuda {
 namespace {
+using namespace response;
 
 // At most 512 threads per block and 64 registers per thread: two row-blocks per SM, so one block's
 // end-of-row reduction overlaps the other's streaming (a single 1024-thread block would idle the SM).
@@ -50,7 +51,7 @@ struct Tile {
 
 // ---- scaled logits ------------------------------------------------------------------------------------
 // a = z * (1/T) rounded to the op-math type: the one definition of the scaled logits in every pass of
-// the forward and the backward (as rounded_scale in csrc/cpu/response.cpp). nvcc contracts a product
+// the forward and the backward (as rounded_scale in csrc/cpu/response/softmax_kl.cpp). nvcc contracts a product
 // followed by a subtraction into an FMA by default (and --use_fast_math implies it), which would skip
 // this rounding in `a - max a`: that would no longer be exactly 0 at the max, and the centred logs
 // of softmax_kl.h would lose their exactness for logits of magnitude 1e4. The _rn intrinsics are
@@ -66,18 +67,18 @@ __device__ __forceinline__ double mul_rn(double x, double y) {
 // One step's worth of two rows x, y (same layout) held raw in registers (16-bit data stays packed, half
 // the registers of floats) and converted to op-math, times `scale` (1/T, by mul_rn), on use. Slots past the end of
 // the row hold -inf, which every consumer below treats as "no element" (zero probability).
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename opmath_t>
 struct Chunk {
   using TL = Tile<scalar_t>;
   using Vec = AlignedVec<scalar_t, TL::kVec>;
   Vec xv[TL::kUnroll], yv[TL::kUnroll];
-  acc_t scale;
+  opmath_t scale;
 
-  __device__ __forceinline__ acc_t x(int j) const {
-    return mul_rn(static_cast<acc_t>(xv[j / TL::kVec].v[j % TL::kVec]), scale);
+  __device__ __forceinline__ opmath_t x(int j) const {
+    return mul_rn(static_cast<opmath_t>(xv[j / TL::kVec].v[j % TL::kVec]), scale);
   }
-  __device__ __forceinline__ acc_t y(int j) const {
-    return mul_rn(static_cast<acc_t>(yv[j / TL::kVec].v[j % TL::kVec]), scale);
+  __device__ __forceinline__ opmath_t y(int j) const {
+    return mul_rn(static_cast<opmath_t>(yv[j / TL::kVec].v[j % TL::kVec]), scale);
   }
 
   // Vector part: vectors base + u * G + t, u < kUnroll (consecutive threads read consecutive vectors).
@@ -102,7 +103,7 @@ struct Chunk {
   __device__ __forceinline__ void load_scalar(const scalar_t* xr, const scalar_t* yr, const RowLayout& L, int base,
                                               int t, int G) {
     static_assert(TL::kScalarChunk == TL::kVec, "scalar steps fill exactly vector slot 0");
-    const scalar_t ninf = static_cast<scalar_t>(neg_inf<acc_t>());
+    const scalar_t ninf = static_cast<scalar_t>(neg_inf<opmath_t>());
 #pragma unroll
     for (int j = 0; j < TL::kScalarChunk; ++j) {
       const int si = base + j * G + t;
@@ -116,18 +117,18 @@ struct Chunk {
   }
 
   __device__ __forceinline__ void fill_neg_inf(int u) {
-    const scalar_t ninf = static_cast<scalar_t>(neg_inf<acc_t>());
+    const scalar_t ninf = static_cast<scalar_t>(neg_inf<opmath_t>());
 #pragma unroll
     for (int j = 0; j < TL::kVec; ++j) xv[u].v[j] = yv[u].v[j] = ninf;
   }
 };
 
 // Calls f(chunk) on every chunk this thread (index t of a group of G) owns in rows xr, yr.
-template <typename scalar_t, typename acc_t, typename F>
+template <typename scalar_t, typename opmath_t, typename F>
 __device__ __forceinline__ void for_each_chunk(const scalar_t* xr, const scalar_t* yr, const RowLayout& L, int t,
-                                               int G, acc_t scale, F&& f) {
+                                               int G, opmath_t scale, F&& f) {
   using TL = Tile<scalar_t>;
-  Chunk<scalar_t, acc_t> c;
+  Chunk<scalar_t, opmath_t> c;
   c.scale = scale;
   for (int base = 0; base + t < L.nvec; base += G * TL::kUnroll) {
     c.load_vec(xr, yr, L, base, t, G);
@@ -141,12 +142,12 @@ __device__ __forceinline__ void for_each_chunk(const scalar_t* xr, const scalar_
 
 // Same walk, but f(x, y, ox, oy) maps each element pair to two outputs, stored (cast to scalar_t) to
 // out_x / out_y at the element's position; a null output is skipped. Padding slots are not computed.
-template <typename scalar_t, typename acc_t, typename F>
+template <typename scalar_t, typename opmath_t, typename F>
 __device__ __forceinline__ void map_chunks(const scalar_t* xr, const scalar_t* yr, scalar_t* out_x, scalar_t* out_y,
-                                           const RowLayout& L, int t, int G, acc_t scale, F&& f) {
+                                           const RowLayout& L, int t, int G, opmath_t scale, F&& f) {
   using TL = Tile<scalar_t>;
   using Vec = AlignedVec<scalar_t, TL::kVec>;
-  Chunk<scalar_t, acc_t> c;
+  Chunk<scalar_t, opmath_t> c;
   c.scale = scale;
   Vec* oxv = out_x != nullptr ? reinterpret_cast<Vec*>(out_x + L.head) : nullptr;
   Vec* oyv = out_y != nullptr ? reinterpret_cast<Vec*>(out_y + L.head) : nullptr;
@@ -159,7 +160,7 @@ __device__ __forceinline__ void map_chunks(const scalar_t* xr, const scalar_t* y
         Vec ox, oy;
 #pragma unroll
         for (int j = 0; j < TL::kVec; ++j) {
-          acc_t gx, gy;
+          opmath_t gx, gy;
           f(c.x(u * TL::kVec + j), c.y(u * TL::kVec + j), gx, gy);
           ox.v[j] = static_cast<scalar_t>(gx);
           oy.v[j] = static_cast<scalar_t>(gy);
@@ -176,7 +177,7 @@ __device__ __forceinline__ void map_chunks(const scalar_t* xr, const scalar_t* y
       const int si = base + j * G + t;
       if (si < L.nscalar) {
         const int idx = L.scalar_index(si);
-        acc_t gx, gy;
+        opmath_t gx, gy;
         f(c.x(j), c.y(j), gx, gy);
         if (out_x != nullptr) out_x[idx] = static_cast<scalar_t>(gx);
         if (out_y != nullptr) out_y[idx] = static_cast<scalar_t>(gy);
@@ -201,13 +202,13 @@ __device__ __forceinline__ void zero_row(scalar_t* out, const RowLayout& L, int 
 // ---- per-chunk partial states (thin wrappers over softmax_kl.h) -----------------------------------
 // Chunk maxes first, then the centred sums; a chunk whose max is -inf (all -inf / padding) is the
 // empty state (the exps would otherwise see -inf - -inf = NaN).
-template <typename acc_t, typename Get>
-__device__ __forceinline__ LseState<acc_t> chunk_lse(int n, Get get) {
-  acc_t m = get(0);
+template <typename opmath_t, typename Get>
+__device__ __forceinline__ LseState<opmath_t> chunk_lse(int n, Get get) {
+  opmath_t m = get(0);
 #pragma unroll
   for (int j = 1; j < n; ++j) m = fast_max_nan(m, get(j));
-  acc_t s = acc_t(0);
-  if (m != neg_inf<acc_t>()) {
+  opmath_t s = opmath_t(0);
+  if (m != neg_inf<opmath_t>()) {
 #pragma unroll
     for (int j = 0; j < n; ++j) s += std::exp(get(j) - m);
   }
@@ -217,9 +218,9 @@ __device__ __forceinline__ LseState<acc_t> chunk_lse(int n, Get get) {
 // Forward / reverse KL partial state of a chunk; the weighting row is c.x.
 template <typename C>
 __device__ __forceinline__ auto chunk_log_ratio(const C& c) {
-  using acc_t = decltype(c.scale);
+  using opmath_t = decltype(c.scale);
   constexpr int N = C::TL::kChunk;
-  LogRatioState<acc_t> s = log_ratio_empty<acc_t>();
+  LogRatioState<opmath_t> s = log_ratio_empty<opmath_t>();
   s.mw = c.x(0);
   s.mo = c.y(0);
 #pragma unroll
@@ -227,7 +228,7 @@ __device__ __forceinline__ auto chunk_log_ratio(const C& c) {
     s.mw = fast_max_nan(s.mw, c.x(j));
     s.mo = fast_max_nan(s.mo, c.y(j));
   }
-  if (s.mw != neg_inf<acc_t>()) {
+  if (s.mw != neg_inf<opmath_t>()) {
 #pragma unroll
     for (int j = 0; j < N; ++j) {
       // exp(x - mw) here and inside log_ratio_term is one common subexpression after inlining
@@ -235,7 +236,7 @@ __device__ __forceinline__ auto chunk_log_ratio(const C& c) {
       s.acc += log_ratio_term(c.x(j), s.mw, c.y(j), s.mo);
     }
   }
-  if (s.mo != neg_inf<acc_t>()) {
+  if (s.mo != neg_inf<opmath_t>()) {
 #pragma unroll
     for (int j = 0; j < N; ++j) s.so += std::exp(c.y(j) - s.mo);
   }
@@ -245,23 +246,23 @@ __device__ __forceinline__ auto chunk_log_ratio(const C& c) {
 // ---- kernels ----------------------------------------------------------------------------------------
 template <typename scalar_t>
 struct ForwardArgs {
-  using acc_t = at::opmath_type<scalar_t>;
+  using opmath_t = at::opmath_type<scalar_t>;
   const scalar_t* student;
   const scalar_t* teacher;
   const int64_t* labels;  // null: no labels
-  acc_t* loss;            // (R,)
-  acc_t* stats;           // (R, kRowStats)
+  opmath_t* loss;         // (R,)
+  opmath_t* stats;        // (R, kRowStats)
   int64_t R, V, ignore_index;
-  acc_t inv_t, loss_scale;
-  JsdConstants<acc_t> jsd;
+  opmath_t inv_t, loss_scale;
+  JsdConstants<opmath_t> jsd;
   int divergence;
-  int group;  // threads per row: 32 or blockDim.x
+  int group;  // threads per row: kWarpSize or blockDim.x
   bool vec_ok;
 };
 
 template <typename scalar_t, bool kJsd>
 __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) softmax_kl_forward_kernel(const ForwardArgs<scalar_t> a) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using opmath_t = at::opmath_type<scalar_t>;
   constexpr int N = Tile<scalar_t>::kChunk;
   __shared__ alignas(16) unsigned char smem[kReduceSmemBytes];
   const int G = a.group;
@@ -271,12 +272,12 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) softmax_kl_
   // row is uniform over a group, so every barrier inside group_allreduce is reached by the whole block
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * rows_per_block + threadIdx.x / G; row < a.R;
        row += row_step) {
-    acc_t* st_out = a.stats + row * kRowStats;
+    opmath_t* st_out = a.stats + row * kRowStats;
     if (a.labels != nullptr && a.labels[row] == a.ignore_index) {
       if (t == 0) {
-        a.loss[row] = acc_t(0);
+        a.loss[row] = opmath_t(0);
 #pragma unroll
-        for (int i = 0; i < kRowStats; ++i) st_out[i] = acc_t(0);
+        for (int i = 0; i < kRowStats; ++i) st_out[i] = opmath_t(0);
       }
       continue;
     }
@@ -289,43 +290,44 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) softmax_kl_
       const bool fwd = a.divergence == kForwardKL;
       const scalar_t* xr = fwd ? trow : srow;
       const scalar_t* yr = fwd ? srow : trow;
-      LogRatioState<acc_t> st = log_ratio_empty<acc_t>();
-      for_each_chunk<scalar_t, acc_t>(xr, yr, L, t, G, a.inv_t,
-                                      [&](const Chunk<scalar_t, acc_t>& c) { st = log_ratio_merge(st, chunk_log_ratio(c)); });
-      st = group_allreduce(st, LogRatioMergeOp{}, log_ratio_empty<acc_t>(), smem, G);
+      LogRatioState<opmath_t> st = log_ratio_empty<opmath_t>();
+      for_each_chunk<scalar_t, opmath_t>(xr, yr, L, t, G, a.inv_t, [&](const Chunk<scalar_t, opmath_t>& c) {
+        st = log_ratio_merge(st, chunk_log_ratio(c));
+      });
+      st = group_allreduce(st, LogRatioMergeOp{}, log_ratio_empty<opmath_t>(), smem, G);
       if (t == 0) {
-        const acc_t log_sum_w = std::log(st.sw), log_sum_o = std::log(st.so);
-        const acc_t kl = log_ratio_kl(st);
-        st_out[0] = fwd ? st.mo : st.mw;          // m_s
-        st_out[1] = fwd ? log_sum_o : log_sum_w;  // log_sum_s
-        st_out[2] = fwd ? st.mw : st.mo;          // m_t
-        st_out[3] = fwd ? log_sum_w : log_sum_o;  // log_sum_t
-        st_out[4] = fwd ? acc_t(0) : kl;          // c_s
-        st_out[5] = fwd ? kl : acc_t(0);          // c_t
+        const opmath_t log_sum_w = std::log(st.sw), log_sum_o = std::log(st.so);
+        const opmath_t kl = log_ratio_kl(st);
+        st_out[0] = fwd ? st.mo : st.mw;           // m_s
+        st_out[1] = fwd ? log_sum_o : log_sum_w;   // log_sum_s
+        st_out[2] = fwd ? st.mw : st.mo;           // m_t
+        st_out[3] = fwd ? log_sum_w : log_sum_o;   // log_sum_t
+        st_out[4] = fwd ? opmath_t(0) : kl;        // c_s
+        st_out[5] = fwd ? kl : opmath_t(0);        // c_t
         a.loss[row] = kl * a.loss_scale;
       }
     } else {
       // pass 1: both log-sum-exps (x = student b, y = teacher a)
-      Pair<LseState<acc_t>> ls{lse_empty<acc_t>(), lse_empty<acc_t>()};
-      for_each_chunk<scalar_t, acc_t>(srow, trow, L, t, G, a.inv_t, [&](const Chunk<scalar_t, acc_t>& c) {
-        ls.first = lse_merge(ls.first, chunk_lse<acc_t>(N, [&](int j) { return c.x(j); }));
-        ls.second = lse_merge(ls.second, chunk_lse<acc_t>(N, [&](int j) { return c.y(j); }));
+      Pair<LseState<opmath_t>> ls{lse_empty<opmath_t>(), lse_empty<opmath_t>()};
+      for_each_chunk<scalar_t, opmath_t>(srow, trow, L, t, G, a.inv_t, [&](const Chunk<scalar_t, opmath_t>& c) {
+        ls.first = lse_merge(ls.first, chunk_lse<opmath_t>(N, [&](int j) { return c.x(j); }));
+        ls.second = lse_merge(ls.second, chunk_lse<opmath_t>(N, [&](int j) { return c.y(j); }));
       });
-      ls = group_allreduce(ls, LsePairMergeOp{}, Pair<LseState<acc_t>>{lse_empty<acc_t>(), lse_empty<acc_t>()},
+      ls = group_allreduce(ls, LsePairMergeOp{}, Pair<LseState<opmath_t>>{lse_empty<opmath_t>(), lse_empty<opmath_t>()},
                            smem, G);
-      const acc_t m_s = ls.first.m, log_sum_s = std::log(ls.first.s);
-      const acc_t m_t = ls.second.m, log_sum_t = std::log(ls.second.s);
+      const opmath_t m_s = ls.first.m, log_sum_s = std::log(ls.first.s);
+      const opmath_t m_t = ls.second.m, log_sum_t = std::log(ls.second.s);
       // pass 2 (the row is usually still in L2): c_s, c_t, with the centred logs of softmax_kl.h.
       // Padding slots give log p = log q = -inf, which jsd_accumulate skips (zero probability).
-      Pair<acc_t> c{acc_t(0), acc_t(0)};
-      const JsdConstants<acc_t> k = a.jsd;
-      for_each_chunk<scalar_t, acc_t>(srow, trow, L, t, G, a.inv_t, [&](const Chunk<scalar_t, acc_t>& ch) {
+      Pair<opmath_t> c{opmath_t(0), opmath_t(0)};
+      const JsdConstants<opmath_t> k = a.jsd;
+      for_each_chunk<scalar_t, opmath_t>(srow, trow, L, t, G, a.inv_t, [&](const Chunk<scalar_t, opmath_t>& ch) {
 #pragma unroll
         for (int j = 0; j < N; ++j) {
           jsd_accumulate((ch.y(j) - m_t) - log_sum_t, (ch.x(j) - m_s) - log_sum_s, k, c.first, c.second);
         }
       });
-      c = group_allreduce(c, PairSumOp{}, Pair<acc_t>{acc_t(0), acc_t(0)}, smem, G);
+      c = group_allreduce(c, PairSumOp{}, Pair<opmath_t>{opmath_t(0), opmath_t(0)}, smem, G);
       if (t == 0) {
         st_out[0] = m_s;
         st_out[1] = log_sum_s;
@@ -341,25 +343,25 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) softmax_kl_
 
 template <typename scalar_t>
 struct BackwardArgs {
-  using acc_t = at::opmath_type<scalar_t>;
-  const acc_t* grad_loss;  // (R,), any stride (an expanded gradient of a sum has stride 0)
+  using opmath_t = at::opmath_type<scalar_t>;
+  const opmath_t* grad_loss;  // (R,), any stride (an expanded gradient of a sum has stride 0)
   int64_t grad_loss_stride;
   const scalar_t* student;
   const scalar_t* teacher;
-  const int64_t* labels;  // null: no labels
-  const acc_t* stats;     // (R, kRowStats) contiguous
-  scalar_t* grad_student;  // null: not requested
-  scalar_t* grad_teacher;  // null: not requested
+  const int64_t* labels;    // null: no labels
+  const opmath_t* stats;    // (R, kRowStats) contiguous
+  scalar_t* grad_student;   // null: not requested
+  scalar_t* grad_teacher;   // null: not requested
   int64_t R, V, ignore_index;
-  acc_t inv_t, grad_scale;  // grad_scale = T (t2_scale) or 1/T
-  JsdConstants<acc_t> jsd;
+  opmath_t inv_t, grad_scale;  // grad_scale = T (t2_scale) or 1/T
+  JsdConstants<opmath_t> jsd;
   int group;
   bool vec_ok;
 };
 
 template <typename scalar_t, int kDivergence>
 __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) softmax_kl_backward_kernel(const BackwardArgs<scalar_t> a) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using opmath_t = at::opmath_type<scalar_t>;
   const int G = a.group;
   const int rows_per_block = static_cast<int>(blockDim.x) / G;
   const int t = static_cast<int>(threadIdx.x) % G;
@@ -376,16 +378,17 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) softmax_kl_
       if (gt != nullptr) zero_row(gt, L, t, G);
       continue;
     }
-    const acc_t* sp = a.stats + row * kRowStats;
-    const RowStats<acc_t> st{sp[0], sp[1], sp[2], sp[3], sp[4], sp[5]};
-    const acc_t g = a.grad_loss[row * a.grad_loss_stride] * a.grad_scale;
-    const JsdConstants<acc_t> k = a.jsd;
+    const opmath_t* sp = a.stats + row * kRowStats;
+    const RowStats<opmath_t> st{sp[0], sp[1], sp[2], sp[3], sp[4], sp[5]};
+    const opmath_t g = a.grad_loss[row * a.grad_loss_stride] * a.grad_scale;
+    const JsdConstants<opmath_t> k = a.jsd;
     // x = student (b), y = teacher (a); outputs ox -> grad_student, oy -> grad_teacher
-    map_chunks<scalar_t, acc_t>(srow, trow, gs, gt, L, t, G, a.inv_t, [&](acc_t b, acc_t av, acc_t& gb, acc_t& ga) {
-      softmax_kl_grad(kDivergence, av, b, st, k, gb, ga);
-      gb *= g;
-      ga *= g;
-    });
+    map_chunks<scalar_t, opmath_t>(srow, trow, gs, gt, L, t, G, a.inv_t,
+                                   [&](opmath_t b, opmath_t av, opmath_t& gb, opmath_t& ga) {
+                                     softmax_kl_grad(kDivergence, av, b, st, k, gb, ga);
+                                     gb *= g;
+                                     ga *= g;
+                                   });
   }
 }
 
@@ -449,27 +452,27 @@ std::tuple<at::Tensor, at::Tensor> softmax_kl_forward_cuda(const at::Tensor& stu
   const at::Tensor student = student_in.contiguous();
   const at::Tensor teacher = teacher_in.contiguous();
   const int64_t R = student.size(0), V = student.size(1);
-  const auto acc_opts = student.options().dtype(opmath_scalar_type(student.scalar_type()));
-  at::Tensor loss = at::empty({R}, acc_opts);
-  at::Tensor stats = at::empty({R, kRowStats}, acc_opts);
+  const auto opmath_opts = student.options().dtype(opmath_scalar_type(student.scalar_type()));
+  at::Tensor loss = at::empty({R}, opmath_opts);
+  at::Tensor stats = at::empty({R, kRowStats}, opmath_opts);
   if (R == 0) return {loss, stats};
   at::Tensor labels;
   if (labels_in.has_value()) labels = labels_in->contiguous();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "softmax_kl_forward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using opmath_t = at::opmath_type<scalar_t>;
     ForwardArgs<scalar_t> a;
     a.student = student.data_ptr<scalar_t>();
     a.teacher = teacher.data_ptr<scalar_t>();
     a.labels = labels.defined() ? labels.data_ptr<int64_t>() : nullptr;
-    a.loss = loss.data_ptr<acc_t>();
-    a.stats = stats.data_ptr<acc_t>();
+    a.loss = loss.data_ptr<opmath_t>();
+    a.stats = stats.data_ptr<opmath_t>();
     a.R = R;
     a.V = V;
     a.ignore_index = ignore_index;
-    a.inv_t = static_cast<acc_t>(1.0 / temperature);
-    a.loss_scale = static_cast<acc_t>(t2_scale ? temperature * temperature : 1.0);
-    a.jsd = jsd_constants<acc_t>(static_cast<acc_t>(divergence == kJSD ? beta : 0.5));
+    a.inv_t = static_cast<opmath_t>(1.0 / temperature);
+    a.loss_scale = static_cast<opmath_t>(t2_scale ? temperature * temperature : 1.0);
+    a.jsd = jsd_constants<opmath_t>(static_cast<opmath_t>(divergence == kJSD ? beta : 0.5));
     a.divergence = static_cast<int>(divergence);
     const LaunchConfig cfg = pick_config<scalar_t>(V);
     a.group = cfg.group;
@@ -508,30 +511,30 @@ std::tuple<at::Tensor, at::Tensor> softmax_kl_backward_cuda(const at::Tensor& gr
   at::Tensor grad_teacher = teacher_grad ? at::empty({R, V}, teacher.options()) : at::empty({0}, teacher.options());
   if (R == 0 || (!student_grad && !teacher_grad)) return {grad_student, grad_teacher};
 
-  const at::ScalarType acc_type = opmath_scalar_type(student.scalar_type());
+  const at::ScalarType opmath_dtype = opmath_scalar_type(student.scalar_type());
   // grad_loss keeps its stride (a broadcast gradient is stride 0); only its dtype is normalised
-  const at::Tensor grad_loss = grad_loss_in.scalar_type() == acc_type ? grad_loss_in : grad_loss_in.to(acc_type);
-  const at::Tensor stats = stats_in.to(acc_type).contiguous();
+  const at::Tensor grad_loss = grad_loss_in.scalar_type() == opmath_dtype ? grad_loss_in : grad_loss_in.to(opmath_dtype);
+  const at::Tensor stats = stats_in.to(opmath_dtype).contiguous();
   at::Tensor labels;
   if (labels_in.has_value()) labels = labels_in->contiguous();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "softmax_kl_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using opmath_t = at::opmath_type<scalar_t>;
     BackwardArgs<scalar_t> a;
-    a.grad_loss = grad_loss.data_ptr<acc_t>();
+    a.grad_loss = grad_loss.data_ptr<opmath_t>();
     a.grad_loss_stride = grad_loss.stride(0);
     a.student = student.data_ptr<scalar_t>();
     a.teacher = teacher.data_ptr<scalar_t>();
     a.labels = labels.defined() ? labels.data_ptr<int64_t>() : nullptr;
-    a.stats = stats.data_ptr<acc_t>();
+    a.stats = stats.data_ptr<opmath_t>();
     a.grad_student = student_grad ? grad_student.data_ptr<scalar_t>() : nullptr;
     a.grad_teacher = teacher_grad ? grad_teacher.data_ptr<scalar_t>() : nullptr;
     a.R = R;
     a.V = V;
     a.ignore_index = ignore_index;
-    a.inv_t = static_cast<acc_t>(1.0 / temperature);
-    a.grad_scale = static_cast<acc_t>(t2_scale ? temperature : 1.0 / temperature);
-    a.jsd = jsd_constants<acc_t>(static_cast<acc_t>(divergence == kJSD ? beta : 0.5));
+    a.inv_t = static_cast<opmath_t>(1.0 / temperature);
+    a.grad_scale = static_cast<opmath_t>(t2_scale ? temperature : 1.0 / temperature);
+    a.jsd = jsd_constants<opmath_t>(static_cast<opmath_t>(divergence == kJSD ? beta : 0.5));
     const LaunchConfig cfg = pick_config<scalar_t>(V);
     a.group = cfg.group;
     a.vec_ok = same_alignment({a.student, a.teacher, a.grad_student, a.grad_teacher});

@@ -1,4 +1,4 @@
-// CPU kernels of the temperature softmax-KL ops (DESIGN §2.1): kdkernels::softmax_kl_forward and
+// CPU kernels of the temperature softmax-KL ops (docs/design.md §2.1): kdkernels::softmax_kl_forward and
 // kdkernels::softmax_kl_backward. The per-element math and the meaning of stats come from
 // kdkernels/softmax_kl.h (shared with the CUDA kernel); this file only arranges memory passes,
 // vectorisation and threads.
@@ -11,7 +11,8 @@
 //   JSD: the same gives the maxes and log-sums; c_s and c_t need them, so a second sweep of the row
 //     (from L2 for usual V) accumulates those.
 //   Backward: one sweep per row, softmax_kl_grad per element.
-// Rows are spread over threads with at::parallel_for; chunk and row states are kept in double.
+// Rows are spread over threads with at::parallel_for; chunk and row states are kept in double
+// (spelled `double` below: a deliberate choice, not the op-math type).
 
 #if defined(__GNUC__) && !defined(__clang__)
 // Floating-point exceptions are never unmasked here, so GCC may evaluate both arms of a select.
@@ -23,6 +24,7 @@
 #endif
 
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -40,7 +42,7 @@
 
 #include "kdkernels/softmax_kl.h"
 #include "kdkernels/softmax_kl_args.h"
-#include "simd.h"
+#include "../simd.h"
 
 namespace kdkernels {
 namespace cpu {
@@ -48,11 +50,10 @@ namespace {
 
 // op-math type: float, double for double inputs
 template <typename S>
-using opmath_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
+using opmath_t = at::opmath_type<S>;
 
 // Per-chunk partial sums are in the op-math type (vector lanes); chunk and row states in double,
 // which costs nothing (a few scalar operations per chunk) and keeps long rows accurate.
-using acc_t = double;
 
 // Elements per chunk: the logits of a chunk of both rows are scaled by 1/T into two op-math
 // buffers of 8 KiB each, which the following pass(es) read from L1.
@@ -143,7 +144,7 @@ KDK_CPU_INLINE void scale_chunk(const S* s, const S* t, int64_t n, T inv_t, T* b
 // so that exp(-inf - 0) = 0 rather than exp(-inf + inf) = NaN; its sums are then 0, which the
 // merges read as "empty".
 template <typename T>
-KDK_CPU_INLINE T running_max(T chunk_max, acc_t row_max) {
+KDK_CPU_INLINE T running_max(T chunk_max, double row_max) {
   const T r = static_cast<T>(row_max);
   return chunk_max > r ? chunk_max : r;
 }
@@ -173,7 +174,7 @@ KDK_CPU_HOT void forward_kl_rows(const S* student, const S* teacher, const Param
     }
     const S* srow = student + r * V;
     const S* trow = teacher + r * V;
-    LogRatioState<acc_t> row = log_ratio_empty<acc_t>();
+    LogRatioState<double> row = log_ratio_empty<double>();
     for (int64_t c0 = 0; c0 < V; c0 += C) {
       const int64_t n = std::min(C, V - c0);
       T ms, mt;
@@ -189,10 +190,10 @@ KDK_CPU_HOT void forward_kl_rows(const S* student, const S* teacher, const Param
         so += VecMath::exp(y - cy);
         acc += log_ratio_term<T, VecMath>(x, cx, y, cy);
       }
-      LogRatioState<acc_t> part{mx, sw, my, so, acc};
+      LogRatioState<double> part{mx, sw, my, so, acc};
       // a NaN that lost the max above still poisoned the sums: make the merge see it
-      if (is_nan(sw) || is_nan(acc)) part.mw = std::numeric_limits<acc_t>::quiet_NaN();
-      if (is_nan(so)) part.mo = std::numeric_limits<acc_t>::quiet_NaN();
+      if (is_nan(sw) || is_nan(acc)) part.mw = std::numeric_limits<double>::quiet_NaN();
+      if (is_nan(so)) part.mo = std::numeric_limits<double>::quiet_NaN();
       row = log_ratio_merge(row, part);
     }
     // the maxes are maxes of op-math values, so exact in T; the backward centres on them
@@ -236,7 +237,7 @@ KDK_CPU_HOT void forward_jsd_rows(const S* student, const S* teacher, const Para
     }
     const S* srow = student + r * V;
     const S* trow = teacher + r * V;
-    LseState<acc_t> ls = lse_empty<acc_t>(), lt = lse_empty<acc_t>();
+    LseState<double> ls = lse_empty<double>(), lt = lse_empty<double>();
     for (int64_t c0 = 0; c0 < V; c0 += C) {
       const int64_t n = std::min(C, V - c0);
       T ms, mt;
@@ -250,14 +251,14 @@ KDK_CPU_HOT void forward_jsd_rows(const S* student, const S* teacher, const Para
         ss += VecMath::exp(bs[i] - cs);
         st += VecMath::exp(bt[i] - ct);
       }
-      ls = lse_merge(ls, LseState<acc_t>{is_nan(ss) ? ss : ms, ss});
-      lt = lse_merge(lt, LseState<acc_t>{is_nan(st) ? st : mt, st});
+      ls = lse_merge(ls, LseState<double>{is_nan(ss) ? ss : ms, ss});
+      lt = lse_merge(lt, LseState<double>{is_nan(st) ? st : mt, st});
     }
     // log p = (b - max) - log(sum): centred, so that logits of magnitude 1e4 keep their precision
     // (b - lse_s with lse_s rounded to float would not). The backward uses the same four numbers.
     const T max_s = static_cast<T>(ls.m), log_sum_s = static_cast<T>(std::log(ls.s));
     const T max_t = static_cast<T>(lt.m), log_sum_t = static_cast<T>(std::log(lt.s));
-    acc_t c_s = 0, c_t = 0;
+    double c_s = 0, c_t = 0;
     const T inv_t = p.inv_t;
     for (int64_t c0 = 0; c0 < V; c0 += C) {  // the row again, from L2 for usual V
       const int64_t n = std::min(C, V - c0);

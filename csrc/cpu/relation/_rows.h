@@ -1,12 +1,19 @@
-// CPU kernels of the relation family (DESIGN §2.3): RKD distance, RKD angle, SP, and distance +
-// angle together (RKDLoss).
+// Loops shared by the CPU kernels of the relation family (docs/design.md §2.3), one op per file
+// next to this header: rkd_distance.cpp, similarity_preserving.cpp, rkd_angle.cpp and
+// rkd_distance_angle.cpp.
 //
 // Distance and SP never hold a B x B matrix: they walk row blocks of tile_rows(B) rows, forming the
 // block's Gram rows with at::mm (BLAS) and finishing each element in a fused multi-threaded pass;
 // the backward forms the block's gradient weights the same way and turns them into the gradient
-// with one more GEMM (W E). Angle keeps O(B^2): the squared-distance matrices of both sides, which
-// the combined distance + angle op also uses for the distance term.
+// with one more GEMM (W E). Angle keeps O(B^2): the squared-distance matrices of both sides
+// (AngleSide), which the combined distance + angle op also uses for the distance term.
 // The math (and why the embeddings are centred) is in kdkernels/relation.h.
+//
+// Here: the embedding rows (Rows: centring, squared norms, Gram / squared-distance blocks,
+// pair-gradient accumulation), the distance term (DistanceTerm, distance_pair_weights: rkd_distance
+// and rkd_distance_angle) and the angle side (AngleSide, angle_loss, angle_pair_weights,
+// gradient_from_pair_weights: rkd_angle and rkd_distance_angle).
+#pragma once
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -14,7 +21,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
-#include <torch/library.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <tuple>
@@ -25,18 +32,21 @@
 #include "kdkernels/relation_args.h"
 
 namespace kdkernels {
-namespace {
-using namespace relation;
+namespace cpu {
+// The family's shared CPU code; the math of kdkernels/relation.h is visible in it (and, through
+// `using namespace relation;`, in the op files).
+namespace relation {
+using namespace ::kdkernels::relation;
 
 constexpr int64_t kTile = 512;  // rows per block of the angle kernels (which hold B x B anyway)
 
-void check_inputs(const at::Tensor& student, const at::Tensor& teacher, const char* op) {
+inline void check_inputs(const at::Tensor& student, const at::Tensor& teacher, const char* op) {
   TORCH_CHECK(student.is_cpu(), op, ": student and teacher must be CPU tensors");
   check_relation_inputs(student, teacher, op);
 }
 
 // Rows per scratch block: a (rows, B) op-math tile of about 4 MiB (2^20 elements), 64..512 rows.
-int64_t tile_rows(int64_t B) {
+inline int64_t tile_rows(int64_t B) {
   return std::min(B, std::max<int64_t>(64, std::min<int64_t>(512, (int64_t{1} << 20) / std::max<int64_t>(B, 1))));
 }
 
@@ -400,145 +410,6 @@ void distance_pair_weights(const T* ps, const T* pt, int64_t r0, int64_t r1, int
   });
 }
 
-// Both sides' squared distances of the rows [r0, r1) to the rows [r0, B), as (r1 - r0, B - r0)
-// views of the flat scratch buffers: the upper part of a row block, all a symmetric pass needs.
-template <typename T>
-std::pair<at::Tensor, at::Tensor> upper_squared_distances(const Rows<T>& s, const Rows<T>& t, int64_t r0, int64_t r1,
-                                                          const at::Tensor& buf_s, const at::Tensor& buf_t) {
-  const int64_t rows = r1 - r0, cols = s.B - r0;
-  at::Tensor bs = buf_s.narrow(0, 0, rows * cols).view({rows, cols});
-  at::Tensor bt = buf_t.narrow(0, 0, rows * cols).view({rows, cols});
-  s.squared_distances(r0, r1, bs, r0);
-  t.squared_distances(r0, r1, bt, r0);
-  return {bs, bt};
-}
-
-template <typename T>
-std::tuple<at::Tensor, at::Tensor> distance_forward(const at::Tensor& student, const at::Tensor& teacher) {
-  // the teacher only enters through its distances: its centred rows are formed block by block
-  // (no gradient is alive here, so the forward affords twice the backward's block: fewer, faster GEMMs)
-  const Rows<T> s(student, true), t(teacher, true, /*allow_lazy=*/true);
-  const int64_t B = s.B, tile = std::min(B, 2 * tile_rows(B));
-  at::Tensor buf_s = at::empty({tile * B}, s.e.options()), buf_t = at::empty({tile * B}, s.e.options());
-  DistanceTerm<T> term(B);
-  for (int pass = 0; pass < 2; ++pass) {
-    // the sums are symmetric: a row block needs only its columns j >= r0 (half the Gram work)
-    for_each_block(B, tile, [&](int64_t r0, int64_t r1) {
-      at::Tensor bs, bt;
-      std::tie(bs, bt) = upper_squared_distances(s, t, r0, r1, buf_s, buf_t);
-      const T *ps = bs.const_data_ptr<T>(), *pt = bt.const_data_ptr<T>();
-      if (pass == 0) term.add_mu_rows(ps, pt, r0, r1, r0);
-      else term.add_loss_rows(ps, pt, r0, r1, r0);
-    });
-    if (pass == 0) term.finish_mu();
-  }
-  return term.finish(s.e.options());
-}
-
-template <typename T>
-at::Tensor distance_backward(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
-                             const at::Tensor& stats) {
-  const Rows<T> s(student, true), t(teacher, true, /*allow_lazy=*/true);
-  const int64_t B = s.B, tile = tile_rows(B);
-  const T g = scalar_of<T>(grad_loss);
-  const at::Tensor st = stats.contiguous();
-  at::Tensor buf_s = at::empty({tile * B}, s.e.options()), buf_t = at::empty({tile * B}, s.e.options());
-  at::Tensor scratch = at::empty({tile, s.D}, s.e.options());
-  at::Tensor grad = at::zeros({B, s.D}, s.e.options());
-  // the weights are symmetric: a row block forms its columns j >= r0 only (half the Gram work)
-  for_each_block(B, tile, [&](int64_t r0, int64_t r1) {
-    at::Tensor bs, bt;
-    std::tie(bs, bt) = upper_squared_distances(s, t, r0, r1, buf_s, buf_t);
-    T* pw = bt.data_ptr<T>();  // the weights overwrite the teacher's block
-    distance_pair_weights(bs.const_data_ptr<T>(), pw, r0, r1, r0, B, g, st.const_data_ptr<T>(), pw, /*accumulate=*/false);
-    s.add_symmetric_pair_gradient(r0, r1, bt, bs.const_data_ptr<T>(), scratch, grad.data_ptr<T>());
-  });
-  // e = x - mean(x): the loss is translation invariant, so the gradient w.r.t. x is the one w.r.t. e.
-  return grad.to(student.scalar_type());
-}
-
-// ---- similarity preserving ------------------------------------------------------------------
-// stats (3, B) = [n_s, n_t, gamma'] with gamma'_i = sum_k rho_ik b_ik per unit grad_loss (0 where
-// n_s is clamped): the backward forms each row's and column's weights from these.
-template <typename T>
-std::tuple<at::Tensor, at::Tensor> sp_forward(const at::Tensor& student, const at::Tensor& teacher) {
-  const Rows<T> s(student, false), t(teacher, false);
-  const int64_t B = s.B, tile = tile_rows(B);
-  at::Tensor buf_s = at::empty({tile, B}, s.e.options()), buf_t = at::empty({tile, B}, s.e.options());
-  at::Tensor stats = at::empty({3, B}, s.e.options());
-  T *ns = stats.data_ptr<T>(), *nt = ns + B, *gam = nt + B;
-  std::vector<double> row_loss(B);
-  for_each_block(B, tile, [&](int64_t r0, int64_t r1) {
-    at::Tensor bs = buf_s.narrow(0, 0, r1 - r0), bt = buf_t.narrow(0, 0, r1 - r0);
-    s.gram_rows(r0, r1, bs);
-    t.gram_rows(r0, r1, bt);
-    const T *ps = bs.const_data_ptr<T>(), *pt = bt.const_data_ptr<T>();
-    at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const T *gs = ps + (i - r0) * B, *gt = pt + (i - r0) * B;
-        double ss = 0, st = 0;
-        for (int64_t j = 0; j < B; ++j) ss += static_cast<double>(gs[j]) * gs[j], st += static_cast<double>(gt[j]) * gt[j];
-        const T n_s = sp_row_norm(static_cast<T>(ss)), n_t = sp_row_norm(static_cast<T>(st));
-        double loss = 0, gm = 0;
-        for (int64_t j = 0; j < B; ++j) {
-          const T b = gs[j] / n_s, diff = gt[j] / n_t - b;
-          loss += static_cast<double>(diff) * diff;
-          gm += -2.0 * diff * b;
-        }
-        ns[i] = n_s;
-        nt[i] = n_t;
-        gam[i] = sp_norm_active(n_s) ? static_cast<T>(gm) : T(0);
-        row_loss[i] = loss;
-      }
-    });
-  });
-  double loss = 0;
-  for (double l : row_loss) loss += l;
-  at::Tensor out = at::empty({}, s.e.options());
-  out.data_ptr<T>()[0] = static_cast<T>(loss);
-  return {out, stats};
-}
-
-template <typename T>
-at::Tensor sp_backward(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
-                       const at::Tensor& stats) {
-  const Rows<T> s(student, false), t(teacher, false);
-  const int64_t B = s.B, tile = tile_rows(B);
-  const T g = scalar_of<T>(grad_loss);
-  at::Tensor st = stats.contiguous();
-  const T *ns = st.const_data_ptr<T>(), *nt = ns + B, *gam = nt + B;
-  at::Tensor buf_s = at::empty({tile * B}, s.e.options()), buf_t = at::empty({tile * B}, s.e.options());
-  at::Tensor grad = at::zeros({B, s.D}, s.e.options());
-  // dL/dF = S F with S = g (W + W^T), symmetric: block I forms only its columns j >= r0 (half the
-  // Gram work of full rows), adds S_IJ F_J to its own rows and S_IJ^T F_I to the rows past it.
-  for_each_block(B, tile, [&](int64_t r0, int64_t r1) {
-    const int64_t rows = r1 - r0, cols = B - r0;
-    at::Tensor bs = buf_s.narrow(0, 0, rows * cols).view({rows, cols});
-    at::Tensor bt = buf_t.narrow(0, 0, rows * cols).view({rows, cols});
-    s.gram_block(r0, r1, r0, B, bs);
-    t.gram_block(r0, r1, r0, B, bt);
-    T* ps = bs.data_ptr<T>();
-    const T* pt = bt.const_data_ptr<T>();
-    // W_ji comes from the same Gram entry with row j's statistics; S overwrites the student's block
-    at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        T* gs = ps + (i - r0) * cols;
-        const T* gt = pt + (i - r0) * cols;
-        for (int64_t c = 0; c < cols; ++c) {
-          const int64_t j = r0 + c;
-          const T b_ij = gs[c] / ns[i], b_ji = gs[c] / ns[j];
-          const T w_ij = (T(-2) * (gt[c] / nt[i] - b_ij) - b_ij * gam[i]) / ns[i];
-          const T w_ji = (T(-2) * (gt[c] / nt[j] - b_ji) - b_ji * gam[j]) / ns[j];
-          gs[c] = g * (w_ij + w_ji);
-        }
-      }
-    });
-    grad.narrow(0, r0, rows).addmm_(bs, s.e.narrow(0, r0, cols));
-    if (r1 < B) grad.narrow(0, r1, B - r1).addmm_(bs.narrow(1, rows, B - r1).t(), s.e.narrow(0, r0, rows));
-  });
-  return grad.to(student.scalar_type());
-}
-
 // ---- RKD angle ------------------------------------------------------------------------------
 // Both sides' B x B squared distances (and inverse norms) are kept: O(B^2) memory, no B^3 tensor.
 template <typename T>
@@ -647,125 +518,6 @@ at::Tensor gradient_from_pair_weights(const AngleSide<T>& s, at::Tensor weights,
   return grad.to(student.scalar_type());
 }
 
-template <typename T>
-at::Tensor angle_forward(const at::Tensor& student, const at::Tensor& teacher) {
-  const AngleSide<T> s(student), t(teacher);
-  at::Tensor out = at::empty({}, s.rows.e.options());
-  out.data_ptr<T>()[0] = static_cast<T>(angle_loss(s, t));
-  return out;
-}
-
-template <typename T>
-at::Tensor angle_backward(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher) {
-  const AngleSide<T> s(student), t(teacher);
-  return gradient_from_pair_weights(s, angle_pair_weights(s, t, scalar_of<T>(grad_loss)), student);
-}
-
-// ---- RKD distance + angle (RKDLoss) ----------------------------------------------------------
-// Both terms from one AngleSide per input: the distance passes read the whole (B, B) squared
-// distances instead of re-forming blocks, and the backward adds the distance's pair weights to
-// the angle's before the one gradient GEMM.
-template <typename T>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> distance_angle_forward(const at::Tensor& student,
-                                                                      const at::Tensor& teacher) {
-  const AngleSide<T> s(student), t(teacher);
-  const int64_t B = s.rows.B;
-  DistanceTerm<T> term(B);
-  term.add_mu_rows(s.psq, t.psq, 0, B, 0);
-  term.finish_mu();
-  term.add_loss_rows(s.psq, t.psq, 0, B, 0);
-  auto [distance, stats] = term.finish(s.rows.e.options());
-  at::Tensor angle = at::empty({}, s.rows.e.options());
-  angle.data_ptr<T>()[0] = static_cast<T>(angle_loss(s, t));
-  return {distance, angle, stats};
-}
-
-template <typename T>
-at::Tensor distance_angle_backward(const at::Tensor& grad_distance, const at::Tensor& grad_angle,
-                                   const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& stats) {
-  const AngleSide<T> s(student), t(teacher);
-  const int64_t B = s.rows.B;
-  at::Tensor weights = angle_pair_weights(s, t, scalar_of<T>(grad_angle));
-  const at::Tensor st = stats.contiguous();
-  distance_pair_weights(s.psq, t.psq, 0, B, 0, B, scalar_of<T>(grad_distance), st.const_data_ptr<T>(),
-                        weights.data_ptr<T>(), /*accumulate=*/true);
-  return gradient_from_pair_weights(s, weights, student);
-}
-
-// ---- dispatcher entry points ---------------------------------------------------------------
-std::tuple<at::Tensor, at::Tensor> rkd_distance_forward_cpu(const at::Tensor& student, const at::Tensor& teacher) {
-  check_inputs(student, teacher, "rkd_distance_forward");
-  return AT_DISPATCH_FLOATING_TYPES(opmath_scalar_type(student.scalar_type()), "rkd_distance_forward",
-                                    [&] { return distance_forward<scalar_t>(student, teacher); });
-}
-
-at::Tensor rkd_distance_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& student,
-                                     const at::Tensor& teacher, const at::Tensor& stats) {
-  check_inputs(student, teacher, "rkd_distance_backward");
-  check_relation_aux(grad_loss, student, "grad_loss", "rkd_distance_backward");
-  check_relation_aux(stats, student, "stats", "rkd_distance_backward");
-  return AT_DISPATCH_FLOATING_TYPES(opmath_scalar_type(student.scalar_type()), "rkd_distance_backward",
-                                    [&] { return distance_backward<scalar_t>(grad_loss, student, teacher, stats); });
-}
-
-std::tuple<at::Tensor, at::Tensor> similarity_preserving_forward_cpu(const at::Tensor& student,
-                                                                     const at::Tensor& teacher) {
-  check_inputs(student, teacher, "similarity_preserving_forward");
-  return AT_DISPATCH_FLOATING_TYPES(opmath_scalar_type(student.scalar_type()), "similarity_preserving_forward",
-                                    [&] { return sp_forward<scalar_t>(student, teacher); });
-}
-
-at::Tensor similarity_preserving_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& student,
-                                              const at::Tensor& teacher, const at::Tensor& stats) {
-  check_inputs(student, teacher, "similarity_preserving_backward");
-  check_relation_aux(grad_loss, student, "grad_loss", "similarity_preserving_backward");
-  check_relation_aux(stats, student, "stats", "similarity_preserving_backward");
-  return AT_DISPATCH_FLOATING_TYPES(opmath_scalar_type(student.scalar_type()), "similarity_preserving_backward",
-                                    [&] { return sp_backward<scalar_t>(grad_loss, student, teacher, stats); });
-}
-
-at::Tensor rkd_angle_forward_cpu(const at::Tensor& student, const at::Tensor& teacher) {
-  check_inputs(student, teacher, "rkd_angle_forward");
-  return AT_DISPATCH_FLOATING_TYPES(opmath_scalar_type(student.scalar_type()), "rkd_angle_forward",
-                                    [&] { return angle_forward<scalar_t>(student, teacher); });
-}
-
-at::Tensor rkd_angle_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher) {
-  check_inputs(student, teacher, "rkd_angle_backward");
-  check_relation_aux(grad_loss, student, "grad_loss", "rkd_angle_backward");
-  return AT_DISPATCH_FLOATING_TYPES(opmath_scalar_type(student.scalar_type()), "rkd_angle_backward",
-                                    [&] { return angle_backward<scalar_t>(grad_loss, student, teacher); });
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rkd_distance_angle_forward_cpu(const at::Tensor& student,
-                                                                              const at::Tensor& teacher) {
-  check_inputs(student, teacher, "rkd_distance_angle_forward");
-  return AT_DISPATCH_FLOATING_TYPES(opmath_scalar_type(student.scalar_type()), "rkd_distance_angle_forward",
-                                    [&] { return distance_angle_forward<scalar_t>(student, teacher); });
-}
-
-at::Tensor rkd_distance_angle_backward_cpu(const at::Tensor& grad_distance, const at::Tensor& grad_angle,
-                                           const at::Tensor& student, const at::Tensor& teacher,
-                                           const at::Tensor& stats) {
-  check_inputs(student, teacher, "rkd_distance_angle_backward");
-  check_relation_aux(grad_distance, student, "grad_distance", "rkd_distance_angle_backward");
-  check_relation_aux(grad_angle, student, "grad_angle", "rkd_distance_angle_backward");
-  check_relation_aux(stats, student, "stats", "rkd_distance_angle_backward");
-  return AT_DISPATCH_FLOATING_TYPES(
-      opmath_scalar_type(student.scalar_type()), "rkd_distance_angle_backward",
-      [&] { return distance_angle_backward<scalar_t>(grad_distance, grad_angle, student, teacher, stats); });
-}
-
-}  // namespace
+}  // namespace relation
+}  // namespace cpu
 }  // namespace kdkernels
-
-TORCH_LIBRARY_IMPL(kdkernels, CPU, m) {
-  m.impl("rkd_distance_forward", &kdkernels::rkd_distance_forward_cpu);
-  m.impl("rkd_distance_backward", &kdkernels::rkd_distance_backward_cpu);
-  m.impl("similarity_preserving_forward", &kdkernels::similarity_preserving_forward_cpu);
-  m.impl("similarity_preserving_backward", &kdkernels::similarity_preserving_backward_cpu);
-  m.impl("rkd_angle_forward", &kdkernels::rkd_angle_forward_cpu);
-  m.impl("rkd_angle_backward", &kdkernels::rkd_angle_backward_cpu);
-  m.impl("rkd_distance_angle_forward", &kdkernels::rkd_distance_angle_forward_cpu);
-  m.impl("rkd_distance_angle_backward", &kdkernels::rkd_distance_angle_backward_cpu);
-}

@@ -1,16 +1,21 @@
-// CUDA kernels of the relation family (DESIGN §2.3): RKD distance, RKD angle, SP, and distance +
-// angle together (RKDLoss).
+// Loops and kernels shared by the CUDA kernels of the relation family (docs/design.md §2.3), one op
+// per file next to this header: rkd_distance.cu, similarity_preserving.cu, rkd_angle.cu and
+// rkd_distance_angle.cu.
 //
-// Same algorithm as csrc/cpu/relation.cpp, with the same math (kdkernels/relation.h): distance and
+// Same algorithm as csrc/cpu/relation/, with the same math (kdkernels/relation.h): distance and
 // SP walk row blocks of kTile rows, forming the block's Gram rows with an ATen GEMM (cuBLAS) into a
 // (kTile, B) buffer and finishing them with fused epilogue kernels (one CUDA block per row for the
-// row reductions); the backward turns the block's pair weights into the gradient with one more
-// GEMM. Angle keeps the (B, B) squared distances and inverse norms of both sides. Scalars (mu, the
-// loss) stay on the device: nothing synchronises with the host.
+// row reductions, block_reduce.cuh); the backward turns the block's pair weights into the gradient
+// with one more GEMM. Angle keeps the (B, B) squared distances and inverse norms of both sides.
+// Scalars (mu, the loss) stay on the device: nothing synchronises with the host.
+//
+// Here: the embedding rows (Rows: centring, squared norms, squared-distance blocks), the pair
+// gradient, the distance term's kernels and passes (rkd_distance, rkd_distance_angle), the angle
+// side and its kernels (rkd_angle, rkd_distance_angle), and the entry points' guard and checks.
+#pragma once
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/mul.h>
@@ -19,7 +24,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -27,37 +32,26 @@
 #include <type_traits>
 #include <utility>
 
+#include "../block_reduce.cuh"
 #include "kdkernels/relation.h"
 #include "kdkernels/relation_args.h"
 
 namespace kdkernels {
 namespace cuda {
-namespace {
-using namespace relation;
+// The family's shared CUDA code; the math of kdkernels/relation.h is visible in it (and, through
+// `using namespace relation;`, in the op files).
+namespace relation {
+using namespace ::kdkernels::relation;
 
 constexpr int64_t kTile = 256;  // rows per block: every scratch buffer is kTile x B
 constexpr int kThreads = 256;
 
-int64_t ceil_div(int64_t a, int64_t b) {
+inline int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
-cudaStream_t stream() {
+inline cudaStream_t stream() {
   return c10::cuda::getCurrentCUDAStream();
-}
-
-// Sum of v over the thread block (kThreads threads); the result is valid in thread 0.
-template <typename T>
-__device__ T block_sum(T v) {
-  __shared__ T buf[kThreads / 32];
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
-  if ((threadIdx.x & 31) == 0) buf[threadIdx.x >> 5] = v;
-  __syncthreads();
-  v = threadIdx.x < kThreads / 32 ? buf[threadIdx.x] : T(0);
-  if (threadIdx.x < 32)
-    for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
-  __syncthreads();  // buf is reused by the next call
-  return v;
 }
 
 // ---- rows: op-math copy (optionally centred) and squared norms -----------------------------------
@@ -349,138 +343,6 @@ std::tuple<at::Tensor, at::Tensor> distance_passes(int64_t B, int64_t tile, cons
   return {at::mul(sums.select(0, 0), 2.0).to(c10::CppTypeToScalarType<T>::value), stats};  // pairs j > i, twice
 }
 
-template <typename T>
-std::tuple<at::Tensor, at::Tensor> distance_forward(const at::Tensor& student, const at::Tensor& teacher) {
-  const Rows<T> s(student, true), t(teacher, true);
-  const int64_t B = s.B, tile = std::min(B, kTile);
-  auto opts = s.e.options();
-  at::Tensor buf_s = at::empty({tile * B}, opts), buf_t = at::empty({tile * B}, opts);
-  return distance_passes<T>(B, tile, opts, [&](int64_t r0, int64_t r1) {
-    const int64_t rows = r1 - r0, cols = B - r0;  // the sums need the pairs j > i only
-    at::Tensor bs = buf_s.narrow(0, 0, rows * cols).view({rows, cols});
-    at::Tensor bt = buf_t.narrow(0, 0, rows * cols).view({rows, cols});
-    squared_distances(s, r0, r1, bs, r0);
-    squared_distances(t, r0, r1, bt, r0);
-    return std::make_tuple(bs, bt, r0);
-  });
-}
-
-template <typename T>
-at::Tensor distance_backward(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
-                             const at::Tensor& stats) {
-  const Rows<T> s(student, true), t(teacher, true);
-  const int64_t B = s.B, tile = std::min(B, kTile);
-  auto opts = s.e.options();
-  at::Tensor g = grad_loss.contiguous(), st = stats.contiguous();
-  at::Tensor buf_s = at::empty({tile, B}, opts), buf_t = at::empty({tile, B}, opts), w = at::empty({tile, B}, opts);
-  PairGradScratch<T> scratch(tile, B, s.D, opts);
-  at::Tensor grad = at::zeros({B, s.D}, opts);
-  for_each_block(B, tile, [&](int64_t r0, int64_t r1) {
-    at::Tensor bs = buf_s.narrow(0, 0, r1 - r0), bt = buf_t.narrow(0, 0, r1 - r0), wb = w.narrow(0, 0, r1 - r0);
-    squared_distances(s, r0, r1, bs);
-    squared_distances(t, r0, r1, bt);
-    const int64_t n = (r1 - r0) * B;
-    distance_weight_kernel<T, false><<<ceil_div(n, kThreads), kThreads, 0, stream()>>>(
-        bs.template const_data_ptr<T>(), bt.template const_data_ptr<T>(), st.template const_data_ptr<T>(), g.template const_data_ptr<T>(),
-        wb.template data_ptr<T>(), r0, r1 - r0, B);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    add_pair_gradient(s, r0, r1, wb, bs.template const_data_ptr<T>(), scratch, grad);
-  });
-  return grad.to(student.scalar_type());
-}
-
-// ---- similarity preserving -----------------------------------------------------------------------
-template <typename T>
-__global__ void sp_row_kernel(const T* __restrict__ gs, const T* __restrict__ gt, T* __restrict__ stats,
-                              double* __restrict__ row_loss, int64_t r0, int64_t B) {
-  const int64_t i = r0 + blockIdx.x;
-  const T* s = gs + blockIdx.x * B;
-  const T* t = gt + blockIdx.x * B;
-  double ss = 0, tt = 0;
-  for (int64_t j = threadIdx.x; j < B; j += kThreads)
-    ss += static_cast<double>(s[j]) * s[j], tt += static_cast<double>(t[j]) * t[j];
-  __shared__ T norms[2];
-  ss = block_sum(ss);
-  tt = block_sum(tt);
-  if (threadIdx.x == 0) norms[0] = sp_row_norm(static_cast<T>(ss)), norms[1] = sp_row_norm(static_cast<T>(tt));
-  __syncthreads();
-  const T n_s = norms[0], n_t = norms[1];
-  double loss = 0, gm = 0;
-  for (int64_t j = threadIdx.x; j < B; j += kThreads) {
-    const T b = s[j] / n_s, diff = t[j] / n_t - b;
-    loss += static_cast<double>(diff) * diff;
-    gm += -2.0 * diff * b;
-  }
-  loss = block_sum(loss);
-  gm = block_sum(gm);
-  if (threadIdx.x == 0) {
-    stats[i] = n_s;
-    stats[B + i] = n_t;
-    stats[2 * B + i] = sp_norm_active(n_s) ? static_cast<T>(gm) : T(0);
-    row_loss[i] = loss;
-  }
-}
-
-// weights S = g (W + W^T) of the block (rows [r0, r0 + rows), columns [r0, B)), written over the
-// student's Gram block (relation.h)
-template <typename T>
-__global__ void sp_weight_kernel(T* __restrict__ gs, const T* __restrict__ gt, const T* __restrict__ stats,
-                                 const T* __restrict__ grad_loss, int64_t r0, int64_t rows, int64_t B) {
-  const int64_t cols = B - r0;
-  const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (k >= rows * cols) return;
-  const int64_t i = r0 + k / cols, j = r0 + k % cols;
-  const T *ns = stats, *nt = stats + B, *gam = stats + 2 * B;
-  const T b_ij = gs[k] / ns[i], b_ji = gs[k] / ns[j];
-  const T w_ij = (T(-2) * (gt[k] / nt[i] - b_ij) - b_ij * gam[i]) / ns[i];
-  const T w_ji = (T(-2) * (gt[k] / nt[j] - b_ji) - b_ji * gam[j]) / ns[j];
-  gs[k] = grad_loss[0] * (w_ij + w_ji);
-}
-
-template <typename T>
-std::tuple<at::Tensor, at::Tensor> sp_forward(const at::Tensor& student, const at::Tensor& teacher) {
-  const Rows<T> s(student, false), t(teacher, false);
-  const int64_t B = s.B, tile = std::min(B, kTile);
-  auto opts = s.e.options();
-  at::Tensor buf_s = at::empty({tile, B}, opts), buf_t = at::empty({tile, B}, opts);
-  at::Tensor stats = at::empty({3, B}, opts), row_loss = at::empty({B}, opts.dtype(at::kDouble));
-  for_each_block(B, tile, [&](int64_t r0, int64_t r1) {
-    at::Tensor bs = buf_s.narrow(0, 0, r1 - r0), bt = buf_t.narrow(0, 0, r1 - r0);
-    s.gram_rows(r0, r1, bs);
-    t.gram_rows(r0, r1, bt);
-    sp_row_kernel<T><<<r1 - r0, kThreads, 0, stream()>>>(bs.template const_data_ptr<T>(), bt.template const_data_ptr<T>(),
-                                                        stats.template data_ptr<T>(), row_loss.template data_ptr<double>(), r0, B);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return {at::sum(row_loss).to(c10::CppTypeToScalarType<T>::value), stats};
-}
-
-template <typename T>
-at::Tensor sp_backward(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
-                       const at::Tensor& stats) {
-  const Rows<T> s(student, false), t(teacher, false);
-  const int64_t B = s.B, tile = std::min(B, kTile);
-  auto opts = s.e.options();
-  at::Tensor g = grad_loss.contiguous(), st = stats.contiguous();
-  at::Tensor buf_s = at::empty({tile * B}, opts), buf_t = at::empty({tile * B}, opts);
-  at::Tensor grad = at::zeros({B, s.D}, opts);
-  // S is symmetric: block I forms only its columns j >= r0 (half the Gram work), adds S_IJ F_J to
-  // its own rows and S_IJ^T F_I to the rows past it (as the CPU kernel)
-  for_each_block(B, tile, [&](int64_t r0, int64_t r1) {
-    const int64_t rows = r1 - r0, cols = B - r0;
-    at::Tensor bs = buf_s.narrow(0, 0, rows * cols).view({rows, cols});
-    at::Tensor bt = buf_t.narrow(0, 0, rows * cols).view({rows, cols});
-    at::mm_out(bs, s.e.narrow(0, r0, rows), s.e.narrow(0, r0, cols).t());
-    at::mm_out(bt, t.e.narrow(0, r0, rows), t.e.narrow(0, r0, cols).t());
-    sp_weight_kernel<T><<<ceil_div(rows * cols, kThreads), kThreads, 0, stream()>>>(
-        bs.template data_ptr<T>(), bt.template const_data_ptr<T>(), st.template const_data_ptr<T>(), g.template const_data_ptr<T>(), r0, rows, B);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    grad.narrow(0, r0, rows).addmm_(bs, s.e.narrow(0, r0, cols));
-    if (r1 < B) grad.narrow(0, r1, B - r1).addmm_(bs.narrow(1, rows, B - r1).t(), s.e.narrow(0, r0, rows));
-  });
-  return grad.to(student.scalar_type());
-}
-
 // ---- RKD angle -------------------------------------------------------------------------------------
 template <typename T>
 __global__ void inv_norm_kernel(const T* __restrict__ sq, T* __restrict__ inv, int64_t n) {
@@ -577,12 +439,6 @@ at::Tensor angle_forward_from_sides(const AngleSide<T>& s, const AngleSide<T>& t
   return at::sum(partial).to(c10::CppTypeToScalarType<T>::value);
 }
 
-template <typename T>
-at::Tensor angle_forward(const at::Tensor& student, const at::Tensor& teacher) {
-  const AngleSide<T> s(student), t(teacher);
-  return angle_forward_from_sides(s, t);
-}
-
 // The angle term's (B, B) symmetric pair weights S for upstream gradient g (a device scalar).
 template <typename T>
 at::Tensor angle_pair_weights(const AngleSide<T>& s, const AngleSide<T>& t, const at::Tensor& g) {
@@ -615,42 +471,7 @@ at::Tensor gradient_from_pair_weights(const AngleSide<T>& s, at::Tensor weights,
   return grad.to(student.scalar_type());
 }
 
-template <typename T>
-at::Tensor angle_backward(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher) {
-  const AngleSide<T> s(student), t(teacher);
-  return gradient_from_pair_weights(s, angle_pair_weights(s, t, grad_loss.contiguous()), student);
-}
-
-// ---- RKD distance + angle (RKDLoss) ----------------------------------------------------------------
-// Both terms from one AngleSide per input: the distance passes read the (B, B) squared distances
-// instead of re-forming blocks, and the backward adds the distance's pair weights to the angle's
-// before the one gradient GEMM per row block.
-template <typename T>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> distance_angle_forward(const at::Tensor& student,
-                                                                      const at::Tensor& teacher) {
-  const AngleSide<T> s(student), t(teacher);
-  const int64_t B = s.rows.B;
-  auto [distance, stats] = distance_passes<T>(B, std::min(B, kTile), s.rows.e.options(), [&](int64_t r0, int64_t r1) {
-    return std::make_tuple(s.sq.narrow(0, r0, r1 - r0), t.sq.narrow(0, r0, r1 - r0), int64_t{0});
-  });
-  return {distance, angle_forward_from_sides(s, t), stats};
-}
-
-template <typename T>
-at::Tensor distance_angle_backward(const at::Tensor& grad_distance, const at::Tensor& grad_angle,
-                                   const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& stats) {
-  const AngleSide<T> s(student), t(teacher);
-  const int64_t B = s.rows.B;
-  at::Tensor weights = angle_pair_weights(s, t, grad_angle.contiguous());
-  const at::Tensor g = grad_distance.contiguous(), st = stats.contiguous();
-  distance_weight_kernel<T, true><<<ceil_div(B * B, kThreads), kThreads, 0, stream()>>>(
-      s.sq.template const_data_ptr<T>(), t.sq.template const_data_ptr<T>(), st.template const_data_ptr<T>(),
-      g.template const_data_ptr<T>(), weights.template data_ptr<T>(), 0, B, B);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return gradient_from_pair_weights(s, weights, student);
-}
-
-// ---- dispatcher entry points ---------------------------------------------------------------------
+// ---- entry points: guard and checks --------------------------------------------------------------
 // The inputs' device, and IEEE fp32 GEMMs whatever torch's TF32 setting: Gram entries feed
 // n_i + n_j - 2 G_ij, where TF32's 10-bit mantissa would lose the distances' digits (the Triton
 // kernels use input_precision="ieee" for the same reason).
@@ -660,93 +481,11 @@ struct OpGuard {
   explicit OpGuard(const at::Tensor& x) : device(x.device()) {}
 };
 
-void check_inputs(const at::Tensor& student, const at::Tensor& teacher, const char* op) {
+inline void check_inputs(const at::Tensor& student, const at::Tensor& teacher, const char* op) {
   TORCH_CHECK(student.is_cuda(), op, ": student and teacher must be CUDA tensors");
   check_relation_inputs(student, teacher, op);
 }
 
-std::tuple<at::Tensor, at::Tensor> rkd_distance_forward_cuda(const at::Tensor& student, const at::Tensor& teacher) {
-  check_inputs(student, teacher, "rkd_distance_forward");
-  const OpGuard guard(student);
-  return AT_DISPATCH_FLOATING_TYPES(opmath_scalar_type(student.scalar_type()), "rkd_distance_forward",
-                                    [&] { return distance_forward<scalar_t>(student, teacher); });
-}
-
-at::Tensor rkd_distance_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
-                                      const at::Tensor& stats) {
-  check_inputs(student, teacher, "rkd_distance_backward");
-  check_relation_aux(grad_loss, student, "grad_loss", "rkd_distance_backward");
-  check_relation_aux(stats, student, "stats", "rkd_distance_backward");
-  const OpGuard guard(student);
-  return AT_DISPATCH_FLOATING_TYPES(opmath_scalar_type(student.scalar_type()), "rkd_distance_backward",
-                                    [&] { return distance_backward<scalar_t>(grad_loss, student, teacher, stats); });
-}
-
-std::tuple<at::Tensor, at::Tensor> similarity_preserving_forward_cuda(const at::Tensor& student,
-                                                                      const at::Tensor& teacher) {
-  check_inputs(student, teacher, "similarity_preserving_forward");
-  const OpGuard guard(student);
-  return AT_DISPATCH_FLOATING_TYPES(opmath_scalar_type(student.scalar_type()), "similarity_preserving_forward",
-                                    [&] { return sp_forward<scalar_t>(student, teacher); });
-}
-
-at::Tensor similarity_preserving_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& student,
-                                               const at::Tensor& teacher, const at::Tensor& stats) {
-  check_inputs(student, teacher, "similarity_preserving_backward");
-  check_relation_aux(grad_loss, student, "grad_loss", "similarity_preserving_backward");
-  check_relation_aux(stats, student, "stats", "similarity_preserving_backward");
-  const OpGuard guard(student);
-  return AT_DISPATCH_FLOATING_TYPES(opmath_scalar_type(student.scalar_type()), "similarity_preserving_backward",
-                                    [&] { return sp_backward<scalar_t>(grad_loss, student, teacher, stats); });
-}
-
-at::Tensor rkd_angle_forward_cuda(const at::Tensor& student, const at::Tensor& teacher) {
-  check_inputs(student, teacher, "rkd_angle_forward");
-  const OpGuard guard(student);
-  return AT_DISPATCH_FLOATING_TYPES(opmath_scalar_type(student.scalar_type()), "rkd_angle_forward",
-                                    [&] { return angle_forward<scalar_t>(student, teacher); });
-}
-
-at::Tensor rkd_angle_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher) {
-  check_inputs(student, teacher, "rkd_angle_backward");
-  check_relation_aux(grad_loss, student, "grad_loss", "rkd_angle_backward");
-  const OpGuard guard(student);
-  return AT_DISPATCH_FLOATING_TYPES(opmath_scalar_type(student.scalar_type()), "rkd_angle_backward",
-                                    [&] { return angle_backward<scalar_t>(grad_loss, student, teacher); });
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rkd_distance_angle_forward_cuda(const at::Tensor& student,
-                                                                               const at::Tensor& teacher) {
-  check_inputs(student, teacher, "rkd_distance_angle_forward");
-  const OpGuard guard(student);
-  return AT_DISPATCH_FLOATING_TYPES(opmath_scalar_type(student.scalar_type()), "rkd_distance_angle_forward",
-                                    [&] { return distance_angle_forward<scalar_t>(student, teacher); });
-}
-
-at::Tensor rkd_distance_angle_backward_cuda(const at::Tensor& grad_distance, const at::Tensor& grad_angle,
-                                            const at::Tensor& student, const at::Tensor& teacher,
-                                            const at::Tensor& stats) {
-  check_inputs(student, teacher, "rkd_distance_angle_backward");
-  check_relation_aux(grad_distance, student, "grad_distance", "rkd_distance_angle_backward");
-  check_relation_aux(grad_angle, student, "grad_angle", "rkd_distance_angle_backward");
-  check_relation_aux(stats, student, "stats", "rkd_distance_angle_backward");
-  const OpGuard guard(student);
-  return AT_DISPATCH_FLOATING_TYPES(
-      opmath_scalar_type(student.scalar_type()), "rkd_distance_angle_backward",
-      [&] { return distance_angle_backward<scalar_t>(grad_distance, grad_angle, student, teacher, stats); });
-}
-
-}  // namespace
+}  // namespace relation
 }  // namespace cuda
 }  // namespace kdkernels
-
-TORCH_LIBRARY_IMPL(kdkernels, CUDA, m) {
-  m.impl("rkd_distance_forward", &kdkernels::cuda::rkd_distance_forward_cuda);
-  m.impl("rkd_distance_backward", &kdkernels::cuda::rkd_distance_backward_cuda);
-  m.impl("similarity_preserving_forward", &kdkernels::cuda::similarity_preserving_forward_cuda);
-  m.impl("similarity_preserving_backward", &kdkernels::cuda::similarity_preserving_backward_cuda);
-  m.impl("rkd_angle_forward", &kdkernels::cuda::rkd_angle_forward_cuda);
-  m.impl("rkd_angle_backward", &kdkernels::cuda::rkd_angle_backward_cuda);
-  m.impl("rkd_distance_angle_forward", &kdkernels::cuda::rkd_distance_angle_forward_cuda);
-  m.impl("rkd_distance_angle_backward", &kdkernels::cuda::rkd_distance_angle_backward_cuda);
-}

@@ -1,4 +1,4 @@
-// CPU kernels of the projected MSE (DESIGN §2.2; math and layout rule in kdkernels/feature.h).
+// CPU kernels of the projected MSE (docs/design.md §2.2; math and layout rule in kdkernels/feature.h).
 //
 // The (B * P) feature vectors are cut into blocks of up to `block` positions of one batch entry.
 // Forward, per block: a GEMM into a cache-sized op-math buffer, then one fused, vectorised pass that
@@ -31,6 +31,7 @@
 #include "kdkernels/feature_args.h"
 
 namespace kdkernels {
+namespace cpu {
 namespace {
 
 using at::Tensor;
@@ -72,35 +73,35 @@ void for_each_chunk(const Blocking& bl, const F& fn) {
 }
 
 // ---- vector helpers ------------------------------------------------------------------------------
-template <typename acc_t, typename T>
-inline at::vec::Vectorized<acc_t> load_as(const T* p) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  if constexpr (std::is_same_v<T, acc_t>) {
+template <typename opmath_t, typename T>
+inline at::vec::Vectorized<opmath_t> load_as(const T* p) {
+  using Vec = at::vec::Vectorized<opmath_t>;
+  if constexpr (std::is_same_v<T, opmath_t>) {
     return Vec::loadu(p);
   } else {
-    acc_t buf[Vec::size()];
-    for (int64_t k = 0; k < Vec::size(); ++k) buf[k] = static_cast<acc_t>(p[k]);
+    opmath_t buf[Vec::size()];
+    for (int64_t k = 0; k < Vec::size(); ++k) buf[k] = static_cast<opmath_t>(p[k]);
     return Vec::loadu(buf);
   }
 }
 
-template <typename acc_t, typename T>
-inline void store_as(const at::vec::Vectorized<acc_t>& v, T* p) {
-  if constexpr (std::is_same_v<T, acc_t>) {
+template <typename opmath_t, typename T>
+inline void store_as(const at::vec::Vectorized<opmath_t>& v, T* p) {
+  if constexpr (std::is_same_v<T, opmath_t>) {
     v.store(p);
   } else {
-    acc_t buf[at::vec::Vectorized<acc_t>::size()];
+    opmath_t buf[at::vec::Vectorized<opmath_t>::size()];
     v.store(buf);
-    for (int64_t k = 0; k < at::vec::Vectorized<acc_t>::size(); ++k) p[k] = static_cast<T>(buf[k]);
+    for (int64_t k = 0; k < at::vec::Vectorized<opmath_t>::size(); ++k) p[k] = static_cast<T>(buf[k]);
   }
 }
 
-template <typename acc_t>
-inline acc_t lane_sum(const at::vec::Vectorized<acc_t>& v) {
-  acc_t buf[at::vec::Vectorized<acc_t>::size()];
+template <typename opmath_t>
+inline opmath_t lane_sum(const at::vec::Vectorized<opmath_t>& v) {
+  opmath_t buf[at::vec::Vectorized<opmath_t>::size()];
   v.store(buf);
-  acc_t s = 0;
-  for (int64_t k = 0; k < at::vec::Vectorized<acc_t>::size(); ++k) s += buf[k];
+  opmath_t s = 0;
+  for (int64_t k = 0; k < at::vec::Vectorized<opmath_t>::size(); ++k) s += buf[k];
   return s;
 }
 
@@ -108,31 +109,31 @@ inline acc_t lane_sum(const at::vec::Vectorized<acc_t>& v) {
 // Over an (m x n) block: r = y + bias - t and the sum of r^2. y is the contiguous GEMM output; t has
 // strides (t_rs, t_cs); r has row stride r_rs and unit column stride. The bias runs along the columns
 // for row-major blocks (positions x features) and along the rows for feature-major ones.
-template <typename T, typename acc_t>
-acc_t residual_block(const acc_t* y, const T* t, int64_t t_rs, int64_t t_cs, const T* bias, bool bias_on_cols,
+template <typename T, typename opmath_t>
+opmath_t residual_block(const opmath_t* y, const T* t, int64_t t_rs, int64_t t_cs, const T* bias, bool bias_on_cols,
                      T* r, int64_t r_rs, int64_t m, int64_t n) {
-  using Vec = at::vec::Vectorized<acc_t>;
+  using Vec = at::vec::Vectorized<opmath_t>;
   constexpr int64_t kW = Vec::size();
-  Vec vsum(acc_t(0));
-  acc_t tail = 0;
+  Vec vsum(opmath_t(0));
+  opmath_t tail = 0;
   for (int64_t i = 0; i < m; ++i) {
-    const acc_t* yi = y + i * n;
+    const opmath_t* yi = y + i * n;
     const T* ti = t + i * t_rs;
     T* ri = r + i * r_rs;
-    const acc_t row_bias = (bias != nullptr && !bias_on_cols) ? static_cast<acc_t>(bias[i]) : acc_t(0);
+    const opmath_t row_bias = (bias != nullptr && !bias_on_cols) ? static_cast<opmath_t>(bias[i]) : opmath_t(0);
     int64_t j = 0;
     if (t_cs == 1) {
       const Vec vrow(row_bias);
       for (; j + kW <= n; j += kW) {
-        Vec v = Vec::loadu(yi + j) - load_as<acc_t>(ti + j);
-        v = v + ((bias != nullptr && bias_on_cols) ? load_as<acc_t>(bias + j) : vrow);
+        Vec v = Vec::loadu(yi + j) - load_as<opmath_t>(ti + j);
+        v = v + ((bias != nullptr && bias_on_cols) ? load_as<opmath_t>(bias + j) : vrow);
         store_as(v, ri + j);
         vsum = vsum + v * v;
       }
     }
     for (; j < n; ++j) {
-      const acc_t b = (bias != nullptr && bias_on_cols) ? static_cast<acc_t>(bias[j]) : row_bias;
-      const acc_t v = yi[j] - static_cast<acc_t>(ti[j * t_cs]) + b;
+      const opmath_t b = (bias != nullptr && bias_on_cols) ? static_cast<opmath_t>(bias[j]) : row_bias;
+      const opmath_t v = yi[j] - static_cast<opmath_t>(ti[j * t_cs]) + b;
       ri[j] = static_cast<T>(v);
       tail += v * v;
     }
@@ -142,13 +143,13 @@ acc_t residual_block(const acc_t* y, const T* t, int64_t t_rs, int64_t t_cs, con
 
 // ---- backward epilogues -----------------------------------------------------------------------------
 // dst (row stride d_rs) = T(s * src), src a contiguous (m x n) op-math block.
-template <typename T, typename acc_t>
-void scale_store(const acc_t* src, acc_t s, T* dst, int64_t d_rs, int64_t m, int64_t n) {
-  using Vec = at::vec::Vectorized<acc_t>;
+template <typename T, typename opmath_t>
+void scale_store(const opmath_t* src, opmath_t s, T* dst, int64_t d_rs, int64_t m, int64_t n) {
+  using Vec = at::vec::Vectorized<opmath_t>;
   constexpr int64_t kW = Vec::size();
   const Vec vs(s);
   for (int64_t i = 0; i < m; ++i) {
-    const acc_t* si = src + i * n;
+    const opmath_t* si = src + i * n;
     T* di = dst + i * d_rs;
     int64_t j = 0;
     for (; j + kW <= n; j += kW) store_as(Vec::loadu(si + j) * vs, di + j);
@@ -159,20 +160,20 @@ void scale_store(const acc_t* src, acc_t s, T* dst, int64_t d_rs, int64_t m, int
 // One pass over an (m x n) residual block r (row stride r_rs, In = T or its op-math copy):
 // grad_t = -s r (row stride g_rs) when grad_t != nullptr, and bias-gradient sums into acc_b (unscaled)
 // when acc_b != nullptr: along the columns for row-major blocks, along the rows for feature-major ones.
-template <typename T, typename In, typename acc_t>
-void residual_grads_block(const In* r, int64_t r_rs, acc_t s, T* grad_t, int64_t g_rs, acc_t* acc_b, bool bias_on_cols,
+template <typename T, typename In, typename opmath_t>
+void residual_grads_block(const In* r, int64_t r_rs, opmath_t s, T* grad_t, int64_t g_rs, opmath_t* acc_b, bool bias_on_cols,
                           int64_t m, int64_t n) {
-  using Vec = at::vec::Vectorized<acc_t>;
+  using Vec = at::vec::Vectorized<opmath_t>;
   constexpr int64_t kW = Vec::size();
   const Vec vneg(-s);
   for (int64_t i = 0; i < m; ++i) {
     const In* ri = r + i * r_rs;
     T* gi = grad_t == nullptr ? nullptr : grad_t + i * g_rs;
-    Vec vrow(acc_t(0));
-    acc_t row_tail = 0;
+    Vec vrow(opmath_t(0));
+    opmath_t row_tail = 0;
     int64_t j = 0;
     for (; j + kW <= n; j += kW) {
-      const Vec v = load_as<acc_t>(ri + j);
+      const Vec v = load_as<opmath_t>(ri + j);
       if (gi != nullptr) store_as(v * vneg, gi + j);
       if (acc_b != nullptr) {
         if (bias_on_cols) {
@@ -183,7 +184,7 @@ void residual_grads_block(const In* r, int64_t r_rs, acc_t s, T* grad_t, int64_t
       }
     }
     for (; j < n; ++j) {
-      const acc_t v = static_cast<acc_t>(ri[j]);
+      const opmath_t v = static_cast<opmath_t>(ri[j]);
       if (gi != nullptr) gi[j] = static_cast<T>(-s * v);
       if (acc_b != nullptr) {
         if (bias_on_cols) {
@@ -207,25 +208,25 @@ std::tuple<Tensor, Tensor> projected_mse_forward_cpu(const Tensor& x, const Tens
   const int64_t B = x.size(0), P = x.size(1), Ds = x.size(2), Dt = t.size(2);
   const bool fmajor = feature_major(P, Dt, t.stride(1));
   Tensor residual = empty_in_layout(B, P, Dt, fmajor, t.options());
-  const auto acc_type = at::toOpMathType(x.scalar_type());
-  Tensor loss = at::empty({}, x.options().dtype(acc_type));
-  const Tensor w_op = weight.to(acc_type);  // no copy for float32 / float64
+  const auto opmath_dtype = at::toOpMathType(x.scalar_type());
+  Tensor loss = at::empty({}, x.options().dtype(opmath_dtype));
+  const Tensor w_op = weight.to(opmath_dtype);  // no copy for float32 / float64
   const Tensor bias_c = bias.has_value() ? bias->contiguous() : Tensor();
   const Blocking bl = make_blocking(B, P, std::max(Ds, Dt));
   std::vector<double> partial(static_cast<size_t>(bl.chunks), 0.0);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "projected_mse_forward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    constexpr bool reduced = !std::is_same_v<scalar_t, acc_t>;
+    using opmath_t = at::opmath_type<scalar_t>;
+    constexpr bool reduced = !std::is_same_v<scalar_t, opmath_t>;
     const scalar_t* t_ptr = t.const_data_ptr<scalar_t>();
     const scalar_t* b_ptr = bias_c.defined() ? bias_c.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* r_ptr = residual.mutable_data_ptr<scalar_t>();
     const int64_t ts0 = t.stride(0), ts1 = t.stride(1), ts2 = t.stride(2);
 
     for_each_chunk(bl, [&](int64_t c, int64_t i0, int64_t i1) {
-      const auto acc_opts = x.options().dtype(acc_type);
-      Tensor ybuf = at::empty({bl.block * Dt}, acc_opts);
-      Tensor xbuf = reduced ? at::empty({bl.block * Ds}, acc_opts) : Tensor();
+      const auto opmath_opts = x.options().dtype(opmath_dtype);
+      Tensor ybuf = at::empty({bl.block * Dt}, opmath_opts);
+      Tensor xbuf = reduced ? at::empty({bl.block * Ds}, opmath_opts) : Tensor();
       double sum = 0.0;
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t b = bl.batch(i), p0 = bl.first(i), n = bl.size(i);
@@ -235,14 +236,14 @@ std::tuple<Tensor, Tensor> projected_mse_forward_cpu(const Tensor& x, const Tens
           if constexpr (reduced) xb = xbuf.narrow(0, 0, n * Ds).view({n, Ds}).copy_(xb);
           Tensor yb = ybuf.narrow(0, 0, n * Dt).view({n, Dt});
           at::mm_out(yb, xb, w_op.t());
-          sum += residual_block<scalar_t, acc_t>(yb.const_data_ptr<acc_t>(), tb, ts1, ts2, b_ptr, true,
+          sum += residual_block<scalar_t, opmath_t>(yb.const_data_ptr<opmath_t>(), tb, ts1, ts2, b_ptr, true,
                                                  r_ptr + (b * P + p0) * Dt, Dt, n, Dt);
         } else {  // (Dt x Ds) @ (Ds x n): features x positions, the layout of an NCHW map
           Tensor xb = x.select(0, b).narrow(0, p0, n).t();
           if constexpr (reduced) xb = xbuf.narrow(0, 0, Ds * n).view({Ds, n}).copy_(xb);
           Tensor yb = ybuf.narrow(0, 0, Dt * n).view({Dt, n});
           at::mm_out(yb, w_op, xb);
-          sum += residual_block<scalar_t, acc_t>(yb.const_data_ptr<acc_t>(), tb, ts2, ts1, b_ptr, false,
+          sum += residual_block<scalar_t, opmath_t>(yb.const_data_ptr<opmath_t>(), tb, ts2, ts1, b_ptr, false,
                                                  r_ptr + b * Dt * P + p0, P, Dt, n);
         }
       }
@@ -251,7 +252,7 @@ std::tuple<Tensor, Tensor> projected_mse_forward_cpu(const Tensor& x, const Tens
 
     double total = 0.0;
     for (double p : partial) total += p;
-    *loss.mutable_data_ptr<acc_t>() = static_cast<acc_t>(total / projected_mse_denominator(reduction, B * P, Dt));
+    *loss.mutable_data_ptr<opmath_t>() = static_cast<opmath_t>(total / projected_mse_denominator(reduction, B * P, Dt));
   });
   return {loss, residual};
 }
@@ -268,33 +269,33 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> projected_mse_backward_cpu(const Tens
   const auto dtype = residual.scalar_type();
   const bool fmajor = feature_major(P, Dt, residual.stride(1));
   const auto opts = residual.options();
-  const auto acc_type = at::toOpMathType(dtype);
-  const auto acc_opts = opts.dtype(acc_type);
+  const auto opmath_dtype = at::toOpMathType(dtype);
+  const auto opmath_opts = opts.dtype(opmath_dtype);
   // the forward's residual already has this layout; anything else gets one copy
   const Tensor rs = fmajor ? residual.transpose(1, 2).contiguous() : residual.contiguous();
 
   Tensor grad_x = x_grad ? empty_in_layout(B, P, Ds, fmajor, opts) : at::empty({0}, opts);
   Tensor grad_t = t_grad ? empty_in_layout(B, P, Dt, fmajor, opts) : at::empty({0}, opts);
   const Blocking bl = make_blocking(B, P, std::max(Ds, Dt));
-  Tensor acc_w = weight_grad ? at::zeros({bl.chunks, Dt, Ds}, acc_opts) : Tensor();
-  Tensor acc_b = bias_grad ? at::zeros({bl.chunks, Dt}, acc_opts) : Tensor();
+  Tensor acc_w = weight_grad ? at::zeros({bl.chunks, Dt, Ds}, opmath_opts) : Tensor();
+  Tensor acc_b = bias_grad ? at::zeros({bl.chunks, Dt}, opmath_opts) : Tensor();
   const double s = grad_loss.item<double>() * projected_mse_grad_factor(reduction, B * P, Dt);
-  const Tensor w_op = x_grad ? weight.to(acc_type) : Tensor();
+  const Tensor w_op = x_grad ? weight.to(opmath_dtype) : Tensor();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "projected_mse_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    constexpr bool reduced = !std::is_same_v<scalar_t, acc_t>;
-    const acc_t sa = static_cast<acc_t>(s);
+    using opmath_t = at::opmath_type<scalar_t>;
+    constexpr bool reduced = !std::is_same_v<scalar_t, opmath_t>;
+    const opmath_t sa = static_cast<opmath_t>(s);
     const scalar_t* r_ptr = rs.const_data_ptr<scalar_t>();
     scalar_t* gx_ptr = x_grad ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* gt_ptr = t_grad ? grad_t.mutable_data_ptr<scalar_t>() : nullptr;
 
     for_each_chunk(bl, [&](int64_t c, int64_t i0, int64_t i1) {
-      Tensor gbuf = x_grad ? at::empty({bl.block * Ds}, acc_opts) : Tensor();
-      Tensor rbuf = reduced ? at::empty({bl.block * Dt}, acc_opts) : Tensor();
-      Tensor xbuf = (reduced && weight_grad) ? at::empty({bl.block * Ds}, acc_opts) : Tensor();
+      Tensor gbuf = x_grad ? at::empty({bl.block * Ds}, opmath_opts) : Tensor();
+      Tensor rbuf = reduced ? at::empty({bl.block * Dt}, opmath_opts) : Tensor();
+      Tensor xbuf = (reduced && weight_grad) ? at::empty({bl.block * Ds}, opmath_opts) : Tensor();
       Tensor acc_wc = weight_grad ? acc_w.select(0, c) : Tensor();
-      acc_t* acc_bc = bias_grad ? acc_b.select(0, c).mutable_data_ptr<acc_t>() : nullptr;
+      opmath_t* acc_bc = bias_grad ? acc_b.select(0, c).mutable_data_ptr<opmath_t>() : nullptr;
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t b = bl.batch(i), p0 = bl.first(i), n = bl.size(i);
         // rows x cols of this block: (n x Dt) row-major, or (Dt x n) with row stride P
@@ -305,7 +306,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> projected_mse_backward_cpu(const Tens
         int64_t r_in_rs = r_rs;
         if constexpr (reduced) {
           rb = rbuf.narrow(0, 0, m_rows * n_cols).view({m_rows, n_cols}).copy_(rb);
-          r_in = rb.const_data_ptr<acc_t>();
+          r_in = rb.const_data_ptr<opmath_t>();
           r_in_rs = n_cols;
         }
         if (x_grad) {  // grad_x = s r W: (n x Dt)(Dt x Ds), or W^T r: (Ds x Dt)(Dt x n)
@@ -313,11 +314,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> projected_mse_backward_cpu(const Tens
           if (fmajor) {
             gb = gb.view({Ds, n});
             at::mm_out(gb, w_op.t(), rb);
-            scale_store<scalar_t, acc_t>(gb.const_data_ptr<acc_t>(), sa, gx_ptr + b * Ds * P + p0, P, Ds, n);
+            scale_store<scalar_t, opmath_t>(gb.const_data_ptr<opmath_t>(), sa, gx_ptr + b * Ds * P + p0, P, Ds, n);
           } else {
             gb = gb.view({n, Ds});
             at::mm_out(gb, rb, w_op);
-            scale_store<scalar_t, acc_t>(gb.const_data_ptr<acc_t>(), sa, gx_ptr + (b * P + p0) * Ds, Ds, n, Ds);
+            scale_store<scalar_t, opmath_t>(gb.const_data_ptr<opmath_t>(), sa, gx_ptr + (b * P + p0) * Ds, Ds, n, Ds);
           }
         }
         if (weight_grad) {  // grad_W += r^T x (n positions contracted)
@@ -328,10 +329,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> projected_mse_backward_cpu(const Tens
         if (t_grad || bias_grad) {
           scalar_t* gt = t_grad ? gt_ptr + offset : nullptr;
           if constexpr (reduced) {
-            residual_grads_block<scalar_t, acc_t, acc_t>(static_cast<const acc_t*>(r_in), r_in_rs, sa, gt, r_rs,
+            residual_grads_block<scalar_t, opmath_t, opmath_t>(static_cast<const opmath_t*>(r_in), r_in_rs, sa, gt, r_rs,
                                                          acc_bc, !fmajor, m_rows, n_cols);
           } else {
-            residual_grads_block<scalar_t, scalar_t, acc_t>(static_cast<const scalar_t*>(r_in), r_in_rs, sa, gt,
+            residual_grads_block<scalar_t, scalar_t, opmath_t>(static_cast<const scalar_t*>(r_in), r_in_rs, sa, gt,
                                                             r_rs, acc_bc, !fmajor, m_rows, n_cols);
           }
         }
@@ -345,10 +346,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> projected_mse_backward_cpu(const Tens
 }
 
 }  // namespace
+}  // namespace cpu
+}  // namespace kdkernels
 
 TORCH_LIBRARY_IMPL(kdkernels, CPU, m) {
-  m.impl("projected_mse_forward", &projected_mse_forward_cpu);
-  m.impl("projected_mse_backward", &projected_mse_backward_cpu);
+  m.impl("projected_mse_forward", &kdkernels::cpu::projected_mse_forward_cpu);
+  m.impl("projected_mse_backward", &kdkernels::cpu::projected_mse_backward_cpu);
 }
-
-}  // namespace kdkernels
