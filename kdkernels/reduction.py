@@ -7,8 +7,8 @@ A loss family reduces one of three things, so it has one of three reduction sets
   rows); "mean" -> sum / (max(1, kept rows) * V). Kept rows are those whose label is not
   ``ignore_index``; counting them is a tensor op (no host sync).
 * ``FEATURES`` (feature: projected MSE) reduces squared residuals of ``rows`` feature vectors of size
-  Dt: "mean" -> / (rows * Dt) (``F.mse_loss``; NaN for an empty input, as there), "sum", "batchmean" ->
-  / max(1, rows). The fused kernels apply it inside (they take ``FEATURES.code(name)``) with the
+  Dt: "mean" -> / max(1, rows * Dt) (``F.mse_loss``, except that an empty input gives 0, not NaN),
+  "sum", "batchmean" -> / max(1, rows). The fused kernels apply it inside (they take ``FEATURES.code(name)``) with the
   divisor ``feature_denominator`` gives; the C++ kernels use the same rule from
   csrc/include/kdkernels/feature.h.
 * ``RKD_ENTRIES`` / ``SP_ENTRIES`` (relation) reduce a sum over matrix entries (B^2 for distance and
@@ -74,28 +74,26 @@ def reduce_rows(row_loss: Tensor, reduction: str, lead_shape: tuple[int, ...], v
 # ---- FEATURES --------------------------------------------------------------------------------
 def feature_denominator(code: int, rows: int, teacher_dim: int) -> float:
     """What a fused projected-MSE kernel divides the sum of squared residuals by, for the reduction
-    with ``FEATURES.code`` ``code``: elements ("mean"; 0 for an empty input, whose loss is then NaN as
-    for F.mse_loss), 1 ("sum") or max(1, rows) ("batchmean")."""
+    with ``FEATURES.code`` ``code``: max(1, elements) ("mean"), 1 ("sum") or max(1, rows) ("batchmean").
+    An empty input gives loss 0, as every loss does (F.mse_loss would give NaN)."""
     name = FEATURES.names[code]
     if name == "sum":
         return 1.0
     if name == "batchmean":
         return float(max(1, rows))
-    return float(rows * teacher_dim)
+    return float(max(1, rows * teacher_dim))
 
 
 def feature_grad_factor(code: int, rows: int, teacher_dim: int) -> float:
-    """d loss / d residual per unit upstream gradient; 0 for an empty residual (nothing to
-    differentiate, and no 0 * inf = NaN in grad_W / grad_b, which are sums over no rows)."""
-    d = feature_denominator(code, rows, teacher_dim)
-    return 2.0 / d if d > 0 else 0.0
+    """d loss / d residual per unit upstream gradient."""
+    return 2.0 / feature_denominator(code, rows, teacher_dim)
 
 
 def reduce_squared_error(squared_error: Tensor, reduction: str, rows: int) -> Tensor:
     """An elementwise squared error (rows feature vectors) reduced as ``reduction`` (``FEATURES``)."""
-    if reduction == "mean":
-        return squared_error.mean()
     total = squared_error.sum()
+    if reduction == "mean":
+        return total / max(1, squared_error.numel())
     return total if reduction == "sum" else total / max(1, rows)
 
 

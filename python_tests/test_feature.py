@@ -181,8 +181,8 @@ def test_matches_reference(device, backend, small_triton_tiles):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "batchmean"])
 @pytest.mark.parametrize("rows,ds,dt", [(0, 3, 4), (5, 0, 4), (5, 3, 0)])
 def test_empty_dims(device, backend, reduction, rows, ds, dt):
-    """No feature vectors, no student or no teacher features: the reference's loss (NaN for an empty
-    "mean", as F.mse_loss) and its gradients (zeros, never NaN)."""
+    """No feature vectors, no student or no teacher features: loss 0 (every reduction; F.mse_loss
+    would give NaN for "mean") and gradients of zeros, never NaN."""
     gen = torch.Generator().manual_seed(0)
     x, t = torch.randn(rows, ds, generator=gen), torch.randn(rows, dt, generator=gen)
     w, b = torch.randn(dt, ds, generator=gen), torch.randn(dt, generator=gen)
@@ -191,6 +191,7 @@ def test_empty_dims(device, backend, reduction, rows, ds, dt):
     ref_leaves = [a.detach().double().requires_grad_(True) for a in leaves]
     ref = reference.projected_mse(*ref_leaves, reduction=reduction)
     assert_close(out, ref, torch.float32, LOSS_TOLERANCES, what="loss")
+    assert out.item() == 0.0 and ref.item() == 0.0
     for g, rg in zip(torch.autograd.grad(out, leaves, allow_unused=True),
                      torch.autograd.grad(ref, ref_leaves, allow_unused=True)):
         assert g.shape == rg.shape and torch.isfinite(g).all()

@@ -26,10 +26,10 @@ def projected_mse(
       returns: () — a 0-d tensor.
     With ``feature_dim=1`` and an (N, Ds, H, W) map this is a 1x1 convolution per pixel.
 
-    Reductions: "mean" — mean over every element of ``(y - t)^2`` (= ``F.mse_loss``; NaN for an
-    empty input, as there); "sum"; "batchmean" — the sum divided by the number of feature vectors
-    ``rows = t.numel() / Dt`` (every dim except ``feature_dim``), clamped to at least 1 like the
-    softmax-KL "batchmean", so an empty input gives 0.
+    Reductions: "mean" — mean over every element of ``(y - t)^2`` (= ``F.mse_loss``, except that an
+    empty input gives 0, not NaN); "sum"; "batchmean" — the sum divided by the number of feature
+    vectors ``rows = t.numel() / Dt`` (every dim except ``feature_dim``), clamped to at least 1 like
+    the softmax-KL "batchmean". An empty input gives 0 with every reduction, as for every loss.
 
     Op-math (and the loss dtype) is float64 if any of ``x``, ``t``, ``W``, ``b`` is float64, else
     float32 (bf16 / fp16 inputs are upcast). Gradients reach ``x``, ``W``, ``b`` and ``t`` (when

@@ -18,19 +18,19 @@ KDK_HD bool valid_feature_reduction(int64_t reduction) {
   return reduction == kFeatureMean || reduction == kFeatureSum || reduction == kFeatureBatchMean;
 }
 
-// What the sum of squared residuals is divided by. "mean" divides by the element count, which is 0
-// for an empty input: the loss is then 0 / 0 = NaN, as for F.mse_loss. "batchmean" never divides by 0.
+// What the sum of squared residuals is divided by: the element count ("mean") or the row count
+// ("batchmean"), at least 1, so an empty input gives loss 0 as every kdkernels loss does
+// (docs/decisions.md, "Empty inputs"; F.mse_loss would give NaN).
 KDK_HD double projected_mse_denominator(int64_t reduction, int64_t rows, int64_t teacher_dim) {
   if (reduction == kFeatureSum) return 1.0;
-  if (reduction == kFeatureBatchMean) return rows > 1 ? static_cast<double>(rows) : 1.0;
-  return static_cast<double>(rows) * static_cast<double>(teacher_dim);
+  const double count = reduction == kFeatureBatchMean ? static_cast<double>(rows)
+                                                      : static_cast<double>(rows) * static_cast<double>(teacher_dim);
+  return count > 1.0 ? count : 1.0;
 }
 
-// d loss / d r per unit grad_loss: 2 / denominator. An empty residual has nothing to differentiate;
-// returning 0 there keeps 0 * inf = NaN out of grad_W and grad_b (which are sums over no rows).
+// d loss / d r per unit grad_loss: 2 / denominator (an empty residual has no entries to scale).
 KDK_HD double projected_mse_grad_factor(int64_t reduction, int64_t rows, int64_t teacher_dim) {
-  double d = projected_mse_denominator(reduction, rows, teacher_dim);
-  return d > 0.0 ? 2.0 / d : 0.0;
+  return 2.0 / projected_mse_denominator(reduction, rows, teacher_dim);
 }
 
 // Layout rule shared by every backend (and by the Python fake kernels): a (B, P, D) tensor is
