@@ -191,7 +191,8 @@ def test_empty_dims(device, backend, reduction, rows, ds, dt):
     ref_leaves = [a.detach().double().requires_grad_(True) for a in leaves]
     ref = reference.projected_mse(*ref_leaves, reduction=reduction)
     assert_close(out, ref, torch.float32, LOSS_TOLERANCES, what="loss")
-    assert out.item() == 0.0 and ref.item() == 0.0
+    if rows == 0 or dt == 0:  # no residual entries (Ds = 0 still has y = b - t)
+        assert out.item() == 0.0 and ref.item() == 0.0
     for g, rg in zip(torch.autograd.grad(out, leaves, allow_unused=True),
                      torch.autograd.grad(ref, ref_leaves, allow_unused=True)):
         assert g.shape == rg.shape and torch.isfinite(g).all()
