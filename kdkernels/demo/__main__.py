@@ -21,11 +21,13 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=20, help="epochs for every model (default 20)")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="results.json and the plot (default demo_out/)")
     p.add_argument("--quick", action="store_true", help="a tiny run: 1 seed, 3 epochs (the test's mode)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's default); 1 is steadier on a busy machine")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.epochs = 1, 3
-    if args.seeds < 1 or args.epochs < 1:
-        p.error("--seeds and --epochs must be >= 1")
+    if args.seeds < 1 or args.epochs < 1 or (args.threads is not None and args.threads < 1):
+        p.error("--seeds, --epochs and --threads must be >= 1")
     return args
 
 
@@ -47,6 +49,8 @@ def run_seed(seed: int, digits: data.Digits, cfg: Config, weights: Weights) -> d
 
 def main(argv=None) -> dict:
     args = parse(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     start = time.perf_counter()
     digits, cfg, weights = data.load(), Config(epochs=args.epochs), Weights()
     auto = kdkernels.backends.resolve("softmax_kl_div", "auto", torch.device("cpu"))
