@@ -7,12 +7,12 @@ DEPS   := $(VENV)/.deps-installed
 TORCH_VERSION ?= 2.14.1
 export MAX_JOBS ?= 2
 
-.PHONY: test bench build soak clean
+.PHONY: test bench demo build soak clean
 
 $(DEPS):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q torch==$(TORCH_VERSION) ninja pybind11 pytest hypothesis numpy matplotlib psutil
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) ninja pybind11 pytest hypothesis numpy matplotlib psutil scikit-learn
 	touch $(DEPS)
 
 # Builds kdkernels._C (C++ CPU) always and kdkernels._C_cuda when nvcc + a CUDA torch are present
@@ -31,6 +31,12 @@ soak: build
 BENCH_ARGS ?=
 bench: build
 	$(PY) -m kdkernels.bench $(BENCH_ARGS)
+
+# End-to-end distillation on scikit-learn's digits (a few minutes on 2 cores): prints accuracies and
+# the loss-step time kdkernels vs eager, writes demo_out/results.json and demo_out/learning_curves.png.
+demo: build
+	$(PY) -m pip install -q scikit-learn
+	$(PY) -m kdkernels.demo
 
 clean:
 	rm -rf build *.egg-info kdkernels/*.so bench_out .hypothesis .pytest_cache
