@@ -24,7 +24,9 @@ def _csv_list(allowed):
         items = [s.strip() for s in text.split(",") if s.strip()]
         bad = [s for s in items if s not in allowed]
         if bad:
-            raise argparse.ArgumentTypeError(f"unknown {', '.join(bad)}; choose from {', '.join(allowed)}")
+            hint = ("; 'torch' is now 'eager' (the usual eager composition, the baseline) or 'reference' "
+                    "(kdkernels.reference, the accuracy spec)") if "torch" in bad and "eager" in allowed else ""
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(bad)}; choose from {', '.join(allowed)}{hint}")
         return items
     return parse
 

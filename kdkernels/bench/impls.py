@@ -1,6 +1,6 @@
 """Who runs a case: the kdkernels backends and the baselines they are compared with.
 
-Implementation names (the values of ``--backends``), in run order:
+Implementation names (the values of ``--backends``), in run order (the reference last):
 
 * ``eager``        the usual eager composition a user writes (:mod:`kdkernels.bench.baselines`):
                    the baseline of every ``vs_eager_*`` ratio
@@ -10,9 +10,9 @@ Implementation names (the values of ``--backends``), in run order:
                    ``vs_torchdistill_step``
 * ``liger``        Liger-Kernel's KL / JSD (GPU, ``softmax_kl_div`` only, when ``liger_kernel``
                    imports): ``vs_liger_step``
+* ``cpu``, ``cuda``, ``triton``: the kdkernels backends, through ``kdkernels.functional``
 * ``reference``    ``kdkernels.reference`` (``backend="torch"``): the accuracy spec, shown for
                    comparison, never a ratio's baseline (it is far slower than what users run)
-* ``cpu``, ``cuda``, ``triton``: the kdkernels backends, through ``kdkernels.functional``
 
 Which kdkernels backends exist comes from ``kdkernels.backends.implemented_backends``. Triton on CPU
 (``TRITON_INTERPRET=1``) is a correctness tool, far too slow to time: it is always excluded here.
@@ -35,7 +35,7 @@ BASELINES = ("eager", "compile")
 PEERS = ("torchdistill", "liger")
 REFERENCE = "reference"
 KERNELS = ("cpu", "cuda", "triton")
-ALL_IMPLS = BASELINES + PEERS + (REFERENCE,) + KERNELS  # the values --backends accepts
+ALL_IMPLS = BASELINES + PEERS + KERNELS + (REFERENCE,)  # the values --backends accepts
 # the ratio columns: vs_<impl>_<phase> for these baselines
 RATIO_BASELINES = {"eager": ("fwd", "bwd", "step"), "compile": ("fwd", "bwd", "step"),
                    "torchdistill": ("step",), "liger": ("step",)}
@@ -99,13 +99,13 @@ def implemented_backends(loss: str, device: torch.device) -> list[str]:
 
 
 def candidates(loss: str, device: torch.device) -> list[str]:
-    """Every implementation that makes sense for this loss on this device, in run order (baselines first)."""
+    """Every implementation that makes sense for this loss on this device, in run order: the baselines,
+    the kdkernels backends, then the reference (shown, not a baseline: the first to go under a time limit)."""
     names = ["eager", "compile", "torchdistill"]
     if device.type == "cuda" and loss == "softmax_kl_div":
         names.append("liger")
-    names.append("reference")
     names += ["cuda", "triton"] if device.type == "cuda" else ["cpu"]
-    return names
+    return names + ["reference"]
 
 
 def check_available(impl: str, case: Case, device: torch.device) -> None:

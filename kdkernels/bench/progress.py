@@ -9,7 +9,7 @@ cost. It is an estimate ("~"), printed so a user knows whether to wait.
 from __future__ import annotations
 
 WORKER_S = 3.5  # a fresh memory process: interpreter + torch import, on a loaded 2-core machine
-COMPILE_S = 20.0  # torch.compile of one loss on CPU (inductor, C++), cold cache
+COMPILE_S = 10.0  # torch.compile of one loss on CPU (inductor, C++): 3-10 s cold on 2 cores
 IMPL_S = 0.3  # per implementation: building the callable, the GEMM floor, bookkeeping
 
 

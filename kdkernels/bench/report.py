@@ -216,7 +216,7 @@ def plot_speedup(rows: list[dict], path: str, title: str = "") -> None:
         ax.yaxis.set_major_formatter(_times_formatter())
         ax.yaxis.set_minor_formatter(_times_formatter(minor=True))
         ax.set_xticks(list(x))
-        ax.set_xticklabels([r["impl"] for r in rs])
+        ax.set_xticklabels([r["impl"] + ("\n(accuracy spec)" if r["impl"] == "reference" else "") for r in rs])
         ax.set_title(f"{loss}\n{case}", fontsize=9)
         ax.set_ylabel("speed-up vs eager composition (x)")
         ax.legend(fontsize=7)
