@@ -6,8 +6,8 @@ Each tree must hold a built kdkernels (``setup.py build_ext --inplace``). The be
 (``python -m kdkernels.bench``) runs twice per tree, interleaved (before, after, before, after), with
 each tree first on PYTHONPATH, so slow drift of the machine hits both trees alike. The table joins
 the runs on (loss, case, impl) and prints the fused step time of each tree (the better of its two
-runs), the ratio after / before, and both trees' speedup over eager PyTorch (the ``torch`` impl of
-the same run), which is immune to drift between runs. Writes DIR/before_after.csv.
+runs), the ratio after / before, and both trees' speedup over the eager composition (the ``eager``
+impl of the same run, ``vs_eager_step``), which is immune to drift between runs. Writes DIR/before_after.csv.
 """
 from __future__ import annotations
 

@@ -96,6 +96,9 @@ class LossSpec:
     work: Callable[[Case], float]
     scale_dim: str | None = None  # the dimension a scaling sweep varies
     scale_power: float = 1.0  # run time grows as scale_dim ** scale_power
+    # GEMM-bound losses: the (m, k, n) products of a step's useful FLOPs (``flops``), timed as plain
+    # torch.mm in the same run for the compute floor (floor.gemm_floor); None: no GEMM floor
+    gemms: Callable[[Case], list[tuple[int, int, int]]] | None = None
 
 
 OPMATH_BYTES = 4  # every backend computes in fp32 (docs/design.md §2)
@@ -156,6 +159,11 @@ def _pm_flops(case: Case) -> dict:
     return {"fwd": mm, "bwd": 2 * mm, "step": 3 * mm}  # y = xW^T; dx = dy W, dW = dy^T x
 
 
+def _pm_gemms(case: Case) -> list[tuple[int, int, int]]:
+    rows, ds, dtt = _pm_sizes(case)
+    return [(rows, ds, dtt), (rows, dtt, ds), (dtt, rows, ds)]  # y = x W^T; dx = dy W; dW = dy^T x
+
+
 def _pm_est(case: Case, kind: str) -> float:
     rows, ds, dtt = _pm_sizes(case)
     y = rows * dtt * OPMATH_BYTES
@@ -191,6 +199,11 @@ def _gram_flops(case: Case) -> dict:
     return {"fwd": fwd, "bwd": bwd, "step": fwd + bwd}
 
 
+def _gram_gemms(case: Case) -> list[tuple[int, int, int]]:
+    b, ds, dt = _rel_dims(case)
+    return [(b, ds, b), (b, dt, b), (b, b, ds)]  # the two Gram matrices; the student gradient
+
+
 def _pair_est(n_bxb_eager: float, n_bxb_compile: float):
     def est(case: Case, kind: str) -> float:
         b, ds, dt = _rel_dims(case)
@@ -219,10 +232,13 @@ def _angle_work(case: Case) -> float:
 SPECS: dict[str, LossSpec] = {
     "softmax_kl_div": LossSpec(_kl_inputs, _kl_label, lambda c: None, _kl_est,
                                lambda c: 80.0 * c.dims["R"] * c.dims["V"]),
-    "projected_mse": LossSpec(_pm_inputs, _pm_label, _pm_flops, _pm_est, _pm_work),
-    "rkd_distance": LossSpec(_rel_inputs, _rel_label, _gram_flops, _pair_est(12, 4), _pair_work, "B", 2.0),
-    "similarity_preserving": LossSpec(_rel_inputs, _rel_label, _gram_flops, _pair_est(10, 4), _pair_work, "B", 2.0),
-    # angle: the work is B^3 element-wise triples, not matmul FLOPs, so no tensor-core fraction
+    "projected_mse": LossSpec(_pm_inputs, _pm_label, _pm_flops, _pm_est, _pm_work, gemms=_pm_gemms),
+    "rkd_distance": LossSpec(_rel_inputs, _rel_label, _gram_flops, _pair_est(12, 4), _pair_work, "B", 2.0,
+                             gemms=_gram_gemms),
+    "similarity_preserving": LossSpec(_rel_inputs, _rel_label, _gram_flops, _pair_est(10, 4), _pair_work, "B", 2.0,
+                                      gemms=_gram_gemms),
+    # angle: the work is B^3 element-wise triples, not matmul FLOPs, so no tensor-core fraction and
+    # no GEMM floor (a GEMM of its Gram FLOPs would be a bound far below what its B^3 work needs)
     "rkd_angle": LossSpec(_rel_inputs, _rel_label, lambda c: None, _angle_est, _angle_work, "B", 3.0),
     # distance + 2 x angle (RKDLoss's default weights) in one op: the angle's B^3 dominates
     "rkd": LossSpec(_rel_inputs, _rel_label, lambda c: None, _angle_est, _angle_work, "B", 3.0),
@@ -251,14 +267,15 @@ class Preset:
     memory_losses: tuple[str, ...] | None = None  # losses whose memory is measured; None: all
     memory_skip_impls: tuple[str, ...] = ()  # implementations whose memory is not measured
     compile_losses: tuple[str, ...] | None = None  # losses to torch.compile; None: all
-    scaling_skip_impls: tuple[str, ...] = ("compile",)  # the sweep compares eager and the kernels
+    scaling_skip_impls: tuple[str, ...] = ("compile", "torchdistill", "reference")  # the sweep: eager vs kernels
     worker_timeout_s: float = 600.0
     assumed_flops_per_s: float = 50e9  # to predict run time before anything comparable was measured
     time_limit_s: float | None = None  # cases not started by then are reported "skipped (time limit)"
     threads: int | None = None  # torch CPU threads; None: torch's default (all cores)
+    gemm_budget_s: float = 0.3  # timed work of the GEMM floor of a case (GEMM-bound losses)
 
 
-KL_CPU_TARGETS = {"vs_eager_step": 3.0, "vs_compile_step": 1.5, "x_floor": 1.5, "mem_ratio": 1.05}
+KL_CPU_TARGETS = {"vs_eager_step": 3.0, "vs_compile_step": 1.5, "x_copy_floor": 1.5, "mem_ratio": 1.05}
 
 
 def _kl(r, v, dtype="float32", group="main", targets=None, **opts) -> Case:
@@ -274,6 +291,25 @@ def _scaling(loss_sizes: dict[str, list[int]], d: int, dtype: str) -> list[Case]
 
 
 def preset_cpu() -> Preset:
+    """The default without a GPU: every loss once, every implementation, at sizes that end in about
+    2 minutes on 2 cores (``--preset full``: the larger sizes and the sweep over B). Memory is
+    measured (one fresh process each, a few seconds apiece) for the eager composition and the
+    kdkernels backend only; no sweep."""
+    cases = [
+        _kl(1024, 32000, targets=KL_CPU_TARGETS),
+        Case("projected_mse", {"N": 16, "Cs": 128, "Ct": 256, "H": 32, "W": 32}, "float32", {"feature_dim": 1}),
+        _rel("rkd_distance", 1024, 512),
+        _rel("similarity_preserving", 1024, 512),
+        _rel("rkd_angle", 128, 512),
+        _rel("rkd", 128, 512),
+    ]
+    return Preset("cpu", "cpu", cases, warmup=1, min_repeats=3, max_repeats=10, budget_s=0.5,
+                  max_case_s=30.0, copy_mib=128,
+                  memory_skip_impls=("compile", "torchdistill", "reference"), assumed_flops_per_s=50e9)
+
+
+def preset_full() -> Preset:
+    """The complete CPU sweep (tens of minutes on 2 cores): the former default."""
     cases = [
         _kl(4096, 32000, targets=KL_CPU_TARGETS),
         Case("projected_mse", {"N": 64, "Cs": 128, "Ct": 256, "H": 32, "W": 32}, "float32", {"feature_dim": 1}),
@@ -285,8 +321,8 @@ def preset_cpu() -> Preset:
     cases += _scaling({"rkd_distance": [1024, 2048, 4096, 8192, 16384],
                        "similarity_preserving": [1024, 2048, 4096, 8192, 16384],
                        "rkd_angle": [128, 256, 512, 1024]}, 512, "float32")
-    return Preset("cpu", "cpu", cases, warmup=1, min_repeats=3, max_repeats=10, budget_s=2.0,
-                  max_case_s=45.0, copy_mib=256, assumed_flops_per_s=50e9)
+    return Preset("full", "cpu", cases, warmup=1, min_repeats=3, max_repeats=10, budget_s=2.0,
+                  max_case_s=45.0, copy_mib=256, memory_skip_impls=("reference",), assumed_flops_per_s=50e9)
 
 
 def preset_gpu() -> Preset:
@@ -308,7 +344,7 @@ def preset_gpu() -> Preset:
                        "rkd_angle": [512, 1024, 2048]}, 1024, "bfloat16")
     return Preset("gpu", "cuda", cases, warmup=3, min_repeats=5, max_repeats=50, budget_s=0.5,
                   max_case_s=30.0, copy_mib=2048, worker_timeout_s=300.0, assumed_flops_per_s=50e12,
-                  time_limit_s=100.0)  # benchmarks/gpu_check.sh gives the whole command 150 s
+                  time_limit_s=100.0, gemm_budget_s=0.1)  # benchmarks/gpu_check.sh gives the whole command 150 s
 
 
 def preset_smoke(device: str = "cpu") -> Preset:
@@ -326,10 +362,10 @@ def preset_smoke(device: str = "cpu") -> Preset:
     return Preset("smoke", device, cases, warmup=1, min_repeats=3, max_repeats=5, budget_s=0.05,
                   max_case_s=20.0, copy_mib=16, compile_losses=("softmax_kl_div",), worker_timeout_s=60.0,
                   memory_losses=("softmax_kl_div",), memory_skip_impls=("compile",), threads=1,
-                  assumed_flops_per_s=50e9 if device == "cpu" else 50e12)
+                  assumed_flops_per_s=50e9 if device == "cpu" else 50e12, gemm_budget_s=0.02)
 
 
-PRESETS = {"cpu": preset_cpu, "gpu": preset_gpu, "smoke": preset_smoke}
+PRESETS = {"cpu": preset_cpu, "full": preset_full, "gpu": preset_gpu, "smoke": preset_smoke}
 
 
 def get_preset(name: str, device: str | None = None) -> Preset:
@@ -339,3 +375,59 @@ def get_preset(name: str, device: str | None = None) -> Preset:
     if device is not None:
         preset.device = device
     return preset
+
+
+# ------------------------------------------------------------------------------ --shape
+RELATION_SHAPE = "BxD or BxDsxDt (batch x feature size; Ds, Dt: student and teacher sizes)"
+SHAPE_FORMS = {
+    "softmax_kl_div": "RxV (rows x vocabulary), e.g. 8192x128000",
+    "projected_mse": "RxDsxDt (feature vectors x student dim x teacher dim, features last) or NxCsxCtxHxW "
+                     "(N, Cs, H, W student maps projected to Ct channels: a 1x1 conv, feature_dim=1)",
+    "rkd_distance": RELATION_SHAPE,
+    "rkd_angle": RELATION_SHAPE,
+    "rkd": RELATION_SHAPE,
+    "similarity_preserving": RELATION_SHAPE,
+}
+
+
+def parse_shape(loss: str, text: str) -> tuple[dict[str, int], dict[str, Any]]:
+    """``--shape`` text -> (dims, options the form implies) for ``loss``; ValueError saying the forms."""
+    try:
+        nums = [int(p) for p in text.lower().replace("*", "x").split("x")]
+    except ValueError:
+        nums = []
+    if not nums or any(n < 1 for n in nums):
+        raise ValueError(f"--shape {text!r}: not positive integers joined by 'x'; {loss}: {SHAPE_FORMS[loss]}")
+    n = len(nums)
+    dims = opts = None
+    if loss == "softmax_kl_div" and n == 2:
+        dims, opts = {"R": nums[0], "V": nums[1]}, {}
+    elif loss == "projected_mse" and n == 3:
+        dims, opts = {"R": nums[0], "Ds": nums[1], "Dt": nums[2]}, {"feature_dim": -1}
+    elif loss == "projected_mse" and n == 5:
+        dims, opts = dict(zip(("N", "Cs", "Ct", "H", "W"), nums)), {"feature_dim": 1}
+    elif loss in ("rkd_distance", "rkd_angle", "rkd", "similarity_preserving") and n in (2, 3):
+        dims = {"B": nums[0], "D": nums[1]} if n == 2 else {"B": nums[0], "Ds": nums[1], "Dt": nums[2]}
+        opts = {}
+        if nums[0] < 2:
+            raise ValueError(f"--shape {text!r}: relation losses need a batch B >= 2")
+    if dims is None:
+        raise ValueError(f"--shape {text!r} has {n} dimension(s), which {loss} does not take; "
+                         f"{loss}: {SHAPE_FORMS[loss]}")
+    return dims, opts
+
+
+def shape_cases(preset: Preset, losses: list[str], text: str, dtype: str | None = None) -> list[Case]:
+    """One main case per loss at the user's ``--shape``, with the options (and, unless ``dtype`` is
+    given, the dtype) of that loss's first main case in ``preset``; no issue targets."""
+    out = []
+    for loss in losses:
+        dims, shape_opts = parse_shape(loss, text)
+        template = next((c for c in preset.cases if c.loss == loss and c.group == "main"), None)
+        opts = dict(template.options) if template else ({"temperature": 2.0} if loss == "softmax_kl_div" else {})
+        if loss == "projected_mse":  # the form of the shape decides the layout
+            opts.pop("feature_dim", None)
+            if shape_opts["feature_dim"] == 1:
+                opts["feature_dim"] = 1
+        out.append(Case(loss, dims, dtype or (template.dtype if template else "float32"), opts, "main"))
+    return out

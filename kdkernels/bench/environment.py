@@ -64,6 +64,8 @@ def environment(preset: C.Preset, device: torch.device) -> dict:
         "python": platform.python_version(),
         "kdkernels_commit": _git_commit(),
         "liger_kernel": a.liger["version"] if a.liger else None,
+        "torchdistill": a.torchdistill,
+        "baselines": {k: v for k, v in I.LABELS.items()},
         "import_errors": a.errors,
         "peak_flops_assumed": PEAK_FLOPS if device.type == "cuda" else None,
         "mem_fraction": MEM_FRACTION,

@@ -1,10 +1,17 @@
-"""The copy-bandwidth floor (docs/design.md §5).
+"""The two floors a step is compared with (docs/design.md §5), both measured in the same run.
 
-A full step has to read every input once and write every gradient once; nothing can do it faster
-than a plain tensor copy moves the same bytes. ``floor = bytes that must move / copy bandwidth``,
-with the bandwidth of ``dst.copy_(src)`` over a large buffer measured in the same run (a copy reads
-``n`` bytes and writes ``n``: bandwidth = ``2 n / time``). A step's ``time / floor`` is then >= 1 for
-a memory-bound loss; relation losses are compute-bound, so there it is a loose lower bound only.
+**Copy floor** (every loss). A full step has to read every input once and write every gradient once;
+nothing can do it faster than a plain tensor copy moves the same bytes. ``floor = bytes that must
+move / copy bandwidth``, with the bandwidth of ``dst.copy_(src)`` over a large buffer (a copy reads
+``n`` bytes and writes ``n``: bandwidth = ``2 n / time``). ``x_copy_floor = step time / floor`` is >= 1;
+tight for the memory-bound losses (softmax-KL), a loose bound for the GEMM-bound ones.
+
+**GEMM floor** (GEMM-bound losses: projected MSE, RKD distance, SP). The matrix products of a step's
+useful FLOPs (``cases.LossSpec.gemms``: projected MSE's forward and two backward products; the
+relation losses' two Gram matrices and the student's B x B x Ds gradient product), timed as plain
+``torch.mm(a, b, out=c)`` on the case's device and dtype: ``x_gemm_floor = step time / that time``.
+A kernel that uses the Gram's symmetry (half its products) can go below 1. RKD angle and ``rkd``
+have none: their work is B^3 element-wise triples, not GEMM FLOPs.
 """
 from __future__ import annotations
 
@@ -59,3 +66,61 @@ def must_move_bytes(inputs: Inputs) -> int:
 
 def floor_ms(nbytes: int, bw: CopyBandwidth) -> float:
     return nbytes / bw.bytes_per_s * 1e3
+
+
+@dataclass
+class GemmFloor:
+    ms: float  # median time of one pass over every product
+    flops: float
+    shapes: list  # (m, k, n) of each product
+    dtype: str
+    repeats: int
+
+    def as_dict(self) -> dict:
+        return {"ms": self.ms, "GFLOP": self.flops / 1e9, "TFLOPs": self.flops / (self.ms * 1e-3) / 1e12,
+                "shapes": [list(s) for s in self.shapes], "dtype": self.dtype, "repeats": self.repeats}
+
+
+def gemm_bytes(shapes, dtype: torch.dtype) -> int:
+    """Memory the GEMM floor allocates: one input buffer per distinct input shape, one output per output shape."""
+    ins = {(m, k) for m, k, _ in shapes} | {(k, n) for _, k, n in shapes}
+    outs = {(m, n) for m, _, n in shapes}
+    return (sum(a * b for a, b in ins) + sum(a * b for a, b in outs)) * dtype.itemsize
+
+
+def gemm_floor(shapes: list[tuple[int, int, int]], dtype: torch.dtype, device: torch.device, budget_s: float = 0.3,
+               min_repeats: int = 3, max_repeats: int = 20) -> GemmFloor:
+    """Median time of ``torch.mm(a, b, out=c)`` over every (m, k, n) of ``shapes``, one after the other."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    ins: dict = {}
+    outs: dict = {}
+
+    def buf(pool, shape):
+        if shape not in pool:
+            pool[shape] = (torch.randn(shape, generator=gen, device=device, dtype=dtype) if pool is ins
+                           else torch.empty(shape, device=device, dtype=dtype))
+        return pool[shape]
+
+    prods = [(buf(ins, (m, k)), buf(ins, (k, n)), buf(outs, (m, n))) for m, k, n in shapes]
+
+    def one_pass():
+        for a, b, c in prods:
+            torch.mm(a, b, out=c)
+
+    one_pass()  # warm-up (BLAS threads, pages of the outputs)
+    synchronize(device)
+    clock = clock_for(device)
+    times: list[float] = []
+    target = min_repeats
+    while len(times) < target:
+        synchronize(device)
+        a = clock.mark()
+        one_pass()
+        b = clock.mark()
+        clock.finish()
+        times.append(clock.ms(a, b))
+        if len(times) == 1:
+            target = max(min_repeats, min(max_repeats, int(budget_s * 1e3 / max(times[0], 1e-6))))
+    flops = float(sum(2 * m * k * n for m, k, n in shapes))
+    del prods, ins, outs
+    return GemmFloor(statistics.median(times), flops, list(shapes), str(dtype).replace("torch.", ""), len(times))

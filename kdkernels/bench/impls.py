@@ -1,18 +1,23 @@
 """Who runs a case: the kdkernels backends and the baselines they are compared with.
 
-Implementation names (the values of ``--backends``):
+Implementation names (the values of ``--backends``), in run order (the reference last):
 
-* ``torch``   eager PyTorch, the reference (``backend="torch"``): the baseline of every ratio
-* ``compile`` ``torch.compile`` of the reference (default mode, ``dynamic=False``); compiled once,
-              before timing, and the compile time is reported apart
-* ``liger``   Liger-Kernel's KL / JSD (GPU, ``softmax_kl_div`` only, when ``liger_kernel`` imports):
-              ``log_softmax`` of both inputs, then ``LigerKLDIVLoss`` / ``LigerJSD`` on log-probs
+* ``eager``        the usual eager composition a user writes (:mod:`kdkernels.bench.baselines`):
+                   the baseline of every ``vs_eager_*`` ratio
+* ``compile``      ``torch.compile`` of that composition (default mode, ``dynamic=False``); compiled
+                   once, before timing, the compile time reported apart: the ``vs_compile_*`` ratios
+* ``torchdistill`` torchdistill's losses where it is installed (:mod:`kdkernels.bench.peers`):
+                   ``vs_torchdistill_step``
+* ``liger``        Liger-Kernel's KL / JSD (GPU, ``softmax_kl_div`` only, when ``liger_kernel``
+                   imports): ``vs_liger_step``
 * ``cpu``, ``cuda``, ``triton``: the kdkernels backends, through ``kdkernels.functional``
+* ``reference``    ``kdkernels.reference`` (``backend="torch"``): the accuracy spec, shown for
+                   comparison, never a ratio's baseline (it is far slower than what users run)
 
 Which kdkernels backends exist comes from ``kdkernels.backends.implemented_backends``. Triton on CPU
 (``TRITON_INTERPRET=1``) is a correctness tool, far too slow to time: it is always excluded here.
 If ``kdkernels.functional`` does not import (the package is being built), the bench still runs the
-reference and ``torch.compile`` of it, and reports the kdkernels backends as unavailable.
+baselines and the reference, and reports the kdkernels backends as unavailable.
 """
 from __future__ import annotations
 
@@ -23,14 +28,23 @@ from typing import Callable
 
 import torch
 
+from kdkernels.bench import baselines, peers
 from kdkernels.bench.cases import Case, Inputs
 
-BASELINES = ("torch", "compile")
-PEERS = ("liger",)
+BASELINES = ("eager", "compile")
+PEERS = ("torchdistill", "liger")
+REFERENCE = "reference"
 KERNELS = ("cpu", "cuda", "triton")
-ALL_IMPLS = BASELINES + PEERS + KERNELS  # the values --backends accepts
+ALL_IMPLS = BASELINES + PEERS + KERNELS + (REFERENCE,)  # the values --backends accepts
+# the ratio columns: vs_<impl>_<phase> for these baselines
+RATIO_BASELINES = {"eager": ("fwd", "bwd", "step"), "compile": ("fwd", "bwd", "step"),
+                   "torchdistill": ("step",), "liger": ("step",)}
+LABELS = {"eager": "eager composition (the usual PyTorch code)", "compile": "torch.compile of the eager composition",
+          "torchdistill": "torchdistill's loss", "liger": "Liger-Kernel", "reference": "accuracy reference (kdkernels.reference)",
+          "cpu": "kdkernels cpu", "cuda": "kdkernels cuda", "triton": "kdkernels triton"}
 # the kind used by the memory / time models of cases.LossSpec
-KIND = {"torch": "eager", "compile": "compile", "liger": "peer", "cpu": "kernel", "cuda": "kernel", "triton": "kernel"}
+KIND = {"eager": "eager", "compile": "compile", "torchdistill": "eager", "liger": "peer", "reference": "eager",
+        "cpu": "kernel", "cuda": "kernel", "triton": "kernel"}
 
 
 class Unavailable(Exception):
@@ -43,6 +57,7 @@ class Api:
     backends: object | None
     reference: object
     liger: dict | None
+    torchdistill: str | None  # its version
     errors: dict
 
 
@@ -63,15 +78,14 @@ def api() -> Api:
     if err:
         errors["kdkernels.backends"] = err
     reference = importlib.import_module("kdkernels.reference")
-    liger = None
-    kl, err = _try_import("liger_kernel.transformers.kl_div")
-    jsd, err2 = _try_import("liger_kernel.transformers.jsd")
-    if kl is not None and jsd is not None:
-        liger = {"kl": kl.LigerKLDIVLoss, "jsd": jsd.LigerJSD,
-                 "version": getattr(importlib.import_module("liger_kernel"), "__version__", "?")}
-    else:
-        errors["liger_kernel"] = err or err2
-    return Api(functional, backends, reference, liger, errors)
+    liger, err = peers.liger()
+    if liger is None:
+        errors["liger_kernel"] = err
+    td, td_version = peers.torchdistill()
+    if td is None:
+        errors["torchdistill"] = td_version
+        td_version = None
+    return Api(functional, backends, reference, liger, td_version, errors)
 
 
 def implemented_backends(loss: str, device: torch.device) -> list[str]:
@@ -85,38 +99,38 @@ def implemented_backends(loss: str, device: torch.device) -> list[str]:
 
 
 def candidates(loss: str, device: torch.device) -> list[str]:
-    """Every implementation that makes sense for this loss on this device, in run order (baselines first)."""
-    names = ["torch", "compile"]
-    if device.type == "cuda":
-        if loss == "softmax_kl_div":
-            names.append("liger")
-        names += ["cuda", "triton"]
-    else:
-        names.append("cpu")
-    return names
+    """Every implementation that makes sense for this loss on this device, in run order: the baselines,
+    the kdkernels backends, then the reference (shown, not a baseline: the first to go under a time limit)."""
+    names = ["eager", "compile", "torchdistill"]
+    if device.type == "cuda" and loss == "softmax_kl_div":
+        names.append("liger")
+    names += ["cuda", "triton"] if device.type == "cuda" else ["cpu"]
+    return names + ["reference"]
 
 
 def check_available(impl: str, case: Case, device: torch.device) -> None:
     """Raise :class:`Unavailable` with the reason if ``impl`` cannot run ``case`` here."""
     a = api()
-    if impl == "torch":
+    if impl == "eager":
         return
     if impl == "compile":
         if not hasattr(torch, "compile"):
             raise Unavailable("unavailable (no torch.compile)")
         return
+    if impl == "torchdistill":
+        why = peers.torchdistill_unavailable(case.loss, case.options)
+        if why:
+            raise Unavailable(why)
+        return
     if impl == "liger":
-        if device.type != "cuda":
-            raise Unavailable("unavailable (Liger is GPU only)")
-        if a.liger is None:
-            raise Unavailable("unavailable (liger_kernel not installed)")
-        if case.loss != "softmax_kl_div":
-            raise Unavailable("unavailable (Liger has no such loss)")
-        if case.options.get("divergence", "forward") == "reverse":
-            raise Unavailable("unavailable (Liger's KL gives no gradient to its target)")
+        why = peers.liger_unavailable(case.loss, case.options, device)
+        if why:
+            raise Unavailable(why)
         return
     if impl == "triton" and device.type != "cuda":
         raise Unavailable("excluded (Triton on CPU is the interpreter)")
+    if impl == "reference":
+        return
     if a.functional is None:
         raise Unavailable("unavailable (kdkernels.functional does not import)")
     if impl not in implemented_backends(case.loss, device):
@@ -146,40 +160,26 @@ def _functional_call(loss: str, backend: str) -> Callable[[Inputs], torch.Tensor
     return lambda inp: fn(*inp.args, backend=backend, **inp.kwargs)
 
 
-def _liger_call(case: Case) -> Callable[[Inputs], torch.Tensor]:
-    lg = api().liger
-    o = case.options
-    temp = float(o.get("temperature", 1.0))
-    scale = temp * temp if o.get("t2_scale", True) else 1.0
-    if o.get("divergence", "forward") == "jsd":
-        loss_fn = lg["jsd"](beta=float(o.get("beta", 0.5)))
-    else:  # forward KL(teacher || student) on log-probs, reduced per row like "batchmean"
-        loss_fn = lg["kl"](reduction="batchmean", log_target=True)
-
-    def call(inp: Inputs) -> torch.Tensor:
-        s, t = inp.args
-        log_p = torch.log_softmax(s / temp, dim=-1)
-        log_q = torch.log_softmax(t / temp, dim=-1)
-        return loss_fn(log_p, log_q) * scale
-
-    return call
-
-
 def make_callable(impl: str, case: Case) -> Callable[[Inputs], torch.Tensor]:
     """A function of the case's inputs returning the (scalar) loss. ``compile`` is not compiled yet:
     its first call compiles (the runner does that call before timing)."""
     a = api()
-    ref = getattr(a.reference, case.loss)
-    if impl == "torch":
-        if a.functional is not None:
-            return _functional_call(case.loss, "torch")
-        return lambda inp: ref(*inp.args, **inp.kwargs)
+    eager = getattr(baselines, case.loss)
+    if impl == "eager":
+        return lambda inp: eager(*inp.args, **inp.kwargs)
     if impl == "compile":
         torch._dynamo.reset()  # a fresh cache per case: no recompile limits, no stale graphs
-        compiled = torch.compile(ref, dynamic=False)
+        compiled = torch.compile(eager, dynamic=False)
         return lambda inp: compiled(*inp.args, **inp.kwargs)
+    if impl == "torchdistill":
+        return peers.torchdistill_call(case.loss, case.options, baselines.project)
     if impl == "liger":
-        return _liger_call(case)
+        return peers.liger_call(case.options)
+    if impl == "reference":
+        if a.functional is not None:
+            return _functional_call(case.loss, "torch")
+        ref = getattr(a.reference, case.loss)
+        return lambda inp: ref(*inp.args, **inp.kwargs)
     return _functional_call(case.loss, impl)
 
 

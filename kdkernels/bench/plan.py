@@ -84,7 +84,7 @@ def plan_status(case: C.Case, name: str, *, preset: C.Preset, device: torch.devi
     if name == "compile":
         if preset.compile_losses is not None and case.loss not in preset.compile_losses:
             return f"skipped (preset {preset.name} compiles {', '.join(preset.compile_losses)} only)"
-        if case_rows.get("torch", {}).get("status") == "not implemented":
+        if case_rows.get("eager", {}).get("status") == "not implemented":
             return "not implemented"
     need = C.SPECS[case.loss].est_extra_bytes(case, I.KIND[name]) + meta_inputs.nbytes
     free = M.available_bytes(device)
@@ -95,3 +95,25 @@ def plan_status(case: C.Case, name: str, *, preset: C.Preset, device: torch.devi
     if pred * steps > preset.max_case_s:
         return f"skipped (would take ~{pred * steps:.0f} s, {how})"
     return None
+
+
+def case_cost(case: C.Case, preset: C.Preset, device: torch.device, names: list[str], memory: bool) -> float:
+    """A-priori seconds of a case, for the ETA only (``progress.Eta`` calibrates it as the run goes)."""
+    from kdkernels.bench.progress import COMPILE_S, IMPL_S, WORKER_S
+
+    total = 0.0
+    for name in names:
+        try:
+            I.check_available(name, case, device)
+        except I.Unavailable:
+            continue
+        if name == "compile" and preset.compile_losses is not None and case.loss not in preset.compile_losses:
+            continue
+        pred, _how = predict_step_s(case, name, [], preset.assumed_flops_per_s)
+        steps = max(1, preset.warmup) + preset.min_repeats
+        total += IMPL_S + min(pred * steps, preset.max_case_s)
+        if name == "compile":
+            total += COMPILE_S
+        if memory and device.type == "cpu" and name not in preset.memory_skip_impls:
+            total += WORKER_S + min(2 * pred, preset.max_case_s) + (COMPILE_S if name == "compile" else 0.0)
+    return total

@@ -2,7 +2,7 @@
 
 Files written under the output directory (at most four: a lent GPU machine brings few back):
 ``results.json`` (meta, every row, and the printed report as text), ``results.csv`` (the rows),
-``speedup.png`` (speed-up vs eager per loss / implementation / phase) and, when the preset has a
+``speedup.png`` (speed-up vs the eager composition per loss / implementation / phase) and, when the preset has a
 sweep, ``scaling.png`` (step time and extra memory against B for the relation losses). JSON and
 CSV are rewritten after every case, so a run cut short still leaves its numbers.
 """
@@ -14,6 +14,8 @@ import math
 import os
 
 from kdkernels.bench.cases import SPECS
+from kdkernels.bench.impls import LABELS
+from kdkernels.bench.peers import NOTES
 from kdkernels.bench.rows import ROW_FIELDS
 
 PHASES = ("fwd", "bwd", "step")
@@ -47,7 +49,11 @@ def _status(r: dict) -> str:
     return s if len(s) <= 48 else s[:45] + "..."
 
 
-def text_table(header: list[str], body: list[list[str]]) -> str:
+def text_table(header: list[str], body: list[list[str]], optional: tuple[str, ...] = ()) -> str:
+    """Columns aligned; the ``optional`` columns are left out when every cell is "-"."""
+    keep = [i for i, h in enumerate(header) if h not in optional or any(row[i] != "-" for row in body)]
+    header = [header[i] for i in keep]
+    body = [[row[i] for i in keep] for row in body]
     widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h) for i, h in enumerate(header)]
     right = [i for i, h in enumerate(header) if h not in ("loss", "case", "impl", "status")]
 
@@ -59,9 +65,13 @@ def text_table(header: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+MAIN_OPTIONAL = ("x torchdistill", "x liger", "x GEMM floor", "TC %", "extra MiB", "mem ratio")
+
+
 def main_table(rows: list[dict]) -> str:
-    header = ["loss", "case", "impl", "status", "fwd ms", "bwd ms", "step ms", "xeager f/b/step",
-              "xcompile step", "xfloor", "GB/s", "TC %", "extra MiB", "mem ratio"]
+    header = ["loss", "case", "impl", "status", "fwd ms", "bwd ms", "step ms", "x eager f/b/step",
+              "x compile step", "x torchdistill", "x liger", "x copy floor", "x GEMM floor", "GB/s", "TC %",
+              "extra MiB", "mem ratio"]
     body = []
     for r in rows:
         if r["group"] != "main":
@@ -69,10 +79,11 @@ def main_table(rows: list[dict]) -> str:
         ok = r["status"] == "ok"
         eager = "/".join(_x(r[f"vs_eager_{p}"]) for p in PHASES) if ok and r["vs_eager_step"] is not None else "-"
         body.append([r["loss"], r["case"], r["impl"], _status(r), _ms(r["fwd_ms"]), _ms(r["bwd_ms"]),
-                     _ms(r["step_ms"]), eager, _x(r["vs_compile_step"]), _x(r["x_floor"]),
+                     _ms(r["step_ms"]), eager, _x(r["vs_compile_step"]), _x(r["vs_torchdistill_step"]),
+                     _x(r["vs_liger_step"]), _x(r["x_copy_floor"]), _x(r["x_gemm_floor"]),
                      _num(r["achieved_GBps"], 1), _num(None if r["tc_frac"] is None else 100 * r["tc_frac"], 1),
                      _mib(r["mem_extra_bytes"]), _x(r["mem_ratio"])])
-    return text_table(header, body)
+    return text_table(header, body, MAIN_OPTIONAL)
 
 
 def scaling_rows(rows: list[dict]) -> list[dict]:
@@ -90,28 +101,45 @@ def _sweep_key(r: dict) -> str:
 
 
 def scaling_table(rows: list[dict]) -> str:
-    header = ["loss", "case", "impl", "status", "step ms", "xeager step", "xfloor", "TC %", "extra MiB", "mem ratio"]
+    header = ["loss", "case", "impl", "status", "step ms", "x eager step", "x copy floor", "x GEMM floor", "TC %",
+              "extra MiB", "mem ratio"]
     body = []
     for r in scaling_rows(rows):
         body.append([r["loss"], r["case"], r["impl"], _status(r), _ms(r["step_ms"]), _x(r["vs_eager_step"]),
-                     _x(r["x_floor"]), _num(None if r["tc_frac"] is None else 100 * r["tc_frac"], 1),
+                     _x(r["x_copy_floor"]), _x(r["x_gemm_floor"]),
+                     _num(None if r["tc_frac"] is None else 100 * r["tc_frac"], 1),
                      _mib(r["mem_extra_bytes"]), _x(r["mem_ratio"])])
-    return text_table(header, body)
+    return text_table(header, body, ("x GEMM floor", "TC %", "extra MiB", "mem ratio"))
+
+
+LEGEND = [
+    "ratios: x <baseline> = time(baseline) / time(impl), same run (> 1: impl is faster); baselines:",
+    "  eager        = " + LABELS["eager"] + ": F.kl_div(log_softmax, log_softmax, log_target=True) * T^2 for KD, "
+    "F.linear / 1x1 F.conv2d + F.mse_loss, Gram-trick RKD, the SP paper's",
+    "  compile      = " + LABELS["compile"],
+    "  torchdistill = torchdistill's KDLoss / RKDLoss / SPKDLoss / SimpleLossWrapper(nn.MSELoss) (see notes)",
+    "  reference    = kdkernels.reference, the accuracy spec: shown, never a ratio's baseline",
+    "x copy floor = step time / (bytes that must move / copy bandwidth); x GEMM floor = step time / time of "
+    "plain torch.mm over the step's GEMM FLOPs (GEMM-bound losses); mem ratio = (inputs + extra) / (inputs + gradients)",
+]
 
 
 def full_report(result: dict) -> str:
     meta, rows = result["meta"], result["rows"]
     bw = meta.get("copy_bandwidth", {})
     out = [f"kdkernels bench -- preset {meta['preset']['name']} on {meta['device_name']}, torch {meta['torch']}, "
-           f"{meta['threads']} thread(s), commit {meta.get('kdkernels_commit')}",
-           f"copy bandwidth {bw.get('GBps', float('nan')):.1f} GB/s; ratios are eager/impl and compile/impl times "
-           "from this run; xfloor = step time / (bytes that must move / copy bandwidth); "
-           "mem ratio = (inputs + extra) / (inputs + gradients)", "", main_table(rows)]
+           f"{meta['threads']} thread(s), commit {meta.get('kdkernels_commit')}, "
+           f"torchdistill {meta.get('torchdistill') or 'not installed'}",
+           f"copy bandwidth {bw.get('GBps', float('nan')):.1f} GB/s", *LEGEND, "", main_table(rows)]
     if any(r["group"] == "scaling" for r in rows):
         out += ["", "scaling:", scaling_table(rows)]
     checked = [r for r in rows if r.get("targets")]
     if checked:
         out += ["", "targets:"] + [f"  {r['loss']} {r['case']} [{r['impl']}]: {r['targets']}" for r in checked]
+    notes = [f"  {impl} / {loss}: {NOTES[(impl, loss)]}" for impl, loss in
+             dict.fromkeys((r["impl"], r["loss"]) for r in rows) if (impl, loss) in NOTES]
+    if notes:
+        out += ["", "notes:"] + notes
     return "\n".join(out)
 
 
@@ -161,7 +189,7 @@ def plot_speedup(rows: list[dict], path: str, title: str = "") -> None:
     plt = _plt()
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        if r["group"] == "main" and r["status"] == "ok" and r["impl"] != "torch" and r["vs_eager_step"] is not None:
+        if r["group"] == "main" and r["status"] == "ok" and r["impl"] != "eager" and r["vs_eager_step"] is not None:
             groups.setdefault((r["loss"], r["case"]), []).append(r)
     n = max(1, len(groups))
     cols = min(3, n)
@@ -188,16 +216,16 @@ def plot_speedup(rows: list[dict], path: str, title: str = "") -> None:
         ax.yaxis.set_major_formatter(_times_formatter())
         ax.yaxis.set_minor_formatter(_times_formatter(minor=True))
         ax.set_xticks(list(x))
-        ax.set_xticklabels([r["impl"] for r in rs])
+        ax.set_xticklabels([r["impl"] + ("\n(accuracy spec)" if r["impl"] == "reference" else "") for r in rs])
         ax.set_title(f"{loss}\n{case}", fontsize=9)
-        ax.set_ylabel("speed-up vs eager (x)")
+        ax.set_ylabel("speed-up vs eager composition (x)")
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(groups):]:
         ax.axis("off")
     if not groups:
-        axes.flat[0].text(0.5, 0.5, "no speed-ups to plot\n(no implementation ran next to eager)",
+        axes.flat[0].text(0.5, 0.5, "no speed-ups to plot\n(no implementation ran next to the eager composition)",
                           ha="center", va="center")
-    fig.suptitle(title or "speed-up vs eager PyTorch, same run", fontsize=11)
+    fig.suptitle(title or "speed-up vs the eager composition, same run", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -276,7 +304,8 @@ def write_all(result: dict, out_dir: str) -> dict:
     name = meta["preset"]["name"]
     try:
         png = os.path.join(out_dir, FILES["png"])
-        plot_speedup(result["rows"], png, f"speed-up vs eager, same run\npreset {name}, {meta['device_name']}")
+        plot_speedup(result["rows"], png, f"speed-up vs the eager composition (the usual PyTorch code), same run\n"
+                                          f"preset {name}, {meta['device_name']}")
         paths["png"] = png
         scaling = os.path.join(out_dir, FILES["scaling_png"])
         if plot_scaling(result["rows"], scaling, f"scaling\npreset {name}, {meta['device_name']}"):

@@ -1,9 +1,11 @@
 """The rows of a bench result: their fields, how one starts, and the numbers derived from its measurements.
 
 A row is one (case, implementation). It starts "pending" with the sizes known before anything runs
-(``new_row``); the measurements fill it; ``add_derived_numbers`` adds the copy floor, bandwidth and
-FLOP rates of an "ok" row; ``add_ratios`` compares the rows of one case with eager PyTorch,
-``torch.compile`` and Liger; ``check_targets`` marks a case's issue targets PASS / FAIL.
+(``new_row``); the measurements fill it; ``add_derived_numbers`` adds the floors (copy; GEMM for the
+GEMM-bound losses), bandwidth and FLOP rates of an "ok" row; ``add_ratios`` compares the rows of one
+case with their baselines: ``vs_<baseline>_<phase> = time(baseline) / time(row)`` for the baselines
+of ``impls.RATIO_BASELINES`` (the eager composition, its ``torch.compile``, torchdistill, Liger);
+``check_targets`` marks a case's issue targets PASS / FAIL.
 """
 from __future__ import annotations
 
@@ -11,19 +13,21 @@ import torch
 
 from kdkernels.bench import cases as C
 from kdkernels.bench import floor as F
-from kdkernels.bench.impls import KERNELS
+from kdkernels.bench.impls import KERNELS, RATIO_BASELINES
 from kdkernels.bench.memory import MemResult
 
 # Dense tensor-core peak assumed for the tensor-core fraction (NVIDIA H200 / H100 SXM datasheet,
 # without sparsity): bf16/fp16 989.4 TFLOP/s; fp32 inputs are counted against TF32 (494.7 TFLOP/s).
 PEAK_FLOPS = {"bfloat16": 989.4e12, "float16": 989.4e12, "float32": 494.7e12}
 
+RATIO_FIELDS = [f"vs_{b}_{ph}" for b, phases in RATIO_BASELINES.items() for ph in phases]
+
 ROW_FIELDS = [
     "group", "loss", "case", "dtype", "device", "impl", "status",
     "fwd_ms", "bwd_ms", "step_ms", "step_min_ms", "step_max_ms", "repeats", "compile_s",
-    "vs_eager_fwd", "vs_eager_bwd", "vs_eager_step", "vs_compile_fwd", "vs_compile_bwd", "vs_compile_step",
-    "vs_liger_step",
-    "must_move_bytes", "floor_ms", "x_floor", "achieved_GBps", "floor_frac", "tflops", "tc_frac",
+    *RATIO_FIELDS,
+    "must_move_bytes", "copy_floor_ms", "x_copy_floor", "achieved_GBps", "copy_floor_frac",
+    "gemm_floor_ms", "x_gemm_floor", "tflops", "tc_frac",
     "inputs_bytes", "grads_bytes", "mem_extra_bytes", "mem_ratio", "mem_status", "mem_method",
     "targets", "note", "dims", "options",
 ]
@@ -48,13 +52,17 @@ def store_memory(row: dict, mem: MemResult) -> None:
         row["note"] += f"memory: {mem.detail}; "
 
 
-def add_derived_numbers(row: dict, bw: F.CopyBandwidth, device: torch.device) -> None:
-    """Copy floor, achieved bandwidth, TFLOP/s and (GPU) tensor-core fraction of an "ok" row."""
+def add_derived_numbers(row: dict, bw: F.CopyBandwidth, device: torch.device,
+                        gemm: F.GemmFloor | None = None) -> None:
+    """Copy floor, achieved bandwidth, GEMM floor, TFLOP/s and (GPU) tensor-core fraction of an "ok" row."""
     step_s = row["step_ms"] / 1e3
-    row["floor_ms"] = F.floor_ms(row["must_move_bytes"], bw)
-    row["x_floor"] = row["step_ms"] / row["floor_ms"]
-    row["floor_frac"] = row["floor_ms"] / row["step_ms"]
+    row["copy_floor_ms"] = F.floor_ms(row["must_move_bytes"], bw)
+    row["x_copy_floor"] = row["step_ms"] / row["copy_floor_ms"]
+    row["copy_floor_frac"] = row["copy_floor_ms"] / row["step_ms"]
     row["achieved_GBps"] = row["must_move_bytes"] / step_s / 1e9
+    if gemm is not None:
+        row["gemm_floor_ms"] = gemm.ms
+        row["x_gemm_floor"] = row["step_ms"] / gemm.ms
     case = C.Case(row["loss"], row["dims"], row["dtype"], row["options"])
     flops = C.SPECS[row["loss"]].flops(case)
     if flops:
@@ -64,23 +72,22 @@ def add_derived_numbers(row: dict, bw: F.CopyBandwidth, device: torch.device) ->
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Speed-ups of every "ok" row over the "ok" eager / compile / Liger rows among ``rows`` (one case)."""
+    """Speed-ups of every "ok" row over the "ok" baseline rows among ``rows`` (one case):
+    ``vs_<baseline>_<phase> = time(baseline) / time(row)``."""
     base = {r["impl"]: r for r in rows if r["status"] == "ok"}
     for r in rows:
         if r["status"] != "ok":
             continue
-        for ref, prefix in (("torch", "vs_eager"), ("compile", "vs_compile")):
-            if ref in base:
-                for ph in ("fwd", "bwd", "step"):
-                    r[f"{prefix}_{ph}"] = base[ref][f"{ph}_ms"] / r[f"{ph}_ms"]
-        if "liger" in base:
-            r["vs_liger_step"] = base["liger"]["step_ms"] / r["step_ms"]
+        for ref, phases in RATIO_BASELINES.items():
+            if ref in base and ref != r["impl"]:  # a baseline has no ratio to itself
+                for ph in phases:
+                    r[f"vs_{ref}_{ph}"] = base[ref][f"{ph}_ms"] / r[f"{ph}_ms"]
 
 
-def same_case_rows(row: dict, rows: list[dict], impl: str) -> list[dict]:
-    """The rows of ``impl`` among ``rows`` that measured the same case as ``row``."""
-    return [r for r in rows if r["impl"] == impl and r["loss"] == row["loss"] and r["case"] == row["case"]
-            and r["group"] == row["group"]]
+def same_case_rows(row: dict, rows: list[dict], impl: str | None = None) -> list[dict]:
+    """The rows (of ``impl``, or of every implementation) among ``rows`` that measured the same case as ``row``."""
+    return [r for r in rows if (impl is None or r["impl"] == impl) and r is not row and r["loss"] == row["loss"]
+            and r["case"] == row["case"] and r["group"] == row["group"]]
 
 
 def check_targets(case: C.Case, rows: list[dict]) -> list[dict]:

@@ -8,8 +8,12 @@ Per case, in order:
    tries an allocation known to exhaust the machine.
 3. The inputs are built once; each implementation is primed, timed and, on GPU, its memory
    measured (``measure``). Nothing stops the run.
-4. ``rows``: ratios against eager ("torch") and ``torch.compile`` of the same case, the copy floor,
-   the achieved bandwidth and (GPU, matmul-bound losses) the tensor-core fraction; issue targets.
+   GEMM-bound losses also get their GEMM floor timed here (plain ``torch.mm`` of the same FLOPs).
+4. ``rows``: ratios against the baselines of the same case (the eager composition, its
+   ``torch.compile``, torchdistill, Liger), the copy and GEMM floors, the achieved bandwidth and (GPU,
+   matmul-bound losses) the tensor-core fraction; issue targets.
+
+Before each case a line says where the run is, with an ETA (``progress.Eta``).
 """
 from __future__ import annotations
 
@@ -29,7 +33,8 @@ from kdkernels.bench import plan as P
 from kdkernels.bench import rows as R
 from kdkernels.bench.environment import environment, loadavg
 from kdkernels.bench.measure import time_implementation
-from kdkernels.bench.progress import progress_line
+from kdkernels.bench.peers import NOTES as PEER_NOTES
+from kdkernels.bench.progress import Eta, progress_line
 
 
 class Runner:
@@ -53,6 +58,8 @@ class Runner:
         self.bw: F.CopyBandwidth | None = None
         self.deadline = P.Deadline(preset.time_limit_s)
         self._log_order: list[dict] = []  # this case's rows, in the order their progress lines come out
+        self.gemm_floors: dict[str, F.GemmFloor] = {}  # by case key
+        self.meta: dict = {}
 
     # ------------------------------------------------------------------ top level
     def run(self) -> dict:
@@ -60,18 +67,22 @@ class Runner:
         t0 = self.deadline.t0
         if self.preset.threads:
             torch.set_num_threads(self.preset.threads)  # the memory workers follow (memory.py)
-        meta = environment(self.preset, self.device)
+        meta = self.meta = environment(self.preset, self.device)
         self.bw = F.copy_bandwidth(self.device, self.preset.copy_mib)
         meta["copy_bandwidth"] = self.bw.as_dict()
+        meta["gemm_floors"] = {}
         self._log_start(meta)
         todo = self._cases()
+        eta = Eta([P.case_cost(c, self.preset, self.device, self._names(c), self._measure_memory(c)) for c in todo],
+                  self.preset.time_limit_s)
         for i, case in enumerate(todo, 1):
-            elapsed = time.perf_counter() - t0
-            self.log(f"[{i}/{len(todo)} at {elapsed:.0f} s] {case.group}: {case.loss} {case.label}")
+            start = time.perf_counter()
+            self.log(eta.case_line(i, len(todo), start - t0, f"{case.group}: {case.loss} {case.label}"))
             if self.deadline.status():
                 self.skip_case(case, self.deadline.status())
             else:
                 self.run_case(case)
+            eta.finished(i - 1, time.perf_counter() - start)
             if self.on_case is not None:
                 meta["elapsed_s"] = time.perf_counter() - t0
                 self.on_case({"meta": meta, "rows": self.rows})
@@ -100,9 +111,15 @@ class Runner:
         return todo
 
     # ------------------------------------------------------------------ one case
+    def _names(self, case: C.Case) -> list[str]:
+        return P.implementations(case, self.preset, self.device, self.impls)
+
     def _case_rows(self, case: C.Case, meta_inputs: C.Inputs) -> dict:
-        names = P.implementations(case, self.preset, self.device, self.impls)
+        names = self._names(case)
         rows = {n: R.new_row(case, n, self.device, meta_inputs) for n in names}
+        for n, row in rows.items():
+            if (n, case.loss) in PEER_NOTES:
+                row["note"] += PEER_NOTES[(n, case.loss)] + "; "
         self._log_order = list(rows.values())
         return rows
 
@@ -160,6 +177,7 @@ class Runner:
                 self._finish(rows[name], "OOM" if I.is_oom(e) else f"error: {I.describe_error(e, 100)}",
                              "building inputs")
             return
+        self._gemm_floor(case)
         cuda_memory = self.device.type == "cuda" and self._measure_memory(case)
         for name in plan:
             if self.deadline.status():
@@ -171,6 +189,25 @@ class Runner:
         del inputs
         gc.collect()
 
+    def _gemm_floor(self, case: C.Case) -> None:
+        """Time the GEMM floor of a GEMM-bound case (once per case, in this run) unless it cannot fit."""
+        spec = C.SPECS[case.loss]
+        if spec.gemms is None or case.key() in self.gemm_floors:
+            return
+        shapes = spec.gemms(case)
+        need = F.gemm_bytes(shapes, case.torch_dtype)
+        label = f"{case.loss} {case.label}"
+        if need > P.MEM_FRACTION * M.available_bytes(self.device):
+            self.meta.setdefault("gemm_floors", {})[label] = {"status": f"skipped (would need ~{need / 2**30:.1f} GiB)"}
+            return
+        try:
+            g = F.gemm_floor(shapes, case.torch_dtype, self.device, self.preset.gemm_budget_s)
+        except Exception as e:  # noqa: BLE001 - reported, the case goes on
+            self.meta.setdefault("gemm_floors", {})[label] = {"status": f"error: {I.describe_error(e, 100)}"}
+            return
+        self.gemm_floors[case.key()] = g
+        self.meta.setdefault("gemm_floors", {})[label] = {"status": "ok", **g.as_dict()}
+
     def _measure_memory(self, case: C.Case) -> bool:
         lim = self.preset.memory_losses
         return self.memory and (lim is None or case.loss in lim)
@@ -181,9 +218,9 @@ class Runner:
         if detail:
             row["note"] += detail + "; "
         if status == "ok":
-            R.add_derived_numbers(row, self.bw, self.device)
-            eager = R.same_case_rows(row, self.rows, "torch")[:1]
-            R.add_ratios(eager + [row] + R.same_case_rows(row, self.rows, "compile"))
+            gemm = self.gemm_floors.get(C.Case(row["loss"], row["dims"], row["dtype"], row["options"]).key())
+            R.add_derived_numbers(row, self.bw, self.device, gemm)
+            R.add_ratios(R.same_case_rows(row, self.rows) + [row])
         self.rows.append(row)
         while self._log_order and self._log_order[0]["status"] != "pending":
             self.log(progress_line(self._log_order.pop(0)))

@@ -10,7 +10,7 @@ CPU: ``time.perf_counter``. GPU: ``torch.cuda.Event`` pairs on the current strea
 synchronised before an iteration starts and after it ends (so no queued work leaks into the next).
 The number of repeats adapts to the case: the first timed step sets it to fill ``budget_s``, between
 ``min_repeats`` and ``max_repeats`` -- and below ``min_repeats`` only for a step so slow that
-``min_repeats`` of them would exceed ``cap_s`` (the eager reference at the largest CPU sizes).
+``min_repeats`` of them would exceed ``cap_s`` (the reference at the largest CPU sizes).
 """
 from __future__ import annotations
 
