@@ -10,10 +10,13 @@ export MAX_JOBS ?= 2
 
 .PHONY: test bench demo build soak clean
 
+# First set-up: about 7.5 minutes and 5.6 GB (torch with its CUDA libraries). pip runs without -q so
+# every package it collects, downloads and installs is shown as it goes.
 $(DEPS):
+	@echo "== set-up: virtual environment + torch $(TORCH_VERSION) and test/bench dependencies (first time: ~7.5 min, 5.6 GB)"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q torch==$(TORCH_VERSION) ninja pybind11 pytest hypothesis numpy matplotlib psutil scikit-learn
+	$(PY) -m pip install torch==$(TORCH_VERSION) ninja pybind11 pytest hypothesis numpy matplotlib psutil scikit-learn
 	touch $(DEPS)
 
 # torchdistill: the bench's peer baseline (a bench-time dependency, not a runtime one; the tests of
@@ -27,7 +30,9 @@ $(PEERS): $(DEPS)
 # Builds kdkernels._C (C++ CPU) always and kdkernels._C_cuda when nvcc + a CUDA torch are present
 # (KDKERNELS_SKIP_CUDA=1 skips it). --no-build-isolation: an isolated build would fetch another torch.
 build: $(DEPS)
+	@echo "== build: kdkernels._C (C++ CPU) and, with nvcc, kdkernels._C_cuda (first time on 2 cores: ~10 min; then only what changed)"
 	$(PY) -m pip install -q -e . --no-build-isolation
+	@echo "== build done"
 
 test: build $(PEERS)
 	$(PY) -m pytest python_tests -q

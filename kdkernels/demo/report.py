@@ -51,23 +51,31 @@ def print_summary(summary: dict, epochs: int, backend_auto: str) -> None:
 
 
 def plot(seeds: list[dict], path: Path) -> None:
+    """Test accuracy per epoch, mean over seeds with a min–max band; right panel: the second half."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for key, name in MODELS.items():
-        curves = list(zip(*(s[key].test_acc for s in seeds)))  # per epoch, one value per seed
-        x = range(1, len(curves) + 1)
-        ax.plot(x, [statistics.fmean(c) for c in curves], marker="o", ms=3, label=name)
-        ax.fill_between(x, [min(c) for c in curves], [max(c) for c in curves], alpha=0.2)
-    ax.set(xlabel="epoch", ylabel="test accuracy",
-           title=f"digits: mean over {len(seeds)} seed(s), band = min–max")
-    ax.set_ylim(max(0.0, min(min(s["student"].test_acc) for s in seeds) - 0.02), 1.0)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    epochs = len(seeds[0]["teacher"].test_acc)
+    first = epochs // 2  # index of the first epoch in the zoomed panel
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    for ax, lo in zip(axes, (0, first)):
+        low = 1.0
+        for key, name in MODELS.items():
+            curves = list(zip(*(s[key].test_acc for s in seeds)))[lo:]  # per epoch, one value per seed
+            x = range(lo + 1, epochs + 1)
+            ax.plot(x, [statistics.fmean(c) for c in curves], marker="o", ms=3, label=name)
+            ax.fill_between(x, [min(c) for c in curves], [max(c) for c in curves], alpha=0.2)
+            low = min(low, *(min(c) for c in curves))
+        ax.set(xlabel="epoch", ylabel="test accuracy", ylim=(max(0.0, low - 0.01), 1.0))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0].set_title(f"digits, mean over {len(seeds)} seed(s), band = min–max")
+    axes[1].set_title(f"epochs {first + 1}–{epochs}")
+    axes[0].legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
