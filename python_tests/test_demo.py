@@ -72,6 +72,6 @@ def test_timings_and_printout(demo):
         epochs, losses = run[model]["epoch_s"], run[model]["loss_s"]
         assert len(epochs) == len(losses) == EPOCHS
         assert all(math.isfinite(e) and 0 < l < e for e, l in zip(epochs, losses)), (epochs, losses)
-    for text in ("teacher", "student alone", "distilled student", "kdkernels losses", 'backend="torch"',
+    for text in ("teacher", "student alone", "distilled student", "kdkernels losses", 'usual eager compositions',
                  "results.json", "learning_curves.png"):
         assert text in stdout, f"{text!r} missing from the demo's output:\n{stdout}"

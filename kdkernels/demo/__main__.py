@@ -40,7 +40,7 @@ def run_seed(seed: int, digits: data.Digits, cfg: Config, weights: Weights) -> d
     torch.manual_seed(seed + STUDENT_SEED_OFFSET)
     out["student"] = train_plain(models.student(), digits, cfg, seed)
     # the same student initialisation and batch order for both backends; alternate which runs first
-    order = [("distilled", "auto"), ("distilled_eager", "torch")]
+    order = [("distilled", "auto"), ("distilled_eager", "eager")]
     for key, backend in order if seed % 2 == 0 else order[::-1]:
         torch.manual_seed(seed + STUDENT_SEED_OFFSET)
         student = models.student()

@@ -1,4 +1,8 @@
-"""The distillation objective: response KD + feature hint + relation loss, on one backend."""
+"""The distillation objective: response KD + feature hint + relation loss, on one backend.
+
+backend "eager" runs the same three losses as users write them in plain PyTorch (the bench's
+baselines, kdkernels/bench/baselines.py): what the demo times kdkernels against. The hint's 1x1
+projection is the ProjectedMSELoss's parameters on every backend, so both runs train the same model."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -6,6 +10,7 @@ from dataclasses import asdict, dataclass
 from torch import Tensor, nn
 
 import kdkernels
+from kdkernels.bench import baselines
 
 
 @dataclass
@@ -26,6 +31,8 @@ class DistillLoss(nn.Module):
                  backend: str = "auto") -> None:
         super().__init__()
         self.weights = weights
+        self.eager = backend == "eager"
+        backend = "torch" if self.eager else backend  # the modules' own backend is unused when eager
         self.kd = kdkernels.SoftmaxKLDivLoss(temperature=weights.temperature, backend=backend)
         # (N, Cs, H, W) -> (N, Ct, H, W): a 1x1 convolution per pixel, no permute needed
         self.hint = kdkernels.ProjectedMSELoss(student_channels, teacher_channels, feature_dim=1, backend=backend)
@@ -34,5 +41,9 @@ class DistillLoss(nn.Module):
     def forward(self, student_out: tuple[Tensor, Tensor, Tensor], teacher_out: tuple[Tensor, Tensor, Tensor]) -> Tensor:
         (s_logits, s_map, s_emb), (t_logits, t_map, t_emb) = student_out, teacher_out
         w = self.weights
+        if self.eager:
+            return (w.kd * baselines.softmax_kl_div(s_logits, t_logits, temperature=w.temperature)
+                    + w.hint * baselines.projected_mse(s_map, t_map, self.hint.weight, self.hint.bias, feature_dim=1)
+                    + w.relation * baselines.rkd(s_emb, t_emb, distance_weight=1.0, angle_weight=2.0))
         return (w.kd * self.kd(s_logits, t_logits) + w.hint * self.hint(s_map, t_map)
                 + w.relation * self.relation(s_emb, t_emb))

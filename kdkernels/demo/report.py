@@ -43,7 +43,7 @@ def print_summary(summary: dict, epochs: int, backend_auto: str) -> None:
     print("\ndistillation training, time per epoch (median epoch per seed, mean ± std over seeds; same seeds, "
           "same models):")
     for label, s in ((f'kdkernels losses (backend="auto" -> "{backend_auto}")', k),
-                     ('eager compositions (backend="torch")', e)):
+                     ('usual eager compositions (bench baselines)', e)):
         print(f"  {label:<42} epoch {1e3 * s['epoch_s']['mean']:6.1f} ± {1e3 * s['epoch_s']['std']:4.1f} ms, "
               f"of which KD losses fwd+bwd {1e3 * s['loss_s']['mean']:6.1f} ± {1e3 * s['loss_s']['std']:4.1f} ms")
     print(f"  kdkernels vs eager: losses {e['loss_s']['mean'] / k['loss_s']['mean']:.2f}x faster, "
