@@ -180,6 +180,8 @@ NONE_EDGE_CASES = [
     Case(layout="nchw", noncontiguous=True, reduction="none", teacher_grad=True),
     Case(layout="2d", noncontiguous=True, frozen="weight", reduction="none", teacher_grad=True),
     Case(layout="3d", frozen="student", bias=False, reduction="none"),
+    Case(layout="nchw", frozen="student", teacher_grad=True, reduction="none"),  # grad_t without grad_x
+    Case(layout="2d", rows=7, frozen="student", teacher_grad=True, reduction="none"),
     Case(scale=1e4, reduction="none", teacher_grad=True),
     Case(dtype=torch.float64, layout="nchw", rows=20, reduction="none", teacher_grad=True),
 ]
