@@ -8,8 +8,8 @@
 // grad_W += r^T x (GEMM) and grad_b += sum r. Blocks are split into at most one chunk per thread;
 // chunk results are combined in chunk order, so results only depend on the thread count.
 // reduction "none": the forward's epilogue writes each position's sum of r^2 instead of adding it to
-// the block's; the backward weights each row of the residual block by its grad_loss[b, p] as it copies
-// it into the op-math buffer, and everything after that is the scalar path with s = 2.
+// the block's; the backward multiplies each position's residual by its grad_loss[b, p] as it copies
+// the block into the op-math buffer, and everything after that is the scalar path with s = 2.
 //
 // bf16 / fp16 blocks are converted to float32 in the cache buffers before their GEMMs: every product
 // and sum is in float32 (float64 for float64 inputs).
@@ -234,7 +234,8 @@ std::tuple<Tensor, Tensor> projected_mse_forward_cpu(const Tensor& x, const Tens
   const auto opmath_dtype = at::toOpMathType(x.scalar_type());
   const bool per_row = reduction == kFeatureNone;
   // "none": (B, P) per-row sums, zeroed because feature-major blocks add to them; otherwise 0-d
-  Tensor loss = per_row ? at::zeros({B, P}, x.options().dtype(opmath_dtype)) : at::empty({}, x.options().dtype(opmath_dtype));
+  const auto loss_opts = x.options().dtype(opmath_dtype);
+  Tensor loss = per_row ? at::zeros({B, P}, loss_opts) : at::empty({}, loss_opts);
   const Tensor w_op = weight.to(opmath_dtype);  // no copy for float32 / float64
   const Tensor bias_c = bias.has_value() ? bias->contiguous() : Tensor();
   const Blocking bl = make_blocking(B, P, std::max(Ds, Dt));
@@ -249,7 +250,7 @@ std::tuple<Tensor, Tensor> projected_mse_forward_cpu(const Tensor& x, const Tens
     opmath_t* row_loss = per_row ? loss.mutable_data_ptr<opmath_t>() : nullptr;
     const int64_t ts0 = t.stride(0), ts1 = t.stride(1), ts2 = t.stride(2);
 
-    // the epilogue is instantiated per kind, so the reduced kinds keep their own loop
+    // one epilogue instantiation per kind: the 0-d reductions keep their loop as it was
     const auto run = [&](auto per_row_kind) {
       constexpr bool kPerRow = decltype(per_row_kind)::value;
       for_each_chunk(bl, [&](int64_t c, int64_t i0, int64_t i1) {
