@@ -132,12 +132,15 @@ def projected_mse(
         teacher: same shape as ``student`` but Dt at ``feature_dim``.
         weight: (Dt, Ds) projection; bias: (Dt,) or None. y = x W^T + b per feature vector;
             ``feature_dim=1`` on an (N, C, H, W) map is a 1x1 convolution.
-        reduction: "mean" (as F.mse_loss), "sum" or "batchmean" (sum / number of feature vectors).
+        reduction: "mean" (as F.mse_loss), "sum", "batchmean" (sum / number of feature vectors) or
+            "none": one loss sum_d (y - t)_d^2 per feature vector (not elementwise like
+            F.mse_loss(reduction="none"); per row, like softmax_kl_div's "none").
         backend: "auto", "torch", "cpu", "cuda" or "triton".
 
     Returns:
-        A 0-d float32 loss (float64 for float64 inputs); gradients reach student, weight, bias and
-        teacher (when it requires grad) in their own dtype.
+        A 0-d float32 loss (float64 for float64 inputs); for "none", the teacher's shape without
+        ``feature_dim`` (e.g. (N, H, W) for (N, Ct, H, W) maps with feature_dim=1). Gradients reach
+        student, weight, bias and teacher (when it requires grad) in their own dtype.
 
     Inputs of any layout are accepted: the fused backends see the student as a (B, P, Ds) view
     (e.g. an NCHW map with feature_dim=1 as (N, H*W, Cs) with stride 1 along H*W), never a
@@ -152,6 +155,9 @@ def projected_mse(
 def _fused_projected_mse(backend, student, teacher, weight, bias, feature_dim, reduction):
     x, t = rows_3d(student, teacher, feature_dim)
     loss, _residual = ops.PROJECTED_MSE.forward(backend, x, t, weight, bias, red.FEATURES.code(reduction))
+    if reduction == "none":  # (B, P) -> the other dims of the teacher, in order (rows_3d keeps their order)
+        fd = feature_dim % teacher.dim()
+        return loss.reshape(teacher.shape[:fd] + teacher.shape[fd + 1:])
     return loss
 
 

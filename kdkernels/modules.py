@@ -74,7 +74,8 @@ class ProjectedMSELoss(nn.Module):
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
         """The hint loss between student features (student_dim at ``feature_dim``) and teacher
-        features (teacher_dim there); a 0-d tensor."""
+        features (teacher_dim there); a 0-d tensor, or for reduction="none" one loss per feature
+        vector (the teacher's shape without ``feature_dim``)."""
         return F.projected_mse(student, teacher, self.weight, self.bias, self.feature_dim, self.reduction,
                                self.backend)
 

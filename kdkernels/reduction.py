@@ -8,9 +8,10 @@ A loss family reduces one of three things, so it has one of three reduction sets
   ``ignore_index``; counting them is a tensor op (no host sync).
 * ``FEATURES`` (feature: projected MSE) reduces squared residuals of ``rows`` feature vectors of size
   Dt: "mean" -> / max(1, rows * Dt) (``F.mse_loss``, except that an empty input gives 0, not NaN),
-  "sum", "batchmean" -> / max(1, rows). The fused kernels apply it inside (they take ``FEATURES.code(name)``) with the
-  divisor ``feature_denominator`` gives; the C++ kernels use the same rule from
-  csrc/include/kdkernels/feature.h.
+  "sum", "batchmean" -> / max(1, rows), "none" -> per-row sums (one per feature vector, not
+  per element as ``F.mse_loss(reduction="none")``). The fused kernels apply it inside (they take
+  ``FEATURES.code(name)``) with the divisor ``feature_denominator`` gives ("none": each row's
+  sum, divided by nothing); the C++ kernels use the same rule from csrc/include/kdkernels/feature.h.
 * ``RKD_ENTRIES`` / ``SP_ENTRIES`` (relation) reduce a sum over matrix entries (B^2 for distance and
   SP, B^3 for angle): "sum" as is, "mean" (RKD) / "batchmean" (SP) divide by the number of entries.
 
@@ -44,7 +45,9 @@ class Reductions:
 
 
 ROWS = Reductions("response", ("batchmean", "sum", "mean", "none"))
-FEATURES = Reductions("feature", ("mean", "sum", "batchmean"))
+# codes 0..3 are the kernels' ints (feature.h kFeature*): append, never reorder
+FEATURES = Reductions("feature", ("mean", "sum", "batchmean", "none"))
+FEATURE_NONE = FEATURES.code("none")  # its ops' loss and grad_loss are (B, P) per-row values, not 0-d
 RKD_ENTRIES = Reductions("relation (RKD)", ("mean", "sum"))
 SP_ENTRIES = Reductions("relation (SP)", ("batchmean", "sum"))
 
@@ -74,10 +77,10 @@ def reduce_rows(row_loss: Tensor, reduction: str, lead_shape: tuple[int, ...], v
 # ---- FEATURES --------------------------------------------------------------------------------
 def feature_denominator(code: int, rows: int, teacher_dim: int) -> float:
     """What a fused projected-MSE kernel divides the sum of squared residuals by, for the reduction
-    with ``FEATURES.code`` ``code``: max(1, elements) ("mean"), 1 ("sum") or max(1, rows) ("batchmean").
-    An empty input gives loss 0, as every loss does (F.mse_loss would give NaN)."""
+    with ``FEATURES.code`` ``code``: max(1, elements) ("mean"), 1 ("sum"; "none", per row) or
+    max(1, rows) ("batchmean"). An empty input gives loss 0, as every loss does (F.mse_loss would give NaN)."""
     name = FEATURES.names[code]
-    if name == "sum":
+    if name in ("sum", "none"):
         return 1.0
     if name == "batchmean":
         return float(max(1, rows))
@@ -85,12 +88,15 @@ def feature_denominator(code: int, rows: int, teacher_dim: int) -> float:
 
 
 def feature_grad_factor(code: int, rows: int, teacher_dim: int) -> float:
-    """d loss / d residual per unit upstream gradient."""
+    """d loss / d residual per unit upstream gradient (for "none": per unit gradient of the row's loss)."""
     return 2.0 / feature_denominator(code, rows, teacher_dim)
 
 
 def reduce_squared_error(squared_error: Tensor, reduction: str, rows: int) -> Tensor:
-    """An elementwise squared error (rows feature vectors) reduced as ``reduction`` (``FEATURES``)."""
+    """An elementwise squared error (rows feature vectors, features along the last dim) reduced as
+    ``reduction`` (``FEATURES``); "none" keeps the leading dims: one sum per feature vector."""
+    if reduction == "none":
+        return squared_error.sum(-1)
     total = squared_error.sum()
     if reduction == "mean":
         return total / max(1, squared_error.numel())

@@ -55,6 +55,27 @@ def test_loss_under_autocast_bf16(loss, device, backend):
     torch.testing.assert_close(got.detach(), expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("loss,device,backend", [c for c in _cases() if c.values[0] == "projected_mse"])
+def test_projected_mse_none_under_autocast_bf16(loss, device, backend):
+    """reduction="none" on the autocast path: per-row fp32 losses, and a non-uniform upstream gradient
+    reaches the bf16 student's layer as through the reference."""
+    g = torch.Generator().manual_seed(2)
+    layers = [torch.nn.Linear(8, 8).to(device) for _ in range(2)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    x = torch.randn(4, 5, 8, generator=g).to(device)
+    t, w, b = _teacher_side(loss, g, device)
+    upstream = torch.rand(4, 5, generator=g).to(device) * 2 - 0.5
+    results = []
+    for layer, bk in zip(layers, (backend, "torch")):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            got = functional.projected_mse(layer(x), t, w, b, reduction="none", backend=bk)
+        got.backward(upstream)
+        results.append(got.detach())
+    assert results[0].shape == (4, 5) and results[0].dtype == torch.float32
+    torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layers[0].weight.grad, layers[1].weight.grad, rtol=2e-2, atol=1e-2)
+
+
 @pytest.mark.parametrize("loss", LOSSES)
 def test_mixed_dtypes_give_each_gradient_in_its_dtype(loss):
     g = torch.Generator().manual_seed(1)

@@ -53,21 +53,25 @@ class StudentWithHint(torch.nn.Module):
 
 @pytest.mark.parametrize("device,backend", backend_params("projected_mse"))
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
-def test_projected_mse_compiles_fullgraph(device, backend, compile_backend):
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_projected_mse_compiles_fullgraph(device, backend, compile_backend, reduction):
     if compile_backend == "inductor" and backend == "triton" and device.type == "cpu":
         pytest.skip("inductor + interpreted Triton on CPU adds nothing over aot_eager; run on GPU")
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = StudentWithHint(kdkernels.ProjectedMSELoss(8, 12, feature_dim=1, backend=backend)).to(device)
+    model = StudentWithHint(kdkernels.ProjectedMSELoss(8, 12, feature_dim=1, reduction=reduction,
+                                                       backend=backend)).to(device)
     images = torch.randn(2, 3, 5, 5, device=device)
     teacher = torch.randn(2, 12, 5, 5, device=device)
     params = (model.body.weight, model.loss.weight, model.loss.bias)
+    upstream = torch.rand(2, 5, 5, device=device) if reduction == "none" else torch.ones((), device=device)
 
     eager_loss = model(images, teacher)
-    eager_grads = torch.autograd.grad(eager_loss, params)
+    eager_grads = torch.autograd.grad(eager_loss, params, upstream)
     compiled = torch.compile(model, fullgraph=True, backend=compile_backend)
     loss = compiled(images, teacher)
-    grads = torch.autograd.grad(loss, params)
+    assert loss.shape == upstream.shape
+    grads = torch.autograd.grad(loss, params, upstream)
     assert_close(loss, eager_loss, torch.float32, what="loss")
     for g, e, name in zip(grads, eager_grads, ("body.weight", "loss.weight", "loss.bias")):
         assert_close(g, e, torch.float32, what=f"grad {name}")

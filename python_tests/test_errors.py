@@ -128,7 +128,7 @@ def test_mse_device_mismatch():
 
 def test_mse_unknown_reduction():
     with pytest.raises(ValueError, match="reduction"):
-        F.projected_mse(X, TF, W, B, reduction="none")
+        F.projected_mse(X, TF, W, B, reduction="elementwise")
 
 
 # ---- relation losses -------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from kdkernels.bench.inputs import Float64Source, projected_mse_inputs
 
 BACKENDS = backend_params("projected_mse")
 INTERPRETED = not torch.cuda.is_available()
+REDUCTIONS = ["mean", "sum", "batchmean", "none"]
 
 # Sizes around the Triton tiles (16 ... 128) and odd sizes; the CPU kernel's blocks are runs of
 # positions, exercised by the position counts.
@@ -72,6 +74,20 @@ def make_inputs(case: Case, device):
         teacher_channels_last=case.layout in ("channels_last", "mixed"), strided=case.noncontiguous)
 
 
+def _without_feature_dim(t: torch.Tensor, feature_dim: int) -> tuple:
+    fd = feature_dim % t.dim()
+    return tuple(t.shape[:fd] + t.shape[fd + 1:])
+
+
+def _upstream(out: torch.Tensor, seed: int):
+    """The gradient fed into the loss: a scalar, or for "none" a random non-uniform tensor (signs and
+    sizes differ between rows, so a gradient that mixes rows up or drops their weights shows)."""
+    if out.dim() == 0:
+        return 0.75
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.rand(out.shape, generator=gen, dtype=torch.float64) * 3 - 1).to(out.device)
+
+
 def check_against_reference(case: Case, device, backend: str):
     x, t, w, b = make_inputs(case, device)
     fd = LAYOUTS[case.layout]
@@ -85,14 +101,15 @@ def check_against_reference(case: Case, device, backend: str):
     ref = reference.projected_mse(x64, t64, w64, b64, feature_dim=fd, reduction=case.reduction)
 
     expected_dtype = torch.float64 if case.dtype == torch.float64 else torch.float32
-    assert out.dtype == expected_dtype and out.shape == ()
+    expected_shape = _without_feature_dim(t, fd) if case.reduction == "none" else ()
+    assert out.dtype == expected_dtype and out.shape == expected_shape == ref.shape
     assert_close(out, ref, case.dtype, LOSS_TOLERANCES, what="loss")
 
-    upstream = 0.75
+    upstream = _upstream(out, case.seed)
     wanted = [(a, r, n) for a, r, n in zip(leaves, ref_leaves, ("student", "teacher", "weight", "bias"))
               if a.requires_grad]
-    grads = torch.autograd.grad(out * upstream, [a for a, _, _ in wanted])
-    ref_grads = torch.autograd.grad(ref * upstream, [r for _, r, _ in wanted])
+    grads = torch.autograd.grad((out * upstream).sum(), [a for a, _, _ in wanted])
+    ref_grads = torch.autograd.grad((ref * upstream).sum(), [r for _, r, _ in wanted])
     for g, rg, (a, _, name) in zip(grads, ref_grads, wanted):
         assert g.dtype == case.dtype and g.shape == a.shape, name
         assert_close(g, rg, case.dtype, what=f"grad_{name}")
@@ -117,7 +134,7 @@ def cases(backend: str):
         ds=dims,
         dt=dims,
         bias=st.booleans(),
-        reduction=st.sampled_from(["mean", "sum", "batchmean"]),
+        reduction=st.sampled_from(REDUCTIONS),
         dtype=st.sampled_from(dtypes),
         teacher_grad=st.booleans(),
         frozen=st.sampled_from(["none", "none", "student", "weight"]),
@@ -148,9 +165,30 @@ EDGE_CASES = [
     Case(dtype=torch.float64, layout="nchw", reduction="batchmean", teacher_grad=True),
 ]
 
+# reduction="none": one loss per feature vector, in every layout (feature-major blocks sum along
+# their columns), with a non-uniform upstream gradient
+NONE_EDGE_CASES = [
+    Case(rows=1, ds=1, dt=1, reduction="none"),
+    Case(rows=1, ds=1, dt=1, bias=False, reduction="none", teacher_grad=True),
+    Case(layout="nchw", batch=3, rows=17, ds=33, dt=65, reduction="none", teacher_grad=True),
+    Case(layout="channels_last", rows=9, ds=16, dt=32, reduction="none"),
+    Case(layout="mixed", rows=9, ds=17, dt=15, reduction="none", teacher_grad=True),
+    Case(layout="first", rows=6, ds=5, dt=4, reduction="none", teacher_grad=True),
+    Case(layout="3d", batch=3, rows=20, ds=3, dt=17, reduction="none", teacher_grad=True),
+    Case(layout="3d_mid", rows=1, ds=4, dt=6, reduction="none"),
+    Case(layout="3d_mid", rows=18, ds=16, dt=2, reduction="none", frozen="weight", teacher_grad=True),
+    Case(layout="nchw", noncontiguous=True, reduction="none", teacher_grad=True),
+    Case(layout="2d", noncontiguous=True, frozen="weight", reduction="none", teacher_grad=True),
+    Case(layout="3d", frozen="student", bias=False, reduction="none"),
+    Case(layout="nchw", frozen="student", teacher_grad=True, reduction="none"),  # grad_t without grad_x
+    Case(layout="2d", rows=7, frozen="student", teacher_grad=True, reduction="none"),
+    Case(scale=1e4, reduction="none", teacher_grad=True),
+    Case(dtype=torch.float64, layout="nchw", rows=20, reduction="none", teacher_grad=True),
+]
 
-def _with_examples(test):
-    for c in EDGE_CASES:
+
+def _with_examples(test, edge_cases=EDGE_CASES):
+    for c in edge_cases:
         test = example(case=c)(test)
     return test
 
@@ -178,23 +216,43 @@ def test_matches_reference(device, backend, small_triton_tiles):
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
-@pytest.mark.parametrize("reduction", ["mean", "sum", "batchmean"])
-@pytest.mark.parametrize("rows,ds,dt", [(0, 3, 4), (5, 0, 4), (5, 3, 0)])
-def test_empty_dims(device, backend, reduction, rows, ds, dt):
+def test_none_matches_reference(device, backend, small_triton_tiles):
+    """reduction="none" on its own, so that its edge cases and examples are not shared with the others."""
+    @given(case=cases(backend).map(lambda c: dataclasses.replace(c, reduction="none")))
+    @functools.partial(_with_examples, edge_cases=NONE_EDGE_CASES)
+    def run(case):
+        check_against_reference(case, device, backend)
+
+    run()
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape,ds,dt,fd", [((0,), 3, 4, -1), ((5,), 0, 4, -1), ((5,), 3, 0, -1),
+                                            ((2, 0, 3), 3, 4, 1), ((0, 2, 3), 3, 4, 1), ((2, 2, 3), 3, 0, 1)])
+def test_empty_dims(device, backend, reduction, shape, ds, dt, fd):
     """No feature vectors, no student or no teacher features: loss 0 (every reduction; F.mse_loss
-    would give NaN for "mean") and gradients of zeros, never NaN."""
+    would give NaN for "mean"; "none": one 0 per feature vector, maybe none) and gradients of zeros,
+    never NaN. ``shape`` holds the other dims; the features go at ``fd``."""
+    def make(d):
+        dims = list(shape)
+        dims.insert(fd % (len(shape) + 1), d)
+        return torch.randn(dims, generator=gen)
+
     gen = torch.Generator().manual_seed(0)
-    x, t = torch.randn(rows, ds, generator=gen), torch.randn(rows, dt, generator=gen)
+    x, t = make(ds), make(dt)
     w, b = torch.randn(dt, ds, generator=gen), torch.randn(dt, generator=gen)
     leaves = [a.to(device).requires_grad_(True) for a in (x, t, w, b)]
-    out = functional.projected_mse(*leaves, reduction=reduction, backend=backend)
+    out = functional.projected_mse(*leaves, feature_dim=fd, reduction=reduction, backend=backend)
     ref_leaves = [a.detach().double().requires_grad_(True) for a in leaves]
-    ref = reference.projected_mse(*ref_leaves, reduction=reduction)
+    ref = reference.projected_mse(*ref_leaves, feature_dim=fd, reduction=reduction)
+    assert out.shape == ref.shape == (shape if reduction == "none" else ())
     assert_close(out, ref, torch.float32, LOSS_TOLERANCES, what="loss")
-    if rows == 0 or dt == 0:  # no residual entries (Ds = 0 still has y = b - t)
-        assert out.item() == 0.0 and ref.item() == 0.0
-    for g, rg in zip(torch.autograd.grad(out, leaves, allow_unused=True),
-                     torch.autograd.grad(ref, ref_leaves, allow_unused=True)):
+    if 0 in shape or dt == 0:  # no residual entries (Ds = 0 still has y = b - t)
+        assert (out == 0).all() and (ref == 0).all()
+    upstream = _upstream(out, 1)
+    for g, rg in zip(torch.autograd.grad((out * upstream).sum(), leaves, allow_unused=True),
+                     torch.autograd.grad((ref * upstream).sum(), ref_leaves, allow_unused=True)):
         assert g.shape == rg.shape and torch.isfinite(g).all()
         assert_close(g, rg, torch.float32, what="grad")
 
@@ -211,6 +269,25 @@ def test_matches_conv1x1_and_mse_loss(device, backend):
     eager = F.mse_loss(F.conv2d(x, w[:, :, None, None], b), t)
     assert_close(out, eager, torch.float32, LOSS_TOLERANCES, what="loss")
     for g, e in zip(torch.autograd.grad(out, (x, w, b)), torch.autograd.grad(eager, (x, w, b))):
+        assert_close(g, e, torch.float32, what="grad")
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_none_is_mse_loss_none_summed_over_features(device, backend):
+    """Independent of kdkernels.reference: "none" is F.mse_loss(reduction="none") summed over the
+    features (one loss per pixel), and its gradients for a non-uniform upstream match."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 12, 5, 3, generator=gen).to(device).requires_grad_(True)
+    t = torch.randn(2, 20, 5, 3, generator=gen).to(device).requires_grad_(True)
+    w = torch.randn(20, 12, generator=gen).to(device).requires_grad_(True)
+    b = torch.randn(20, generator=gen).to(device).requires_grad_(True)
+    out = functional.projected_mse(x, t, w, b, feature_dim=1, reduction="none", backend=backend)
+    eager = F.mse_loss(F.conv2d(x, w[:, :, None, None], b), t, reduction="none").sum(1)
+    assert out.shape == eager.shape == (2, 5, 3)
+    assert_close(out, eager, torch.float32, LOSS_TOLERANCES, what="loss")
+    upstream = torch.randn(out.shape, generator=gen).to(device)
+    for g, e in zip(torch.autograd.grad(out, (x, t, w, b), upstream),
+                    torch.autograd.grad(eager, (x, t, w, b), upstream)):
         assert_close(g, e, torch.float32, what="grad")
 
 
@@ -270,6 +347,18 @@ def test_module_uses_backend(device, backend):
     assert_close(out, ref, torch.float32, LOSS_TOLERANCES, what="loss")
     assert_close(loss_fn.weight.grad, ref_fn.weight.grad, torch.float32, what="grad_weight")
     assert_close(loss_fn.bias.grad, ref_fn.bias.grad, torch.float32, what="grad_bias")
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_module_reduction_none(device, backend):
+    torch.manual_seed(0)
+    loss_fn = kdkernels.ProjectedMSELoss(6, 5, feature_dim=1, reduction="none", backend=backend).to(device)
+    x, t = torch.randn(3, 6, 2, 4, device=device), torch.randn(3, 5, 2, 4, device=device)
+    out = loss_fn(x, t)
+    assert out.shape == (3, 2, 4)
+    expected = functional.projected_mse(x, t, loss_fn.weight, loss_fn.bias, feature_dim=1, reduction="none",
+                                        backend="torch")
+    assert_close(out, expected, torch.float32, LOSS_TOLERANCES, what="loss")
 
 
 def test_auto_picks_the_fused_cpu_kernel():

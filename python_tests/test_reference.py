@@ -88,7 +88,7 @@ def tb_projected_mse(x, t, W, b, feature_dim, reduction):
     fd = feature_dim % x.ndim
     Ds, Dt = x.shape[fd], t.shape[fd]
     others = [n for i, n in enumerate(x.shape) if i != fd]
-    total, rows = 0.0, 0
+    total, rows, per_row = 0.0, 0, []
     for idx in itertools.product(*(range(n) for n in others)):
         def at(a, f):
             full = list(idx)
@@ -96,9 +96,14 @@ def tb_projected_mse(x, t, W, b, feature_dim, reduction):
             return float(a[tuple(full)])
 
         rows += 1
+        row = 0.0
         for c in range(Dt):
             y = sum(float(W[c, k]) * at(x, k) for k in range(Ds)) + (0.0 if b is None else float(b[c]))
-            total += (y - at(t, c)) ** 2
+            row += (y - at(t, c)) ** 2
+        per_row.append(row)
+        total += row
+    if reduction == "none":  # one loss per feature vector, in the order of the other dims
+        return np.array(per_row, dtype=np.float64).reshape(others)
     return {"sum": total, "mean": total / (rows * Dt), "batchmean": total / rows}[reduction]
 
 
@@ -357,7 +362,7 @@ def feature_case(x, t, W, b=None, feature_dim=-1):
 _NCHW = np.arange(2 * 3 * 2 * 2, dtype=np.float64).reshape(2, 3, 2, 2) / 7 - 1
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "batchmean"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "batchmean", "none"])
 @SETTINGS
 @given(case=feature_cases())
 @example(case=feature_case(_NCHW, _NCHW[:, :2] * 2, [[1.0, -2.0, 0.5], [0.0, 1.0, 1.0]], [0.5, -1.0], 1))
@@ -367,7 +372,7 @@ def test_projected_mse_matches_textbook(case, reduction):
     expected = tb_projected_mse(case["x"], case["t"], case["W"], case["b"], case["feature_dim"], reduction)
     got = projected_mse(t64(case["x"]), t64(case["t"]), t64(case["W"]), None if case["b"] is None else t64(case["b"]),
                         feature_dim=case["feature_dim"], reduction=reduction)
-    assert got.dtype == torch.float64 and got.shape == ()
+    assert got.dtype == torch.float64 and got.shape == np.shape(expected)
     torch.testing.assert_close(got, t64(expected), **F64)
 
 
@@ -381,7 +386,7 @@ def test_projected_mse_is_conv1x1_mse():
                                (y - t).square().sum() / (2 * 3 * 4))
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "batchmean"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "batchmean", "none"])
 @pytest.mark.parametrize("feature_dim,bias", [(1, True), (-1, False), (-1, True)])
 def test_projected_mse_gradcheck(reduction, feature_dim, bias):
     gen = torch.Generator().manual_seed(2)

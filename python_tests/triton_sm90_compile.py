@@ -17,6 +17,7 @@ any variant fails to compile; the failures are printed.
 from __future__ import annotations
 
 import inspect
+import itertools
 import os
 import sys
 import time
@@ -99,6 +100,7 @@ def response_launches():
 
 def feature_launches():
     from kdkernels.triton.feature import projected_mse as k
+    from kdkernels.reduction import FEATURE_NONE
 
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         for layout in ("rows", "feature_major"):
@@ -108,11 +110,11 @@ def feature_launches():
                 x = torch.randn(2, 24, 40).to(dtype).transpose(1, 2)
                 t = torch.randn(2, 36, 40).to(dtype).transpose(1, 2)
             w = torch.randn(36, 24).to(dtype)
-            for bias in (None, torch.randn(36).to(dtype)):
-                _, residual = k.forward(x, t, w, bias, 0)
+            for bias, reduction in itertools.product((None, torch.randn(36).to(dtype)), (0, FEATURE_NONE)):
+                loss, residual = k.forward(x, t, w, bias, reduction)  # "none": per-row (PER_ROW) variants
                 for flags in ((True, False, True, bias is not None), (True, True, False, False),
-                              (False, False, True, False)):
-                    k.backward(torch.ones(()), x, w, residual, 0, *flags)
+                              (False, False, True, False), (False, True, False, True)):
+                    k.backward(torch.ones_like(loss), x, w, residual, reduction, *flags)
 
 
 def relation_launches():

@@ -6,6 +6,7 @@ import torch
 from kdkernels._dtypes import opmath_dtype
 from kdkernels._feature import empty_in_layout, feature_major
 from kdkernels.ops._spec import OpDef, register
+from kdkernels.reduction import FEATURE_NONE
 
 
 def _forward_fake(x, t, weight, bias, reduction):
@@ -14,7 +15,8 @@ def _forward_fake(x, t, weight, bias, reduction):
     torch._check(weight.shape == (t.shape[2], x.shape[2]), lambda: "weight must be (Dt, Ds)")
     B, P, Dt = t.shape
     residual = empty_in_layout(B, P, Dt, feature_major(P, Dt, t.stride(1)), t)
-    return x.new_empty((), dtype=opmath_dtype(x.dtype)), residual
+    loss_shape = (B, P) if reduction == FEATURE_NONE else ()
+    return x.new_empty(loss_shape, dtype=opmath_dtype(x.dtype)), residual
 
 
 def _backward_fake(grad_loss, x, weight, residual, reduction, x_grad, t_grad, weight_grad, bias_grad):
@@ -69,12 +71,14 @@ PROJECTED_MSE = register(OpDef(
     forward: x (B, P, Ds) student features, t (B, P, Dt) teacher features, same dtype, any strides:
     B * P feature vectors ("rows"); P > 1 only when the features were not the last dim (NCHW maps
     arrive as (N, H*W, C) views, no copy). weight (Dt, Ds); bias (Dt,) or None. reduction is
-    kdkernels.reduction.FEATURES.code(name) (0 "mean", 1 "sum", 2 "batchmean"). Returns loss () in
-    the op-math dtype and residual = x W^T + b - t, (B, P, Dt) in the input dtype: all the backward
-    needs besides x and W (y itself is never stored). The residual's layout follows t
-    (kdkernels._feature.feature_major): contiguous (B, P, Dt), or for feature-major teachers
-    (stride 1 along P) the transpose of a contiguous (B, Dt, P) tensor.
-    backward: grad_loss () op-math dtype. x is read only for grad_weight and weight only for grad_x
+    kdkernels.reduction.FEATURES.code(name) (0 "mean", 1 "sum", 2 "batchmean", 3 "none"). Returns
+    loss in the op-math dtype (() reduced, or (B, P) per-row sums of r^2 for "none") and
+    residual = x W^T + b - t, (B, P, Dt) in the input dtype: all the backward needs besides x and W
+    (y itself is never stored). The residual's layout follows t (kdkernels._feature.feature_major):
+    contiguous (B, P, Dt), or for feature-major teachers (stride 1 along P) the transpose of a
+    contiguous (B, Dt, P) tensor.
+    backward: grad_loss in the op-math dtype, shaped like the loss (() or (B, P) for "none", where
+    d loss / d r = 2 * grad_loss[b, p] * r per row). x is read only for grad_weight and weight only for grad_x
     (an empty tensor otherwise). Returns (grad_x, grad_t, grad_weight, grad_bias); grad_x and grad_t
     have the residual's layout; a gradient that is not requested is an empty (0,) tensor.""",
 ))

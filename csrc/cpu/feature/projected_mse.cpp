@@ -7,6 +7,9 @@
 // the cache buffer, scaled on the way out), grad_t = -s r, and per-chunk accumulators for
 // grad_W += r^T x (GEMM) and grad_b += sum r. Blocks are split into at most one chunk per thread;
 // chunk results are combined in chunk order, so results only depend on the thread count.
+// reduction "none": the forward's epilogue writes each position's sum of r^2 instead of adding it to
+// the block's; the backward multiplies each position's residual by its grad_loss[b, p] as it copies
+// the block into the op-math buffer, and everything after that is the scalar path with s = 2.
 //
 // bf16 / fp16 blocks are converted to float32 in the cache buffers before their GEMMs: every product
 // and sum is in float32 (float64 for float64 inputs).
@@ -23,6 +26,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/mul.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -109,9 +113,11 @@ inline opmath_t lane_sum(const at::vec::Vectorized<opmath_t>& v) {
 // Over an (m x n) block: r = y + bias - t and the sum of r^2. y is the contiguous GEMM output; t has
 // strides (t_rs, t_cs); r has row stride r_rs and unit column stride. The bias runs along the columns
 // for row-major blocks (positions x features) and along the rows for feature-major ones.
-template <typename T, typename opmath_t>
+// kPerRow ("none"): the squares go to row_loss instead, one sum per position: entry i of a row-major
+// block, entry j of a feature-major one (there added to, so the caller zeroes row_loss); returns 0.
+template <bool kPerRow, typename T, typename opmath_t>
 opmath_t residual_block(const opmath_t* y, const T* t, int64_t t_rs, int64_t t_cs, const T* bias, bool bias_on_cols,
-                     T* r, int64_t r_rs, int64_t m, int64_t n) {
+                     T* r, int64_t r_rs, opmath_t* row_loss, int64_t m, int64_t n) {
   using Vec = at::vec::Vectorized<opmath_t>;
   constexpr int64_t kW = Vec::size();
   Vec vsum(opmath_t(0));
@@ -121,21 +127,38 @@ opmath_t residual_block(const opmath_t* y, const T* t, int64_t t_rs, int64_t t_c
     const T* ti = t + i * t_rs;
     T* ri = r + i * r_rs;
     const opmath_t row_bias = (bias != nullptr && !bias_on_cols) ? static_cast<opmath_t>(bias[i]) : opmath_t(0);
+    Vec vrow(opmath_t(0));  // kPerRow, row-major: this position's sum
+    opmath_t row_tail = 0;
     int64_t j = 0;
     if (t_cs == 1) {
-      const Vec vrow(row_bias);
+      const Vec vrow_bias(row_bias);
       for (; j + kW <= n; j += kW) {
-        Vec v = Vec::loadu(yi + j) - load_as<opmath_t>(ti + j);
-        v = v + ((bias != nullptr && bias_on_cols) ? load_as<opmath_t>(bias + j) : vrow);
+        const Vec vb = (bias != nullptr && bias_on_cols) ? load_as<opmath_t>(bias + j) : vrow_bias;
+        const Vec v = projected_residual(Vec::loadu(yi + j), load_as<opmath_t>(ti + j), vb);
         store_as(v, ri + j);
-        vsum = vsum + v * v;
+        if constexpr (!kPerRow) {
+          vsum = vsum + v * v;
+        } else if (bias_on_cols) {
+          vrow = vrow + v * v;
+        } else {
+          (Vec::loadu(row_loss + j) + v * v).store(row_loss + j);
+        }
       }
     }
     for (; j < n; ++j) {
       const opmath_t b = (bias != nullptr && bias_on_cols) ? static_cast<opmath_t>(bias[j]) : row_bias;
-      const opmath_t v = yi[j] - static_cast<opmath_t>(ti[j * t_cs]) + b;
+      const opmath_t v = projected_residual(yi[j], static_cast<opmath_t>(ti[j * t_cs]), b);
       ri[j] = static_cast<T>(v);
-      tail += v * v;
+      if constexpr (!kPerRow) {
+        tail += v * v;
+      } else if (bias_on_cols) {
+        row_tail += v * v;
+      } else {
+        row_loss[j] += v * v;
+      }
+    }
+    if constexpr (kPerRow) {
+      if (bias_on_cols) row_loss[i] += lane_sum(vrow) + row_tail;
     }
   }
   return lane_sum(vsum) + tail;
@@ -209,7 +232,10 @@ std::tuple<Tensor, Tensor> projected_mse_forward_cpu(const Tensor& x, const Tens
   const bool fmajor = feature_major(P, Dt, t.stride(1));
   Tensor residual = empty_in_layout(B, P, Dt, fmajor, t.options());
   const auto opmath_dtype = at::toOpMathType(x.scalar_type());
-  Tensor loss = at::empty({}, x.options().dtype(opmath_dtype));
+  const bool per_row = reduction == kFeatureNone;
+  // "none": (B, P) per-row sums, zeroed because feature-major blocks add to them; otherwise 0-d
+  const auto loss_opts = x.options().dtype(opmath_dtype);
+  Tensor loss = per_row ? at::zeros({B, P}, loss_opts) : at::empty({}, loss_opts);
   const Tensor w_op = weight.to(opmath_dtype);  // no copy for float32 / float64
   const Tensor bias_c = bias.has_value() ? bias->contiguous() : Tensor();
   const Blocking bl = make_blocking(B, P, std::max(Ds, Dt));
@@ -221,35 +247,45 @@ std::tuple<Tensor, Tensor> projected_mse_forward_cpu(const Tensor& x, const Tens
     const scalar_t* t_ptr = t.const_data_ptr<scalar_t>();
     const scalar_t* b_ptr = bias_c.defined() ? bias_c.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* r_ptr = residual.mutable_data_ptr<scalar_t>();
+    opmath_t* row_loss = per_row ? loss.mutable_data_ptr<opmath_t>() : nullptr;
     const int64_t ts0 = t.stride(0), ts1 = t.stride(1), ts2 = t.stride(2);
 
-    for_each_chunk(bl, [&](int64_t c, int64_t i0, int64_t i1) {
-      const auto opmath_opts = x.options().dtype(opmath_dtype);
-      Tensor ybuf = at::empty({bl.block * Dt}, opmath_opts);
-      Tensor xbuf = reduced ? at::empty({bl.block * Ds}, opmath_opts) : Tensor();
-      double sum = 0.0;
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t b = bl.batch(i), p0 = bl.first(i), n = bl.size(i);
-        const scalar_t* tb = t_ptr + b * ts0 + p0 * ts1;
-        if (!fmajor) {  // (n x Ds) @ (Ds x Dt): positions x features
-          Tensor xb = x.select(0, b).narrow(0, p0, n);
-          if constexpr (reduced) xb = xbuf.narrow(0, 0, n * Ds).view({n, Ds}).copy_(xb);
-          Tensor yb = ybuf.narrow(0, 0, n * Dt).view({n, Dt});
-          at::mm_out(yb, xb, w_op.t());
-          sum += residual_block<scalar_t, opmath_t>(yb.const_data_ptr<opmath_t>(), tb, ts1, ts2, b_ptr, true,
-                                                 r_ptr + (b * P + p0) * Dt, Dt, n, Dt);
-        } else {  // (Dt x Ds) @ (Ds x n): features x positions, the layout of an NCHW map
-          Tensor xb = x.select(0, b).narrow(0, p0, n).t();
-          if constexpr (reduced) xb = xbuf.narrow(0, 0, Ds * n).view({Ds, n}).copy_(xb);
-          Tensor yb = ybuf.narrow(0, 0, Dt * n).view({Dt, n});
-          at::mm_out(yb, w_op, xb);
-          sum += residual_block<scalar_t, opmath_t>(yb.const_data_ptr<opmath_t>(), tb, ts2, ts1, b_ptr, false,
-                                                 r_ptr + b * Dt * P + p0, P, Dt, n);
+    // one epilogue instantiation per kind: the 0-d reductions keep their loop as it was
+    const auto run = [&](auto per_row_kind) {
+      constexpr bool kPerRow = decltype(per_row_kind)::value;
+      for_each_chunk(bl, [&](int64_t c, int64_t i0, int64_t i1) {
+        const auto opmath_opts = x.options().dtype(opmath_dtype);
+        Tensor ybuf = at::empty({bl.block * Dt}, opmath_opts);
+        Tensor xbuf = reduced ? at::empty({bl.block * Ds}, opmath_opts) : Tensor();
+        double sum = 0.0;
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t b = bl.batch(i), p0 = bl.first(i), n = bl.size(i);
+          const scalar_t* tb = t_ptr + b * ts0 + p0 * ts1;
+          opmath_t* rows_out = kPerRow ? row_loss + b * P + p0 : nullptr;
+          if (!fmajor) {  // (n x Ds) @ (Ds x Dt): positions x features
+            Tensor xb = x.select(0, b).narrow(0, p0, n);
+            if constexpr (reduced) xb = xbuf.narrow(0, 0, n * Ds).view({n, Ds}).copy_(xb);
+            Tensor yb = ybuf.narrow(0, 0, n * Dt).view({n, Dt});
+            at::mm_out(yb, xb, w_op.t());
+            sum += residual_block<kPerRow, scalar_t, opmath_t>(yb.const_data_ptr<opmath_t>(), tb, ts1, ts2, b_ptr,
+                                                               true, r_ptr + (b * P + p0) * Dt, Dt, rows_out, n, Dt);
+          } else {  // (Dt x Ds) @ (Ds x n): features x positions, the layout of an NCHW map
+            Tensor xb = x.select(0, b).narrow(0, p0, n).t();
+            if constexpr (reduced) xb = xbuf.narrow(0, 0, Ds * n).view({Ds, n}).copy_(xb);
+            Tensor yb = ybuf.narrow(0, 0, Dt * n).view({Dt, n});
+            at::mm_out(yb, w_op, xb);
+            sum += residual_block<kPerRow, scalar_t, opmath_t>(yb.const_data_ptr<opmath_t>(), tb, ts2, ts1, b_ptr,
+                                                               false, r_ptr + b * Dt * P + p0, P, rows_out, Dt, n);
+          }
         }
-      }
-      partial[static_cast<size_t>(c)] = sum;
-    });
-
+        partial[static_cast<size_t>(c)] = sum;
+      });
+    };
+    if (per_row) {
+      run(std::true_type{});
+      return;
+    }
+    run(std::false_type{});
     double total = 0.0;
     for (double p : partial) total += p;
     *loss.mutable_data_ptr<opmath_t>() = static_cast<opmath_t>(total / projected_mse_denominator(reduction, B * P, Dt));
@@ -279,12 +315,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> projected_mse_backward_cpu(const Tens
   const Blocking bl = make_blocking(B, P, std::max(Ds, Dt));
   Tensor acc_w = weight_grad ? at::zeros({bl.chunks, Dt, Ds}, opmath_opts) : Tensor();
   Tensor acc_b = bias_grad ? at::zeros({bl.chunks, Dt}, opmath_opts) : Tensor();
-  const double s = grad_loss.item<double>() * projected_mse_grad_factor(reduction, B * P, Dt);
+  // "none" (weighted): each row's r is multiplied by its grad_loss[b, p] on the way into the op-math
+  // buffer, and s is the factor alone; otherwise s scales every row alike
+  const bool weighted = reduction == kFeatureNone;
+  const double s = (weighted ? 1.0 : grad_loss.item<double>()) * projected_mse_grad_factor(reduction, B * P, Dt);
+  const Tensor row_w = weighted ? grad_loss.to(opmath_dtype).contiguous() : Tensor();
   const Tensor w_op = x_grad ? weight.to(opmath_dtype) : Tensor();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "projected_mse_backward_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     constexpr bool reduced = !std::is_same_v<scalar_t, opmath_t>;
+    const bool buffered = reduced || weighted;  // r is read from an op-math copy
     const opmath_t sa = static_cast<opmath_t>(s);
     const scalar_t* r_ptr = rs.const_data_ptr<scalar_t>();
     scalar_t* gx_ptr = x_grad ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
@@ -292,7 +333,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> projected_mse_backward_cpu(const Tens
 
     for_each_chunk(bl, [&](int64_t c, int64_t i0, int64_t i1) {
       Tensor gbuf = x_grad ? at::empty({bl.block * Ds}, opmath_opts) : Tensor();
-      Tensor rbuf = reduced ? at::empty({bl.block * Dt}, opmath_opts) : Tensor();
+      Tensor rbuf = buffered ? at::empty({bl.block * Dt}, opmath_opts) : Tensor();
       Tensor xbuf = (reduced && weight_grad) ? at::empty({bl.block * Ds}, opmath_opts) : Tensor();
       Tensor acc_wc = weight_grad ? acc_w.select(0, c) : Tensor();
       opmath_t* acc_bc = bias_grad ? acc_b.select(0, c).mutable_data_ptr<opmath_t>() : nullptr;
@@ -304,8 +345,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> projected_mse_backward_cpu(const Tens
         Tensor rb = fmajor ? rs.select(0, b).narrow(1, p0, n) : rs.select(0, b).narrow(0, p0, n);
         const void* r_in = r_ptr + offset;
         int64_t r_in_rs = r_rs;
-        if constexpr (reduced) {
-          rb = rbuf.narrow(0, 0, m_rows * n_cols).view({m_rows, n_cols}).copy_(rb);
+        if (buffered) {
+          Tensor rv = rbuf.narrow(0, 0, m_rows * n_cols).view({m_rows, n_cols});
+          if (weighted) {  // the block's positions run along its rows (row-major) or its columns
+            const Tensor wb = row_w.select(0, b).narrow(0, p0, n);
+            rb = at::mul_out(rv, rb, fmajor ? wb.unsqueeze(0) : wb.unsqueeze(1));
+          } else {
+            rb = rv.copy_(rb);
+          }
           r_in = rb.const_data_ptr<opmath_t>();
           r_in_rs = n_cols;
         }
@@ -328,7 +375,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> projected_mse_backward_cpu(const Tens
         }
         if (t_grad || bias_grad) {
           scalar_t* gt = t_grad ? gt_ptr + offset : nullptr;
-          if constexpr (reduced) {
+          if (buffered) {
             residual_grads_block<scalar_t, opmath_t, opmath_t>(static_cast<const opmath_t*>(r_in), r_in_rs, sa, gt, r_rs,
                                                          acc_bc, !fmajor, m_rows, n_cols);
           } else {

@@ -10,6 +10,10 @@
 //   backward: grad_x = (r W) * s and grad_t = -s r, where s = grad_loss * 2 / denominator stays on the
 //             device (read by the kernel, never copied to the host); grad_W = s r^T x and grad_b = s sum r
 //             by cuBLAS / ATen reductions in float32 (float64).
+// reduction "none": the forward's kernel gives each position a team of threads that writes the
+// position's sum of r^2 (no atomics); the backward weights each position by g_p = grad_loss[b, p]
+// (s = 2): grad_x = s g_p (r W), grad_t = -s g_p r, grad_b = s sum g_p r in the op-math dtype, and
+// grad_W = s (g_p r)^T x with g_p r rounded to the input dtype for cuBLAS (no rounding in float32).
 #include <algorithm>
 #include <cstdint>
 #include <optional>
@@ -21,6 +25,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/mul.h>
 #include <ATen/ops/sum.h>
@@ -61,13 +66,42 @@ __global__ void residual_sq_kernel(const opmath_t* y, const T* __restrict__ t, c
     const opmath_t row_bias = (bias != nullptr && !bias_on_cols) ? static_cast<opmath_t>(bias[m]) : opmath_t(0);
     for (int64_t c = threadIdx.x; c < N; c += blockDim.x) {
       const opmath_t bb = (bias != nullptr && bias_on_cols) ? static_cast<opmath_t>(bias[c]) : row_bias;
-      const opmath_t v = (yrow[c] - static_cast<opmath_t>(trow[c * tsn])) + bb;  // the CPU kernel's order
+      const opmath_t v = projected_residual(yrow[c], static_cast<opmath_t>(trow[c * tsn]), bb);
       rrow[c] = static_cast<T>(v);  // same element, same thread: safe when r aliases y
       local += v * v;
     }
   }
   const opmath_t total = block_sum(local);
   if (threadIdx.x == 0 && threadIdx.y == 0) partial[blockIdx.x] = total;
+}
+
+// "none": a team of `lanes` threads per position q = b * P + p writes row_loss[q] = sum_d r^2 (and r).
+// lanes = kWarpSize for row-major storage (the warp walks the position's contiguous features), 1 for
+// feature-major storage (consecutive threads take consecutive positions, each walking its features), so
+// y, t and r are accessed coalesced either way. Storage offset of (b, p, d): b * P * Dt + p * sp + d * sd
+// (y and r alike; r may alias y); t is read through its (B, P, Dt) strides.
+template <typename T, typename opmath_t>
+__global__ void residual_row_sq_kernel(const opmath_t* y, const T* __restrict__ t, const T* __restrict__ bias, T* r,
+                                       opmath_t* __restrict__ row_loss, int64_t positions, int64_t P, int64_t Dt,
+                                       int64_t sp, int64_t sd, int64_t tsb, int64_t tsp, int64_t tsd, int lanes) {
+  const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int lane = static_cast<int>(threadIdx.x) % lanes;
+  const int64_t team_step = static_cast<int64_t>(gridDim.x) * blockDim.x / lanes;
+  // a warp's lanes share q, so the whole warp takes part in each warp_allreduce
+  for (int64_t q = thread / lanes; q < positions; q += team_step) {
+    const int64_t b = q / P, p = q - b * P;
+    const int64_t base = b * P * Dt + p * sp;
+    const T* tq = t + b * tsb + p * tsp;
+    opmath_t local = 0;
+    for (int64_t d = lane; d < Dt; d += lanes) {
+      const opmath_t bb = bias != nullptr ? static_cast<opmath_t>(bias[d]) : opmath_t(0);
+      const opmath_t v = projected_residual(y[base + d * sd], static_cast<opmath_t>(tq[d * tsd]), bb);
+      r[base + d * sd] = static_cast<T>(v);  // same element, same thread: safe when r aliases y
+      local += v * v;
+    }
+    if (lanes == kWarpSize) local = warp_allreduce(local, SumOp{});
+    if (lane == 0) row_loss[q] = local;
+  }
 }
 
 // out[i] = sign * s * in[i] over n contiguous elements (in may alias out); s is a device scalar.
@@ -113,6 +147,24 @@ std::tuple<Tensor, Tensor> projected_mse_forward_cuda(const Tensor& x, const Ten
   Tensor storage = in_place ? y : at::empty(y.sizes(), t.options());
   const Tensor residual = fmajor ? storage.transpose(1, 2) : storage;
   const Tensor bias_c = bias.has_value() ? bias->contiguous() : Tensor();
+
+  if (reduction == kFeatureNone) {  // one sum per position instead of partial sums
+    Tensor row_loss = at::empty({B, P}, x.options().dtype(opmath_dtype));
+    if (B * P > 0) {
+      const int lanes = fmajor ? 1 : kWarpSize;
+      const auto stream = c10::cuda::getCurrentCUDAStream();
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "projected_mse_forward_none_cuda", [&] {
+        using opmath_t = at::opmath_type<scalar_t>;
+        residual_row_sq_kernel<scalar_t, opmath_t><<<blocks_for(B * P, kThreads / lanes), kThreads, 0, stream>>>(
+            y.const_data_ptr<opmath_t>(), t.const_data_ptr<scalar_t>(),
+            bias_c.defined() ? bias_c.const_data_ptr<scalar_t>() : nullptr, storage.mutable_data_ptr<scalar_t>(),
+            row_loss.mutable_data_ptr<opmath_t>(), B * P, P, Dt, fmajor ? 1 : Dt, fmajor ? P : 1, t.stride(0),
+            t.stride(1), t.stride(2), lanes);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    }
+    return {row_loss, residual};
+  }
 
   const int64_t M = fmajor ? Dt : P, N = fmajor ? P : Dt, rows = B * M;
   // t strides in the (B, M, N) order of the storage
@@ -167,28 +219,41 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> projected_mse_backward_cuda(const Ten
   const bool fmajor = feature_major(P, Dt, residual.stride(1));
   // storage order: (B, P, Dt), or (B, Dt, P) for feature-major; the forward's residual already is
   const Tensor rs = fmajor ? residual.transpose(1, 2).contiguous() : residual.contiguous();
-  // s = grad_loss * 2 / denominator, a device scalar in the op-math dtype
-  const Tensor s = at::mul(grad_loss.reshape({}).to(opmath_dtype), projected_mse_grad_factor(reduction, B * P, Dt));
+  // s = grad_loss * 2 / denominator, a device scalar in the op-math dtype. "none" (weighted): s = 2, and
+  // row_w = grad_loss (B, P) weights each position, broadcast along the features of the storage order.
+  const bool weighted = reduction == kFeatureNone;
+  const double factor = projected_mse_grad_factor(reduction, B * P, Dt);
+  const Tensor s = weighted ? at::full({}, factor, opts.dtype(opmath_dtype))
+                            : at::mul(grad_loss.reshape({}).to(opmath_dtype), factor);
+  const Tensor row_w = weighted ? grad_loss.to(opmath_dtype).unsqueeze(fmajor ? 1 : 2) : Tensor();
+  // "none": g_p r in the op-math dtype, read by grad_t, grad_W and grad_b; otherwise r itself
+  const Tensor rw = weighted && (t_grad || weight_grad || bias_grad) ? at::mul(rs, row_w) : rs;
 
   Tensor grad_x = at::empty({0}, opts), grad_t = at::empty({0}, opts);
   Tensor grad_w = at::empty({0}, opts), grad_b = at::empty({0}, opts);
   if (x_grad) {  // (B, P, Ds) = r W, or (B, Ds, P) = W^T r, in the op-math dtype, scaled, rounded once
     // (as the CPU kernel: a 16-bit r W could overflow or round before the small scale is applied)
     Tensor gx = fmajor ? batched_mm(weight.t(), rs, B, opmath_dtype) : batched_mm(rs, weight, B, opmath_dtype);
+    if (weighted) gx.mul_(row_w);  // diag(g) r W = diag(g) (r W)
     gx = gx.mul_(s).to(dtype);
     grad_x = fmajor ? gx.transpose(1, 2) : gx;
   }
   if (t_grad) {
     Tensor gt = at::empty(rs.sizes(), opts);
-    launch_scale(rs, gt, s, -1.0);
+    if (weighted) {
+      at::mul_out(gt, rw, s.neg());  // in the op-math dtype, rounded once into gt
+    } else {
+      launch_scale(rs, gt, s, -1.0);
+    }
     grad_t = fmajor ? gt.transpose(1, 2) : gt;
   }
   if (weight_grad) {  // sum over batch entries of r^T x (Dt x Ds), in the op-math dtype
-    Tensor gw = fmajor ? batched_mm(rs, x, B, opmath_dtype) : batched_mm(rs.transpose(1, 2), x, B, opmath_dtype);
+    const Tensor rg = rw.to(dtype);  // cuBLAS takes both operands in the input dtype (no copy unless "none")
+    Tensor gw = fmajor ? batched_mm(rg, x, B, opmath_dtype) : batched_mm(rg.transpose(1, 2), x, B, opmath_dtype);
     grad_w = gw.sum(0).mul_(s).to(dtype);
   }
   if (bias_grad) {
-    grad_b = at::sum(rs, {0, fmajor ? 2 : 1}, false, opmath_dtype).mul_(s).to(dtype);
+    grad_b = at::sum(rw, {0, fmajor ? 2 : 1}, false, opmath_dtype).mul_(s).to(dtype);
   }
   return {grad_x, grad_t, grad_w, grad_b};
 }

@@ -15,7 +15,7 @@ namespace kdkernels {
 
 inline void check_projected_mse_reduction(int64_t reduction) {
   TORCH_CHECK(valid_feature_reduction(reduction),
-              "projected_mse: reduction must be 0 (mean), 1 (sum) or 2 (batchmean), got ", reduction);
+              "projected_mse: reduction must be 0 (mean), 1 (sum), 2 (batchmean) or 3 (none), got ", reduction);
 }
 
 inline void check_projected_mse_forward_args(const at::Tensor& x, const at::Tensor& t, const at::Tensor& weight,
@@ -47,11 +47,17 @@ inline int64_t check_projected_mse_backward_args(const at::Tensor& grad_loss, co
                                                  int64_t reduction, bool x_grad, bool weight_grad) {
   check_projected_mse_reduction(reduction);
   TORCH_CHECK(residual.dim() == 3, "projected_mse_backward: residual must be 3-D (B, P, Dt), got ", residual.sizes());
-  TORCH_CHECK(grad_loss.numel() == 1, "projected_mse_backward: grad_loss must hold one value, got ",
-              grad_loss.sizes());
+  const int64_t B = residual.size(0), P = residual.size(1), Dt = residual.size(2);
+  if (reduction == kFeatureNone) {  // one upstream gradient per row
+    TORCH_CHECK(grad_loss.dim() == 2 && grad_loss.size(0) == B && grad_loss.size(1) == P,
+                "projected_mse_backward: grad_loss must be (B, P) = (", B, ", ", P, ") for reduction 3 (none), got ",
+                grad_loss.sizes());
+  } else {
+    TORCH_CHECK(grad_loss.numel() == 1, "projected_mse_backward: grad_loss must hold one value, got ",
+                grad_loss.sizes());
+  }
   TORCH_CHECK(grad_loss.device() == residual.device(), "projected_mse_backward: grad_loss must be on the residual's device ",
               residual.device(), ", got ", grad_loss.device());
-  const int64_t B = residual.size(0), P = residual.size(1), Dt = residual.size(2);
   int64_t Ds = 0;
   if (x_grad) {
     TORCH_CHECK(weight.dim() == 2 && weight.size(0) == Dt, "projected_mse_backward: weight must be (", Dt,

@@ -11,6 +11,10 @@ x is (B, P, Ds), t (B, P, Dt), W (Dt, Ds), all read through their strides (NCHW 
   r tiles it loads anyway.
 * grad_W = s r^T x and grad_b = s sum r: split-K GEMMs over the rows into float32 (float64) partial
   buffers of shape (splits, Dt, Ds) and (splits, Dt), summed afterwards (deterministic).
+* reduction "none" (PER_ROW): the forward stores each tile's share of every position's sum of r^2
+  ((B, P, feature tiles) partials, summed into the (B, P) loss); the backward scales per position,
+  s_p = 2 * grad_loss[b, p]: grad_x and grad_t after their products, grad_W / grad_b on the r tile
+  (rounded back to the input dtype for the grad_W GEMM, as the residual itself is stored).
 
 Accumulation is float32 (float64 for float64 inputs); float32 ``tl.dot`` follows torch's matmul
 precision (IEEE unless TF32 is allowed). Offsets are int64. Importing this module imports triton:
@@ -27,6 +31,7 @@ from torch import Tensor
 
 from kdkernels._dtypes import opmath_dtype
 from kdkernels._feature import empty_in_layout, feature_major
+from kdkernels.reduction import FEATURE_NONE, FEATURES
 from kdkernels.reduction import feature_denominator as denominator
 from kdkernels.reduction import feature_grad_factor as grad_factor
 from kdkernels.triton._common import dot_precision, launch, tiles, tl_opmath
@@ -49,7 +54,7 @@ def _projected_mse_fwd_kernel(
     x_ptr, t_ptr, w_ptr, b_ptr, r_ptr, part_ptr,
     P, DS, DT, tiles_p,
     sxb, sxp, sxd, stb, stp, std, swn, swk, srb, srp, srd,
-    HAS_BIAS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PER_ROW: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)  # (batch entry, tile of positions)
@@ -78,7 +83,10 @@ def _projected_mse_fwd_kernel(
     r = tl.where(mask, acc - t.to(ACC), 0.0)
     tl.store(r_ptr + b * srb + offs_p[:, None] * srp + offs_n[None, :] * srd, r.to(r_ptr.dtype.element_ty),
              mask=mask)
-    tl.store(part_ptr + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(r * r, axis=1), axis=0))
+    if PER_ROW:  # part: (B, P, feature tiles)
+        tl.store(part_ptr + ((b * P + offs_p) * tl.num_programs(1) + pid_n), tl.sum(r * r, axis=1), mask=mask_p)
+    else:
+        tl.store(part_ptr + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(r * r, axis=1), axis=0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,10 +94,10 @@ def _projected_mse_fwd_kernel(
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _projected_mse_grad_x_kernel(
-    r_ptr, w_ptr, s_ptr, gx_ptr, gt_ptr,
+    r_ptr, w_ptr, s_ptr, rw_ptr, gx_ptr, gt_ptr,
     P, DS, DT, tiles_p,
     srb, srp, srd, swn, swk, sgxb, sgxp, sgxd, sgtb, sgtp, sgtd,
-    WRITE_GT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    WRITE_GT: tl.constexpr, PER_ROW: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)  # (batch entry, tile of positions)
@@ -101,6 +109,8 @@ def _projected_mse_grad_x_kernel(
     mask_p = offs_p < P
     mask_k = offs_k < DS
     s = tl.load(s_ptr).to(ACC)
+    if PER_ROW:  # rw: (B, P) contiguous grad_loss; (diag(s_p) r) W = diag(s_p) (r W)
+        s = (s * tl.load(rw_ptr + b * P + offs_p, mask=mask_p, other=0.0).to(ACC))[:, None]
 
     r_rows = r_ptr + b * srb + offs_p[:, None] * srp
     gt_rows = gt_ptr + b * sgtb + offs_p[:, None] * sgtp
@@ -123,10 +133,11 @@ def _projected_mse_grad_x_kernel(
 
 @triton.jit
 def _projected_mse_grad_w_kernel(
-    r_ptr, x_ptr, pw_ptr, pb_ptr,
+    r_ptr, x_ptr, rw_ptr, pw_ptr, pb_ptr,
     P, DS, DT, tiles_p, total_tiles,
     srb, srp, srd, sxb, sxp, sxd,
-    WEIGHT_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    WEIGHT_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr, PER_ROW: tl.constexpr, ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)  # tile of teacher features
@@ -148,12 +159,17 @@ def _projected_mse_grad_w_kernel(
         # r^T tile (BLOCK_N x BLOCK_M), loaded transposed through the strides
         rt = tl.load(r_ptr + b * srb + offs_n[:, None] * srd + offs_p[None, :] * srp,
                      mask=mask_n[:, None] & mask_p[None, :], other=0.0)
+        if PER_ROW:  # each position's r times its grad_loss (rw: (B, P) contiguous)
+            rt_acc = rt.to(ACC) * tl.load(rw_ptr + b * P + offs_p, mask=mask_p, other=0.0).to(ACC)[None, :]
+            rt = rt_acc.to(rt.dtype)
+        else:
+            rt_acc = rt.to(ACC)
         if WEIGHT_GRAD:
             xt = tl.load(x_ptr + b * sxb + offs_p[:, None] * sxp + offs_k[None, :] * sxd,
                          mask=mask_p[:, None] & mask_k[None, :], other=0.0)
             acc = tl.dot(rt, xt, acc, input_precision=PRECISION, out_dtype=ACC)
         if BIAS_GRAD:
-            acc_b += tl.sum(rt.to(ACC), axis=1)
+            acc_b += tl.sum(rt_acc, axis=1)
     if WEIGHT_GRAD:
         pw = pw_ptr + split.to(tl.int64) * DT * DS + offs_n[:, None] * DS + offs_k[None, :]
         tl.store(pw, acc, mask=mask_n[:, None] & mask_k[None, :])
@@ -168,9 +184,13 @@ def _tiles(dtype: torch.dtype):
     return tiles("feature", TILES)[torch.empty((), dtype=dtype).element_size()]
 
 
+def _check_reduction(reduction: int) -> None:
+    if not 0 <= reduction < len(FEATURES.names):
+        raise ValueError(f"reduction must be 0 (mean), 1 (sum), 2 (batchmean) or 3 (none), got {reduction}")
+
+
 def _check(x: Tensor, t: Tensor, weight: Tensor, bias: Optional[Tensor], reduction: int) -> None:
-    if reduction not in (0, 1, 2):
-        raise ValueError(f"reduction must be 0 (mean), 1 (sum) or 2 (batchmean), got {reduction}")
+    _check_reduction(reduction)
     if x.dim() != 3 or t.dim() != 3 or x.shape[:2] != t.shape[:2]:
         raise ValueError(f"x and t must be 3-D (B, P, D) with the same (B, P), got {tuple(x.shape)} and "
                          f"{tuple(t.shape)}")
@@ -181,19 +201,23 @@ def _check(x: Tensor, t: Tensor, weight: Tensor, bias: Optional[Tensor], reducti
 
 
 def forward(x: Tensor, t: Tensor, weight: Tensor, bias: Optional[Tensor], reduction: int) -> tuple[Tensor, Tensor]:
-    """(loss (), residual (B, P, Dt) in the input dtype and feature.h's layout)."""
+    """(loss () or, for "none", (B, P); residual (B, P, Dt) in the input dtype and feature.h's layout)."""
     _check(x, t, weight, bias, reduction)
     B, P, Ds = x.shape
     Dt = t.shape[2]
     residual = empty_in_layout(B, P, Dt, feature_major(P, Dt, t.stride(1)), t)
     block_m, block_n, block_k, num_warps = _tiles(x.dtype)
     tiles_p, tiles_n = triton.cdiv(P, block_m), triton.cdiv(Dt, block_n)
-    partial = torch.zeros((B * tiles_p, tiles_n), dtype=opmath_dtype(x.dtype), device=x.device)
+    per_row = reduction == FEATURE_NONE
+    partial = torch.zeros((B, P, tiles_n) if per_row else (B * tiles_p, tiles_n), dtype=opmath_dtype(x.dtype),
+                          device=x.device)
     if partial.numel():
         launch(_projected_mse_fwd_kernel, (B * tiles_p, tiles_n), x, t, weight, weight if bias is None else bias,
                residual, partial, P, Ds, Dt, tiles_p, *x.stride(), *t.stride(), *weight.stride(), *residual.stride(),
-               HAS_BIAS=bias is not None, ACC=tl_opmath(x.dtype), PRECISION=dot_precision(x.dtype), BLOCK_M=block_m,
+               HAS_BIAS=bias is not None, PER_ROW=per_row, ACC=tl_opmath(x.dtype), PRECISION=dot_precision(x.dtype), BLOCK_M=block_m,
                BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=NUM_STAGES)
+    if per_row:
+        return partial.sum(-1), residual
     return partial.sum() / denominator(reduction, B * P, Dt), residual
 
 
@@ -209,8 +233,7 @@ def backward(grad_loss: Tensor, x: Tensor, weight: Tensor, residual: Tensor, red
              t_grad: bool, weight_grad: bool, bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(grad_x, grad_t, grad_weight, grad_bias); grad_x / grad_t in the residual's layout, an
     unrequested gradient is an empty (0,) tensor. x is read only for grad_weight, weight only for grad_x."""
-    if reduction not in (0, 1, 2):
-        raise ValueError(f"reduction must be 0 (mean), 1 (sum) or 2 (batchmean), got {reduction}")
+    _check_reduction(reduction)
     if residual.dim() != 3:
         raise ValueError(f"residual must be 3-D (B, P, Dt), got {tuple(residual.shape)}")
     B, P, Dt = residual.shape
@@ -223,20 +246,30 @@ def backward(grad_loss: Tensor, x: Tensor, weight: Tensor, residual: Tensor, red
     grad_x = empty_in_layout(B, P, Ds, fmajor, residual) if x_grad else empty()
     grad_t = empty_in_layout(B, P, Dt, fmajor, residual) if t_grad else empty()
     factor = grad_factor(reduction, B * P, Dt)
-    s = (grad_loss.reshape(()).to(acc_dtype) * factor).reshape(1)  # stays on the device: no host sync
+    per_row = reduction == FEATURE_NONE
+    if per_row:  # s = the factor; the kernels scale each position by its grad_loss[b, p] (row_w)
+        row_w = grad_loss.to(acc_dtype).reshape(B, P).contiguous()
+        s = torch.full((1,), factor, dtype=acc_dtype, device=residual.device)
+    else:
+        row_w = residual  # not read
+        s = (grad_loss.reshape(()).to(acc_dtype) * factor).reshape(1)  # stays on the device: no host sync
     block_m, block_n, block_k, num_warps = _tiles(dtype)
     tiles_p = triton.cdiv(P, block_m)
     ACC, PRECISION = tl_opmath(dtype), dot_precision(dtype)
 
     if x_grad and B * tiles_p and Ds:
-        launch(_projected_mse_grad_x_kernel, (B * tiles_p, triton.cdiv(Ds, block_k)), residual, weight, s, grad_x,
-               grad_t if t_grad else grad_x, P, Ds, Dt, tiles_p, *residual.stride(), *weight.stride(), *grad_x.stride(),
-               *(grad_t.stride() if t_grad else grad_x.stride()), WRITE_GT=t_grad, ACC=ACC, PRECISION=PRECISION,
+        launch(_projected_mse_grad_x_kernel, (B * tiles_p, triton.cdiv(Ds, block_k)), residual, weight, s, row_w,
+               grad_x, grad_t if t_grad else grad_x, P, Ds, Dt, tiles_p, *residual.stride(), *weight.stride(),
+               *grad_x.stride(), *(grad_t.stride() if t_grad else grad_x.stride()), WRITE_GT=t_grad, PER_ROW=per_row,
+               ACC=ACC, PRECISION=PRECISION,
                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=NUM_STAGES)
     elif x_grad:
         grad_x.zero_()
     if t_grad and not (x_grad and B * tiles_p and Ds):  # no grad_x program wrote it
-        torch.mul(residual, -s.reshape(()), out=grad_t)  # a 0-d factor keeps the residual's dtype
+        if per_row:  # computed in the op-math dtype, rounded once into grad_t
+            torch.mul(residual, (row_w * -s).unsqueeze(-1), out=grad_t)
+        else:
+            torch.mul(residual, -s.reshape(()), out=grad_t)  # a 0-d factor keeps the residual's dtype
 
     grad_w = empty()
     grad_b = empty()
@@ -250,9 +283,9 @@ def backward(grad_loss: Tensor, x: Tensor, weight: Tensor, residual: Tensor, red
         part_b = torch.zeros((splits, Dt) if bias_grad else (0,), dtype=acc_dtype, device=residual.device)
         if total and tiles_n:
             launch(_projected_mse_grad_w_kernel, (tiles_n, tiles_k, splits), residual, x if w_kernel else residual,
-                   part_w, part_b, P, Ds, Dt, tiles_p, total, *residual.stride(),
-                   *(x.stride() if w_kernel else residual.stride()), WEIGHT_GRAD=w_kernel, BIAS_GRAD=bias_grad, ACC=ACC,
-                   PRECISION=PRECISION, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+                   row_w, part_w, part_b, P, Ds, Dt, tiles_p, total, *residual.stride(),
+                   *(x.stride() if w_kernel else residual.stride()), WEIGHT_GRAD=w_kernel, BIAS_GRAD=bias_grad,
+                   PER_ROW=per_row, ACC=ACC, PRECISION=PRECISION, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
                    num_stages=NUM_STAGES)
         if weight_grad:
             grad_w = (part_w.sum(0) * s).to(dtype) if w_kernel else residual.new_zeros((Dt, Ds))
