@@ -1,4 +1,7 @@
-"""CPU time and peak memory of the relation losses, fused ("cpu") vs the eager reference ("torch").
+"""CPU time and peak memory of the relation losses, fused ("cpu") vs the accuracy reference ("torch").
+
+The reference is the spec, not what users run (it computes distances without the Gram trick): for
+ratios against the usual eager compositions, torch.compile and torchdistill use ``make bench``.
 
 One fresh process per case (docs/design.md §5: peak RSS of a fresh process); forward + backward of the
 "mean"/"batchmean" loss on fp32 (B, D) inputs, the student requiring grad. Prints one line per case:
