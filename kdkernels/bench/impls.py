@@ -61,20 +61,13 @@ class Api:
     errors: dict
 
 
-def _try_import(name: str):
-    try:
-        return importlib.import_module(name), None
-    except Exception as e:  # noqa: BLE001 - any failure means "not available", with the reason kept
-        return None, f"{type(e).__name__}: {e}"
-
-
 @functools.lru_cache(maxsize=1)
 def api() -> Api:
     errors = {}
-    functional, err = _try_import("kdkernels.functional")
+    functional, err = peers.try_import("kdkernels.functional")
     if err:
         errors["kdkernels.functional"] = err
-    backends, err = _try_import("kdkernels.backends")
+    backends, err = peers.try_import("kdkernels.backends")
     if err:
         errors["kdkernels.backends"] = err
     reference = importlib.import_module("kdkernels.reference")

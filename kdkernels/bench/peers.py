@@ -41,7 +41,8 @@ NOTES = {
 }
 
 
-def _try_import(name: str):
+def try_import(name: str):
+    """(module, None), or (None, the reason it cannot be imported); the bench's one import probe."""
     try:
         return importlib.import_module(name), None
     except Exception as e:  # noqa: BLE001 - any failure means "not available", with the reason kept
@@ -51,7 +52,7 @@ def _try_import(name: str):
 @functools.lru_cache(maxsize=1)
 def torchdistill():
     """(module torchdistill.losses.mid_level, version) or (None, reason)."""
-    mod, err = _try_import("torchdistill.losses.mid_level")
+    mod, err = try_import("torchdistill.losses.mid_level")
     if mod is None:
         return None, err
     return mod, getattr(importlib.import_module("torchdistill"), "__version__", "?")
@@ -60,8 +61,8 @@ def torchdistill():
 @functools.lru_cache(maxsize=1)
 def liger():
     """({"kl": LigerKLDIVLoss, "jsd": LigerJSD, "version": str}, None) or (None, reason)."""
-    kl, err = _try_import("liger_kernel.transformers.kl_div")
-    jsd, err2 = _try_import("liger_kernel.transformers.jsd")
+    kl, err = try_import("liger_kernel.transformers.kl_div")
+    jsd, err2 = try_import("liger_kernel.transformers.jsd")
     if kl is None or jsd is None:
         return None, err or err2
     return {"kl": kl.LigerKLDIVLoss, "jsd": jsd.LigerJSD,
