@@ -17,7 +17,7 @@ from torch import Tensor
 
 from kdkernels.triton._common import launch
 from kdkernels.triton.relation._rows import (EPS, NEAR_RATIO, add_pair_grad, op_rows, relation_tiles, smooth_l1,
-                                             smooth_l1_grad, sq_dist_tile)
+                                             smooth_l1_grad, sq_dist_tile, upstream)
 
 @triton.jit
 def _sq_dist_matrix_kernel(e_ptr, n_ptr, out_ptr, B, D, NEAR_RATIO: tl.constexpr, BLOCK: tl.constexpr,
@@ -178,5 +178,5 @@ def backward(grad_loss: Tensor, student: Tensor, teacher: Tensor) -> Tensor:
     block, block_d, angle_block = relation_tiles()
     e, n, sq_s, inv_s = angle_side(student, block, block_d)
     _, _, sq_t, inv_t = angle_side(teacher, block, block_d)
-    weights = angle_pair_weights(sq_s, inv_s, sq_t, inv_t, grad_loss.to(e.dtype).contiguous(), angle_block)
+    weights = angle_pair_weights(sq_s, inv_s, sq_t, inv_t, upstream(grad_loss, e), angle_block)
     return gradient_from_pair_weights(weights, sq_s, e, n, block, block_d).to(student.dtype)

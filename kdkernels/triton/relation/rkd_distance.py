@@ -18,7 +18,7 @@ from torch import Tensor
 
 from kdkernels.triton._common import launch
 from kdkernels.triton.relation._rows import (EPS, NEAR_RATIO, add_pair_grad, clamped_distance, op_rows,
-                                             relation_tiles, smooth_l1, smooth_l1_grad, sq_dist_tile)
+                                             relation_tiles, smooth_l1, smooth_l1_grad, sq_dist_tile, upstream)
 
 @triton.jit
 def distance_pair_weight(sq_s, sq_t, keep, pair_w, mu_s, mu_t, through_mu, EPS: tl.constexpr):
@@ -161,7 +161,7 @@ def backward(grad_loss: Tensor, student: Tensor, teacher: Tensor, stats: Tensor)
     es, ns = op_rows(student, True)
     et, nt = op_rows(teacher, True)
     batch = es.shape[0]
-    g = grad_loss.to(es.dtype).contiguous()
+    g = upstream(grad_loss, es)
     stats = stats.contiguous()
     per_row = g.dim() == 1
     through = through_mu_weighted(_row_pass(es, ns, et, nt, block, block_d), batch, stats, g) if per_row else stats

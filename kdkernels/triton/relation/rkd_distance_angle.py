@@ -12,7 +12,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kdkernels.triton._common import launch
-from kdkernels.triton.relation._rows import EPS, NEAR_RATIO, relation_tiles
+from kdkernels.triton.relation._rows import EPS, NEAR_RATIO, relation_tiles, upstream
 from kdkernels.triton.relation.rkd_angle import angle_loss, angle_pair_weights, angle_side, gradient_from_pair_weights
 from kdkernels.triton.relation.rkd_distance import (distance_pair_weight, distance_passes, distance_rows_kernel,
                                                     through_mu_weighted)
@@ -68,8 +68,8 @@ def backward(grad_distance: Tensor, grad_angle: Tensor, student: Tensor, teacher
     e, n, sq_s, inv_s = angle_side(student, block, block_d)
     _, _, sq_t, inv_t = angle_side(teacher, block, block_d)
     batch = e.shape[0]
-    weights = angle_pair_weights(sq_s, inv_s, sq_t, inv_t, grad_angle.to(e.dtype).contiguous(), angle_block)
-    g = grad_distance.to(e.dtype).contiguous()
+    weights = angle_pair_weights(sq_s, inv_s, sq_t, inv_t, upstream(grad_angle, e), angle_block)
+    g = upstream(grad_distance, e)
     stats = stats.contiguous()
     per_row = g.dim() == 1
     through = through_mu_weighted(_sq_pass(sq_s, sq_t, block, block_d), batch, stats, g) if per_row else stats

@@ -13,7 +13,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kdkernels.triton._common import launch
-from kdkernels.triton.relation._rows import EPS, gram_tile, ieee_sqrt, op_rows, relation_tiles
+from kdkernels.triton.relation._rows import EPS, gram_tile, ieee_sqrt, op_rows, relation_tiles, upstream
 
 @triton.jit
 def _sp_norm_kernel(fs_ptr, ft_ptr, ns_ptr, nt_ptr, B, Ds, Dt, EPS: tl.constexpr, BLOCK: tl.constexpr,
@@ -119,7 +119,7 @@ def backward(grad_loss: Tensor, student: Tensor, teacher: Tensor, stats: Tensor)
     ft, _ = op_rows(teacher, False)
     batch = fs.shape[0]
     grad = torch.zeros_like(fs)
-    g = grad_loss.to(fs.dtype).contiguous()
+    g = upstream(grad_loss, fs)
     launch(_sp_grad_kernel, (triton.cdiv(batch, block),), g, fs, ft, stats.contiguous(), grad, batch, fs.shape[1],
            ft.shape[1], g.dim() == 1, block, block_d)
     return grad.to(student.dtype)
