@@ -161,11 +161,11 @@ def _fused_projected_mse(backend, student, teacher, weight, bias, feature_dim, r
     return loss
 
 
-def _check_relation_inputs(loss, student, teacher, reduction, reductions: red.Reductions):
+def _check_relation_inputs(loss, student, teacher, reduction):
     v.check_float_tensor("student", student)
     v.check_float_tensor("teacher", teacher)
     v.check_same_device(student=student, teacher=teacher)
-    reductions.check(reduction)
+    red.RELATION.check(reduction)
     v.check_min_dim("student", student, 2, "batch, features...")
     v.check_min_dim("teacher", teacher, 2, "batch, features...")
     if student.shape[0] != teacher.shape[0]:
@@ -184,39 +184,45 @@ def _relation_rows(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
     return student.reshape(batch, -1).contiguous(), teacher.reshape(batch, -1).contiguous()
 
 
-def _entries(loss_op, batch: int) -> int:
-    """How many matrix entries a relation op's summed loss runs over: B^3 for angle, B^2 otherwise."""
-    return batch ** 3 if loss_op is ops.RKD_ANGLE else batch * batch
+def _terms_per_row(loss_op, batch: int) -> int:
+    """How many matrix entries a relation op's per-row loss sums: B^2 for angle (anchor i's (B, B)
+    slice of the B^3 cosines), B otherwise (row i of a (B, B) matrix)."""
+    return batch * batch if loss_op is ops.RKD_ANGLE else batch
 
 
 def _fused_relation(loss_op, backend: str, student: Tensor, teacher: Tensor, reduction: str) -> Tensor:
-    """``loss_op`` (a single-loss relation op) on ``backend``, reduced."""
-    out = loss_op.forward(backend, *_relation_rows(student, teacher))
-    total = out[0] if isinstance(out, tuple) else out  # distance and SP also return their stats
-    return red.reduce_entry_sum(total, reduction, _entries(loss_op, student.shape[0]))
+    """``loss_op`` (a single-loss relation op) on ``backend``, reduced: "none" asks the op for the
+    per-row losses, every other word for their total."""
+    out = loss_op.forward(backend, *_relation_rows(student, teacher), reduction == "none")
+    loss = out[0] if isinstance(out, tuple) else out  # distance and SP also return their stats
+    batch = student.shape[0]
+    return red.reduce_relation(loss, reduction, batch, _terms_per_row(loss_op, batch))
 
 
 def rkd_distance(student: Tensor, teacher: Tensor, reduction: str = "mean", backend: str = "auto") -> Tensor:
     """RKD distance loss between (B, ...) student and teacher embeddings (docs/design.md §2.3).
 
-    Smooth-L1 between the pairwise distance matrices, each divided by its mean positive distance.
-    The teacher gets no gradient. reduction: "mean" over the B^2 entries, or "sum". The fused
-    backends never form the (B, B) distance matrices.
+    Smooth-L1 between the pairwise distance matrices, each divided by its mean positive distance;
+    row i's loss is l_i = sum_j smooth_l1(d^_s,ij - d^_t,ij). The teacher gets no gradient.
+    reduction: "mean" over the B^2 entries (default), "sum", "batchmean" (sum / B) or "none" (the
+    (B,) per-row losses). The fused backends never form the (B, B) distance matrices.
     """
-    _check_relation_inputs("rkd_distance", student, teacher, reduction, red.RKD_ENTRIES)
+    _check_relation_inputs("rkd_distance", student, teacher, reduction)
     student, teacher = v.promote_floating(student, teacher)
     return _dispatch.run("rkd_distance", backend, student.device, reference.rkd_distance,
                          functools.partial(_fused_relation, ops.RKD_DISTANCE), student, teacher, reduction)
 
 
 def rkd_angle(student: Tensor, teacher: Tensor, reduction: str = "mean", backend: str = "auto") -> Tensor:
-    """RKD angle loss between (B, ...) embeddings: smooth-L1 between the B^3 cosines <u_ij, u_ik>.
+    """RKD angle loss between (B, ...) embeddings: smooth-L1 between the B^3 cosines <u_ij, u_ik>;
+    anchor i's loss is l_i = sum_jk smooth_l1(psi_s,ijk - psi_t,ijk).
 
-    The teacher gets no gradient. reduction: "mean" over the B^3 entries, or "sum". The fused
-    backends keep O(B^2) memory (no (B, B, B) or (B, B, D) tensor). A coincident pair
-    (|e_j - e_i| <= 1e-12, u_ij = 0) passes no gradient, on every backend.
+    The teacher gets no gradient. reduction: "mean" over the B^3 entries (default), "sum",
+    "batchmean" (sum / B) or "none" (the (B,) per-anchor losses). The fused backends keep O(B^2)
+    memory (no (B, B, B) or (B, B, D) tensor). A coincident pair (|e_j - e_i| <= 1e-12, u_ij = 0)
+    passes no gradient, on every backend.
     """
-    _check_relation_inputs("rkd_angle", student, teacher, reduction, red.RKD_ENTRIES)
+    _check_relation_inputs("rkd_angle", student, teacher, reduction)
     student, teacher = v.promote_floating(student, teacher)
     return _dispatch.run("rkd_angle", backend, student.device, reference.rkd_angle,
                          functools.partial(_fused_relation, ops.RKD_ANGLE), student, teacher, reduction)
@@ -225,14 +231,16 @@ def rkd_angle(student: Tensor, teacher: Tensor, reduction: str = "mean", backend
 def rkd(student: Tensor, teacher: Tensor, distance_weight: float = 1.0, angle_weight: float = 2.0,
         reduction: str = "mean", backend: str = "auto") -> Tensor:
     """``distance_weight * rkd_distance + angle_weight * rkd_angle`` (docs/design.md §2.3; the RKD paper's
-    lambda_D = 1, lambda_A = 2 by default), each term reduced by ``reduction`` ("mean" or "sum").
+    lambda_D = 1, lambda_A = 2 by default), each term reduced by ``reduction`` (as in
+    ``rkd_distance`` / ``rkd_angle``: "mean", "sum", "batchmean", or "none" for the (B,) weighted
+    per-row losses distance_weight * l^dist_i + angle_weight * l^angle_i).
 
     The fused backends compute both terms in one op from one set of (B, B) squared distances per
     side, forward and backward (O(B^2) memory, as ``rkd_angle``). A weight of 0 skips its term
     entirely (so distance alone keeps ``rkd_distance``'s O(B) memory); weights must be finite and
     >= 0, not both 0.
     """
-    _check_relation_inputs("rkd", student, teacher, reduction, red.RKD_ENTRIES)
+    _check_relation_inputs("rkd", student, teacher, reduction)
     student, teacher = v.promote_floating(student, teacher)
     distance_weight, angle_weight = v.check_rkd_weights(distance_weight, angle_weight)
     return _dispatch.run("rkd", backend, student.device, reference.rkd, _fused_rkd, student, teacher,
@@ -244,18 +252,23 @@ def _fused_rkd(backend, student, teacher, distance_weight, angle_weight, reducti
         return distance_weight * _fused_relation(ops.RKD_DISTANCE, backend, student, teacher, reduction)
     if distance_weight == 0:
         return angle_weight * _fused_relation(ops.RKD_ANGLE, backend, student, teacher, reduction)
-    distance, angle, _stats = ops.RKD_DISTANCE_ANGLE.forward(backend, *_relation_rows(student, teacher))
+    distance, angle, _stats = ops.RKD_DISTANCE_ANGLE.forward(backend, *_relation_rows(student, teacher),
+                                                             reduction == "none")
     batch = student.shape[0]
-    return (distance_weight * red.reduce_entry_sum(distance, reduction, _entries(ops.RKD_DISTANCE, batch))
-            + angle_weight * red.reduce_entry_sum(angle, reduction, _entries(ops.RKD_ANGLE, batch)))
+    return (distance_weight * red.reduce_relation(distance, reduction, batch, _terms_per_row(ops.RKD_DISTANCE, batch))
+            + angle_weight * red.reduce_relation(angle, reduction, batch, _terms_per_row(ops.RKD_ANGLE, batch)))
 
 
-def similarity_preserving(student: Tensor, teacher: Tensor, reduction: str = "batchmean",
+def similarity_preserving(student: Tensor, teacher: Tensor, reduction: str = "mean",
                           backend: str = "auto") -> Tensor:
     """Similarity-preserving loss between (B, ...) features: ||G_t^ - G_s^||_F^2 of the L2
-    row-normalised Gram matrices; "batchmean" divides by B^2, "sum" does not. The teacher gets
-    no gradient; the fused backends never form the (B, B) Gram matrices."""
-    _check_relation_inputs("similarity_preserving", student, teacher, reduction, red.SP_ENTRIES)
+    row-normalised Gram matrices; row i's loss is l_i = sum_j (G^_t,ij - G^_s,ij)^2.
+
+    reduction: "mean" (default: sum / B^2, the paper's normalisation), "sum", "batchmean" (sum / B;
+    before the relation reductions were unified it meant sum / B^2, now "mean": docs/decisions.md,
+    "Reductions") or "none" (the (B,) per-row losses). The teacher gets no gradient; the fused
+    backends never form the (B, B) Gram matrices."""
+    _check_relation_inputs("similarity_preserving", student, teacher, reduction)
     student, teacher = v.promote_floating(student, teacher)
     return _dispatch.run("similarity_preserving", backend, student.device, reference.similarity_preserving,
                          functools.partial(_fused_relation, ops.SIMILARITY_PRESERVING), student, teacher, reduction)

@@ -85,16 +85,18 @@ class ProjectedMSELoss(nn.Module):
 
 
 class _RelationLoss(nn.Module):
+    """reduction: "mean" (over the matrix entries), "sum", "batchmean" (sum / B) or "none" (the (B,)
+    per-row losses); see kdkernels.reduction.RELATION."""
     _fn = None
-    _reductions = red.RKD_ENTRIES
 
     def __init__(self, reduction: str = "mean", backend: str = "auto") -> None:
         super().__init__()
-        self.reduction = self._reductions.check(reduction)
+        self.reduction = red.RELATION.check(reduction)
         self.backend = backends.check_name(backend)
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
-        """The loss between (B, ...) student and teacher embeddings (the teacher gets no gradient); 0-d."""
+        """The loss between (B, ...) student and teacher embeddings (the teacher gets no gradient);
+        0-d, or (B,) for reduction="none"."""
         return type(self)._fn(student, teacher, self.reduction, self.backend)
 
     def extra_repr(self) -> str:
@@ -112,12 +114,9 @@ class RKDAngleLoss(_RelationLoss):
 
 
 class SimilarityPreservingLoss(_RelationLoss):
-    """Similarity-preserving loss; see :func:`kdkernels.functional.similarity_preserving`."""
+    """Similarity-preserving loss; see :func:`kdkernels.functional.similarity_preserving`. The default
+    "mean" is the paper's sum / B^2 ("batchmean" is sum / B)."""
     _fn = staticmethod(F.similarity_preserving)
-    _reductions = red.SP_ENTRIES
-
-    def __init__(self, reduction: str = "batchmean", backend: str = "auto") -> None:
-        super().__init__(reduction, backend)
 
 
 class RKDLoss(nn.Module):
@@ -131,11 +130,12 @@ class RKDLoss(nn.Module):
                  backend: str = "auto") -> None:
         super().__init__()
         self.distance_weight, self.angle_weight = v.check_rkd_weights(distance_weight, angle_weight)
-        self.reduction = red.RKD_ENTRIES.check(reduction)
+        self.reduction = red.RELATION.check(reduction)
         self.backend = backends.check_name(backend)
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
-        """Both RKD terms between (B, ...) student and teacher embeddings (the teacher gets no gradient); 0-d."""
+        """Both RKD terms between (B, ...) student and teacher embeddings (the teacher gets no gradient);
+        0-d, or (B,) for reduction="none"."""
         return F.rkd(student, teacher, self.distance_weight, self.angle_weight, self.reduction, self.backend)
 
     def extra_repr(self) -> str:

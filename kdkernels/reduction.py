@@ -12,8 +12,12 @@ A loss family reduces one of three things, so it has one of three reduction sets
   per element as ``F.mse_loss(reduction="none")``). The fused kernels apply it inside (they take
   ``FEATURES.code(name)``) with the divisor ``feature_denominator`` gives ("none": each row's
   sum, divided by nothing); the C++ kernels use the same rule from csrc/include/kdkernels/feature.h.
-* ``RKD_ENTRIES`` / ``SP_ENTRIES`` (relation) reduce a sum over matrix entries (B^2 for distance and
-  SP, B^3 for angle): "sum" as is, "mean" (RKD) / "batchmean" (SP) divide by the number of entries.
+* ``RELATION`` (relation: RKD distance, RKD angle, RKD, SP) reduces the per-row losses l_i of a batch of
+  B samples, each row summing ``terms_per_row`` matrix entries (B for distance and SP, whose matrices
+  are (B, B); B^2 for angle, (B, B, B)): "mean" -> sum_i l_i / (B terms_per_row), the mean over the
+  matrix entries (the default of every relation loss); "sum"; "batchmean" -> sum_i l_i / B;
+  "none" -> the per-row losses (B,). The fused ops return either the per-row losses (B,) or their
+  total (``per_row``), so "none" is the op's output as is and the other words reduce the total.
 
 The reference (backend "torch") and the fused backends reduce through these functions, so every
 backend reduces exactly the same way (docs/design.md §2).
@@ -48,8 +52,7 @@ ROWS = Reductions("response", ("batchmean", "sum", "mean", "none"))
 # codes 0..3 are the kernels' ints (feature.h kFeature*): append, never reorder
 FEATURES = Reductions("feature", ("mean", "sum", "batchmean", "none"))
 FEATURE_NONE = FEATURES.code("none")  # its ops' loss and grad_loss are (B, P) per-row values, not 0-d
-RKD_ENTRIES = Reductions("relation (RKD)", ("mean", "sum"))
-SP_ENTRIES = Reductions("relation (SP)", ("batchmean", "sum"))
+RELATION = Reductions("relation", ("mean", "sum", "batchmean", "none"))
 
 
 # ---- ROWS ------------------------------------------------------------------------------------
@@ -103,8 +106,13 @@ def reduce_squared_error(squared_error: Tensor, reduction: str, rows: int) -> Te
     return total if reduction == "sum" else total / max(1, rows)
 
 
-# ---- RKD_ENTRIES / SP_ENTRIES ----------------------------------------------------------------
-def reduce_entry_sum(total: Tensor, reduction: str, entries: int) -> Tensor:
-    """A loss summed over ``entries`` matrix entries, reduced: "sum" as is, "mean" / "batchmean"
-    divided by ``entries``."""
-    return total if reduction == "sum" else total / entries
+# ---- RELATION --------------------------------------------------------------------------------
+def reduce_relation(loss: Tensor, reduction: str, batch: int, terms_per_row: int) -> Tensor:
+    """A relation loss reduced as ``reduction`` (one of ``RELATION``). ``loss`` is the per-row losses
+    (B,) for "none" (returned as is) and their 0-d total otherwise; ``batch`` = B >= 2 (the
+    functional layer checks it), ``terms_per_row`` the matrix entries each row sums."""
+    if reduction in ("none", "sum"):
+        return loss
+    if reduction == "batchmean":
+        return loss / batch
+    return loss / (batch * terms_per_row)  # "mean"

@@ -92,7 +92,7 @@ RELATION_SHAPES = {"same-dims": (9, 7, 7, ()), "ds-ne-dt": (8, 6, 10, ()), "maps
 
 @pytest.mark.parametrize("loss", ["rkd_distance", "rkd_angle", "rkd", "similarity_preserving"])
 @pytest.mark.parametrize("shape", sorted(RELATION_SHAPES))
-@pytest.mark.parametrize("reduction", ["default", "sum"])
+@pytest.mark.parametrize("reduction", ["default", "sum", "batchmean", "none"])
 def test_relation_eager_equals_reference(loss, shape, reduction):
     b, ds, dt, spatial = RELATION_SHAPES[shape]
     s, t = relation_inputs(_src(), b, ds, dt, spatial)
@@ -164,6 +164,20 @@ def test_torchdistill_fitnet_equals_reference(layout):
     o = {"feature_dim": fd}
     _compare(lambda: _td("projected_mse", o, Inputs((x, t, w), {"bias": b, **o})),
              lambda: reference.projected_mse(x, t, w, b, fd), [x, w, b], f"torchdistill MSE {layout}")
+
+
+@needs_td
+def test_torchdistill_relation_reductions_map_to_ours():
+    # SPKDLoss's "batchmean" is our "mean" (sum / B^2); the words it lacks are unavailable
+    s, t = relation_inputs(_src(), 8, 6, 5)
+    inp = Inputs((s, t), {})
+    _close(_td("similarity_preserving", {"reduction": "mean"}, inp), _td("similarity_preserving", {}, inp), "SP mean")
+    _close(_td("similarity_preserving", {"reduction": "sum"}, inp) / 64, _td("similarity_preserving", {}, inp), "SP sum")
+    _compare(lambda: _td("rkd_distance", {"reduction": "sum"}, inp),
+             lambda: reference.rkd_distance(s, t, reduction="sum"), [s], "torchdistill RKD sum")
+    for loss in ("similarity_preserving", "rkd_distance", "rkd_angle", "rkd"):
+        for reduction in ("batchmean", "none"):
+            assert "unavailable" in peers.torchdistill_unavailable(loss, {"reduction": reduction})
 
 
 @needs_td

@@ -116,3 +116,23 @@ def test_relation_losses_compile_fullgraph(loss, device, backend, compile_backen
     grad, = torch.autograd.grad(loss_value, model.head.weight)
     assert_close(loss_value, eager_loss, torch.float32, what="loss")
     assert_close(grad, eager_grad, torch.float32, what="grad")
+
+
+@pytest.mark.parametrize("loss,device,backend", [p for p in RELATION_PARAMS if p.values[0] in ("rkd", "similarity_preserving")])
+def test_relation_per_row_losses_compile_fullgraph(loss, device, backend):
+    # reduction="none": the ops' (B,) output and (B,) upstream gradient through the fakes and autograd
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cls = kdkernels.RKDLoss if loss == "rkd" else kdkernels.SimilarityPreservingLoss
+    model = EmbedderWithRelationKD(cls(reduction="none", backend=backend)).to(device)
+    x = torch.randn(10, 16, device=device)
+    teacher = torch.randn(10, 7, device=device)
+    w = torch.linspace(-0.5, 2.0, 10, device=device)
+    eager_loss = model(x, teacher)
+    eager_grad, = torch.autograd.grad(eager_loss, model.head.weight, w)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    loss_value = compiled(x, teacher)
+    grad, = torch.autograd.grad(loss_value, model.head.weight, w)
+    assert loss_value.shape == (10,)
+    assert_close(loss_value, eager_loss, torch.float32, what="loss")
+    assert_close(grad, eager_grad, torch.float32, what="grad")

@@ -133,11 +133,17 @@ def tb_normalized_distances(E):
     return [[v / mu for v in row] for row in d]
 
 
+def tb_relation_reduce(rows: list[float], reduction: str, terms_per_row: int):
+    """Per-row relation losses reduced: "none" the list, "sum", "batchmean" / B, "mean" / (B terms)."""
+    B, total = len(rows), sum(rows)
+    return {"none": rows, "sum": total, "batchmean": total / B, "mean": total / (B * terms_per_row)}[reduction]
+
+
 def tb_rkd_distance(s, t, reduction):
     ds, dt = tb_normalized_distances(tb_rows(s)), tb_normalized_distances(tb_rows(t))
     B = len(ds)
-    total = sum(tb_smooth_l1(ds[i][j], dt[i][j]) for i in range(B) for j in range(B))
-    return total / (B * B) if reduction == "mean" else total
+    rows = [sum(tb_smooth_l1(ds[i][j], dt[i][j]) for j in range(B)) for i in range(B)]
+    return tb_relation_reduce(rows, reduction, B)
 
 
 def tb_angles(E):
@@ -154,8 +160,8 @@ def tb_angles(E):
 def tb_rkd_angle(s, t, reduction):
     ps, pt = tb_angles(tb_rows(s)), tb_angles(tb_rows(t))
     B = len(ps)
-    total = sum(tb_smooth_l1(ps[i][j][k], pt[i][j][k]) for i in range(B) for j in range(B) for k in range(B))
-    return total / B**3 if reduction == "mean" else total
+    rows = [sum(tb_smooth_l1(ps[i][j][k], pt[i][j][k]) for j in range(B) for k in range(B)) for i in range(B)]
+    return tb_relation_reduce(rows, reduction, B * B)
 
 
 def tb_sp_gram(E):
@@ -170,8 +176,8 @@ def tb_sp_gram(E):
 def tb_similarity_preserving(s, t, reduction):
     gs, gt = tb_sp_gram(tb_rows(s)), tb_sp_gram(tb_rows(t))
     B = len(gs)
-    total = sum((gt[i][j] - gs[i][j]) ** 2 for i in range(B) for j in range(B))
-    return total / (B * B) if reduction == "batchmean" else total
+    rows = [sum((gt[i][j] - gs[i][j]) ** 2 for j in range(B)) for i in range(B)]
+    return tb_relation_reduce(rows, reduction, B)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,10 +428,11 @@ def test_projected_mse_dtypes(dtype):
 # ---------------------------------------------------------------------------------------------
 # relation losses (docs/design.md §2.3)
 # ---------------------------------------------------------------------------------------------
+RELATION_WORDS = ("mean", "sum", "batchmean", "none")
 RELATIONS = {
-    "rkd_distance": (rkd_distance, tb_rkd_distance, ("mean", "sum")),
-    "rkd_angle": (rkd_angle, tb_rkd_angle, ("mean", "sum")),
-    "similarity_preserving": (similarity_preserving, tb_similarity_preserving, ("batchmean", "sum")),
+    "rkd_distance": (rkd_distance, tb_rkd_distance, RELATION_WORDS),
+    "rkd_angle": (rkd_angle, tb_rkd_angle, RELATION_WORDS),
+    "similarity_preserving": (similarity_preserving, tb_similarity_preserving, RELATION_WORDS),
 }
 RELATION_PARAMS = [(name, red) for name, (_, _, reds) in RELATIONS.items() for red in reds]
 EMBED = st.floats(-4, 4, allow_nan=False)
@@ -469,7 +476,7 @@ def test_relation_matches_textbook(name, reduction, case):
     fn, textbook, _ = RELATIONS[name]
     expected = textbook(case["s"], case["t"], reduction)
     got = fn(t64(case["s"]), t64(case["t"]), reduction=reduction)
-    assert got.dtype == torch.float64 and got.shape == ()
+    assert got.dtype == torch.float64 and got.shape == ((len(case["s"]),) if reduction == "none" else ())
     torch.testing.assert_close(got, t64(expected), **F64)
 
 

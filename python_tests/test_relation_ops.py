@@ -35,13 +35,30 @@ def test_gradcheck_cpu(loss, shape):
 
 
 @needs_cpu_ext
+@pytest.mark.parametrize("loss", LOSSES + ("rkd",))
+@pytest.mark.parametrize("shape", [(2, 3), (6, 5), (7, 2, 3, 2)])
+def test_gradcheck_cpu_per_row(loss, shape):
+    # the full Jacobian of the (B,) per-row losses: every one-hot upstream vector through the (B,)
+    # backward path (pair weights w_i + w_j, A_w, SP's row-scaled dL/dG, angle's anchor weights)
+    gen = torch.Generator().manual_seed(7)
+    s = torch.randn(shape, dtype=torch.float64, generator=gen, requires_grad=True)
+    t = torch.randn(shape[0], 4, dtype=torch.float64, generator=gen)
+    if shape[0] > 2 and loss in ("rkd_distance", "similarity_preserving"):
+        with torch.no_grad():
+            s[2] = s[0]  # a duplicate row (the angle is not differentiable there: no gradient by design)
+    fn = getattr(functional, loss)
+    assert torch.autograd.gradcheck(lambda s: fn(s, t, reduction="none", backend="cpu"), (s,))
+
+
+@needs_cpu_ext
 def test_gradcheck_cpu_distance_through_mu_in_huber_linear_region():
     # teacher distances far from the student's: |x| > 1, where only the mu path couples the pairs
     gen = torch.Generator().manual_seed(5)
     s = torch.randn(9, 4, dtype=torch.float64, generator=gen, requires_grad=True)
     t = torch.randn(9, 4, dtype=torch.float64, generator=gen)
     t[0] *= 50
-    assert torch.autograd.gradcheck(lambda s: functional.rkd_distance(s, t, backend="cpu"), (s,))
+    for reduction in ("mean", "none"):
+        assert torch.autograd.gradcheck(lambda s: functional.rkd_distance(s, t, reduction=reduction, backend="cpu"), (s,))
 
 
 def _ops(loss, backend):
@@ -56,22 +73,47 @@ def _op_inputs(device, dtype=torch.float32, batch=9):
     return s, t
 
 
+def _upstream(like: torch.Tensor, value: float) -> torch.Tensor:
+    """An upstream gradient of the loss output's shape: 0-d, or a non-uniform (B,) vector."""
+    if like.dim() == 0:
+        return torch.full_like(like, value)
+    return value * torch.linspace(-1.0, 2.0, like.shape[0], dtype=like.dtype, device=like.device)
+
+
 @pytest.mark.parametrize("loss,device,backend", PARAMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_opcheck_forward(loss, device, backend, dtype):
+@pytest.mark.parametrize("per_row", [False, True])
+def test_opcheck_forward(loss, device, backend, dtype, per_row):
     fwd, _ = _ops(loss, backend)
-    torch.library.opcheck(fwd, _op_inputs(device, dtype))
+    s, t = _op_inputs(device, dtype)
+    with torch.no_grad():
+        out = fwd(s, t, per_row)
+    loss_out = out[0] if isinstance(out, tuple) else out
+    assert loss_out.shape == ((s.shape[0],) if per_row else ())
+    torch.library.opcheck(fwd, (s, t, per_row))
 
 
 @pytest.mark.parametrize("loss,device,backend", PARAMS)
-def test_opcheck_backward(loss, device, backend):
+@pytest.mark.parametrize("per_row", [False, True])
+def test_opcheck_backward(loss, device, backend, per_row):
     fwd, bwd = _ops(loss, backend)
     s, t = _op_inputs(device)
     with torch.no_grad():
-        out = fwd(s, t)
+        out = fwd(s, t, per_row)
     outs = out if isinstance(out, tuple) else (out,)
-    grad_loss = torch.full_like(outs[0], 0.7)
-    torch.library.opcheck(bwd, (grad_loss, s.detach(), t) + tuple(outs[1:]))
+    torch.library.opcheck(bwd, (_upstream(outs[0], 0.7), s.detach(), t) + tuple(outs[1:]))
+
+
+@pytest.mark.parametrize("loss,device,backend", PARAMS)
+def test_backward_rejects_a_misshapen_upstream_gradient(loss, device, backend):
+    fwd, bwd = _ops(loss, backend)
+    s, t = _op_inputs(device)
+    with torch.no_grad():
+        out = fwd(s, t, False)
+    outs = out if isinstance(out, tuple) else (out,)
+    wrong = torch.ones(s.shape[0] + 1, dtype=outs[0].dtype, device=device)
+    with pytest.raises(RuntimeError):
+        bwd(wrong, s.detach(), t, *outs[1:])
 
 
 # ---- memory: peak RSS of a fresh process, above what it held just before the loss -------------
@@ -79,22 +121,25 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     import sys, torch
     from kdkernels import functional
     from kdkernels.bench.rss import peak_extra_bytes
-    loss, backend, batch, dim = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    loss, backend, batch, dim, reduction = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
     torch.manual_seed(0)
     fn = getattr(functional, loss)
-    fn(torch.randn(64, dim, requires_grad=True), torch.randn(64, dim), backend=backend).backward()  # load, warm up
+    def step(s, t):
+        out = fn(s, t, reduction=reduction, backend=backend)
+        out.backward(torch.rand_like(out))  # "none": a (B,) upstream gradient
+    step(torch.randn(64, dim, requires_grad=True), torch.randn(64, dim))  # load, warm up
     s = torch.randn(batch, dim, requires_grad=True)
     t = torch.randn(batch, dim)
-    extra = peak_extra_bytes(lambda: fn(s, t, backend=backend).backward())
+    extra = peak_extra_bytes(lambda: step(s, t))
     if extra is None:
         sys.exit("cannot reset the peak RSS here (/proc/self/clear_refs)")
     print(extra)
 """)
 
 
-def _peak_extra_bytes(loss, backend, batch, dim):
+def _peak_extra_bytes(loss, backend, batch, dim, reduction="mean"):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, loss, backend, str(batch), str(dim)],
+    proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, loss, backend, str(batch), str(dim), reduction],
                           capture_output=True, text=True, env=env, timeout=600)
     if proc.returncode != 0 and "clear_refs" in proc.stderr:
         pytest.skip("cannot reset the peak RSS here (/proc/self/clear_refs)")
@@ -104,10 +149,11 @@ def _peak_extra_bytes(loss, backend, batch, dim):
 
 @needs_cpu_ext
 @pytest.mark.parametrize("loss", ["rkd_distance", "similarity_preserving"])
-def test_cpu_forward_backward_never_holds_a_batch_by_batch_matrix(loss):
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cpu_forward_backward_never_holds_a_batch_by_batch_matrix(loss, reduction):
     batch, dim = 4096, 64
     one_matrix = batch * batch * 4  # a single (B, B) float32 tensor: 64 MiB
-    fused = _peak_extra_bytes(loss, "cpu", batch, dim)
+    fused = _peak_extra_bytes(loss, "cpu", batch, dim, reduction)
     # O(B D + B tile): the student's centred copy, two (tile, B) blocks, the gradient: under one B x B matrix
     assert fused < one_matrix, f"fused {loss} peaked {fused / 2**20:.1f} MiB above its inputs"
     # the measurement sees B x B tensors: the eager reference must trip it
@@ -144,32 +190,34 @@ def test_gradcheck_cpu_combined(weights):
 
 
 @needs_cpu_ext
-def test_gradcheck_cpu_combined_op_each_output():
+@pytest.mark.parametrize("per_row", [False, True])
+def test_gradcheck_cpu_combined_op_each_output(per_row):
     # each output on its own: the backward must route grad_distance and grad_angle to their terms
     gen = torch.Generator().manual_seed(6)
     s = torch.randn(6, 4, dtype=torch.float64, generator=gen, requires_grad=True)
     t = torch.randn(6, 3, dtype=torch.float64, generator=gen)
     fwd, _ = _combined_ops("cpu")
     for k in (0, 1):
-        assert torch.autograd.gradcheck(lambda s: fwd(s, t)[k], (s,))
+        assert torch.autograd.gradcheck(lambda s: fwd(s, t, per_row)[k], (s,))
 
 
 @pytest.mark.parametrize("device,backend", COMBINED_PARAMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_opcheck_combined_forward(device, backend, dtype):
+@pytest.mark.parametrize("per_row", [False, True])
+def test_opcheck_combined_forward(device, backend, dtype, per_row):
     fwd, _ = _combined_ops(backend)
-    torch.library.opcheck(fwd, _op_inputs(device, dtype))
+    torch.library.opcheck(fwd, _op_inputs(device, dtype) + (per_row,))
 
 
 @pytest.mark.parametrize("device,backend", COMBINED_PARAMS)
-def test_opcheck_combined_backward(device, backend):
+@pytest.mark.parametrize("per_row", [False, True])
+def test_opcheck_combined_backward(device, backend, per_row):
     fwd, bwd = _combined_ops(backend)
     s, t = _op_inputs(device)
     with torch.no_grad():
-        _distance, _angle, stats = fwd(s, t)
-    grad_distance = torch.full_like(stats[0], 0.7)
-    grad_angle = torch.full_like(stats[0], -1.3)
-    torch.library.opcheck(bwd, (grad_distance, grad_angle, s.detach(), t, stats))
+        distance, angle, stats = fwd(s, t, per_row)
+    assert distance.shape == angle.shape == ((s.shape[0],) if per_row else ())
+    torch.library.opcheck(bwd, (_upstream(distance, 0.7), _upstream(angle, -1.3), s.detach(), t, stats))
 
 
 class _OpLog(TorchDispatchMode):
@@ -208,7 +256,7 @@ def test_cuda_backward_rejects_host_grads_and_stats():
     # the kernels read these on the device: CPU tensors must be an error, not a bad pointer
     s, t = _op_inputs(torch.device("cuda"))
     s = s.detach()
-    _, stats = torch.ops.kdkernels.rkd_distance_forward(s, t)
+    _, stats = torch.ops.kdkernels.rkd_distance_forward(s, t, False)
     one = torch.ones((), device="cuda")
     with pytest.raises(RuntimeError, match="grad_loss must be on the student's device"):
         torch.ops.kdkernels.rkd_distance_backward(torch.tensor(1.0), s, t, stats)

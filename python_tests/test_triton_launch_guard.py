@@ -58,8 +58,9 @@ DEVICE = _triton_device()
 needs_triton = pytest.mark.skipif(DEVICE is None, reason="no Triton backend here (no GPU, no TRITON_INTERPRET)")
 
 
-def _inputs(op_name: str, device: torch.device):
-    """Small forward inputs of each op, float32, student requiring grad."""
+def _inputs(op_name: str, device: torch.device, per_row: bool):
+    """Small forward inputs of each op, float32, student requiring grad (relation ops: per-row
+    losses or their sum)."""
     g = torch.Generator().manual_seed(0)
 
     def rand(*shape, grad=False):
@@ -69,12 +70,14 @@ def _inputs(op_name: str, device: torch.device):
         return (rand(3, 40, grad=True), rand(3, 40, grad=True), None, 2.0, 2, 0.5, -100, True)
     if op_name == "projected_mse":
         return (rand(2, 5, 6, grad=True), rand(2, 5, 4, grad=True), rand(4, 6, grad=True), rand(4, grad=True), 0)
-    return (rand(9, 6, grad=True), rand(9, 4))  # the relation ops
+    return (rand(9, 6, grad=True), rand(9, 4), per_row)  # the relation ops
 
 
 @needs_triton
-@pytest.mark.parametrize("op", [op for op in ops.ALL_OPS if "triton" in op.backends], ids=lambda op: op.name)
-def test_every_kernel_run_came_through_the_guard(op, monkeypatch):
+@pytest.mark.parametrize("op,per_row", [(op, per_row) for op in ops.ALL_OPS if "triton" in op.backends
+                                         for per_row in ((False, True) if ".relation." in op.spec.triton_module else (False,))],
+                         ids=lambda v: ("per_row" if v else "total") if isinstance(v, bool) else v.name)
+def test_every_kernel_run_came_through_the_guard(op, per_row, monkeypatch):
     from kdkernels.triton import _common
     from kdkernels.triton.response import softmax_kl
 
@@ -92,7 +95,7 @@ def test_every_kernel_run_came_through_the_guard(op, monkeypatch):
 
     monkeypatch.setattr(_common, "device_guard", counting_guard)
     monkeypatch.setattr(kernel_class, "run", counting_run)
-    outputs = op.forward("triton", *_inputs(op.name, DEVICE))
+    outputs = op.forward("triton", *_inputs(op.name, DEVICE, per_row))
     first = outputs[0] if isinstance(outputs, tuple) else outputs
     first.sum().backward()
     assert counts["runs"] > 0

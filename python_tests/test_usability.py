@@ -88,8 +88,8 @@ def test_reprs_show_every_option():
 def test_similarity_preserving_default_is_spelled_out():
     import inspect
 
-    assert inspect.signature(kdkernels.SimilarityPreservingLoss).parameters["reduction"].default == "batchmean"
-    assert kdkernels.SimilarityPreservingLoss().reduction == "batchmean"
+    assert inspect.signature(kdkernels.SimilarityPreservingLoss).parameters["reduction"].default == "mean"
+    assert kdkernels.SimilarityPreservingLoss().reduction == "mean"
 
 
 @pytest.mark.parametrize("module", MODULES + [kdkernels.ProjectedMSELoss], ids=lambda m: m.__name__)

@@ -123,16 +123,18 @@ def relation_launches():
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         s = torch.randn(70, 20).to(dtype)
         t = torch.randn(70, 12).to(dtype)
-        g = torch.ones((), dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-        stats3 = torch.ones(3, dtype=g.dtype)
-        rkd_distance.forward(s, t)
-        rkd_distance.backward(g, s, t, stats3)
-        similarity_preserving.forward(s, t)
-        similarity_preserving.backward(g, s, t, torch.ones(3, 70, dtype=g.dtype))
-        rkd_angle.forward(s, t)
-        rkd_angle.backward(g, s, t)
-        rkd_distance_angle.forward(s, t)
-        rkd_distance_angle.backward(g, g, s, t, stats3)
+        opmath = torch.float64 if dtype == torch.float64 else torch.float32
+        stats3 = torch.ones(3, dtype=opmath)
+        for per_row in (False, True):  # the summed loss and a 0-d upstream; per-row losses and a (B,) one
+            g = torch.ones((70,) if per_row else (), dtype=opmath)
+            rkd_distance.forward(s, t, per_row)
+            rkd_distance.backward(g, s, t, stats3)
+            similarity_preserving.forward(s, t, per_row)
+            similarity_preserving.backward(g, s, t, torch.ones(3, 70, dtype=opmath))
+            rkd_angle.forward(s, t, per_row)
+            rkd_angle.backward(g, s, t)
+            rkd_distance_angle.forward(s, t, per_row)
+            rkd_distance_angle.backward(g, g, s, t, stats3)
 
 
 FAMILIES = {"response": response_launches, "feature": feature_launches, "relation": relation_launches}

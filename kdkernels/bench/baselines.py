@@ -33,7 +33,9 @@ Family by family:
   side under ``torch.no_grad()``. The mean is ``sum / count(d > 0)`` rather than the paper's
   ``d[d > 0].mean()``: the same number, without a host sync or a ``torch.compile`` graph break.
 * ``similarity_preserving``: the SP paper's (Tung & Mori 2019): ``G = f f^T``, rows L2-normalised
-  (``F.normalize``), squared Frobenius norm of the difference, divided by B^2 ("batchmean").
+  (``F.normalize``), squared Frobenius norm of the difference, divided by B^2 (kdkernels' "mean").
+* Relation reductions are kdkernels' words (kdkernels.reduction.RELATION), applied to the
+  elementwise losses.
 """
 from __future__ import annotations
 
@@ -122,18 +124,28 @@ def _angles(e):
     return torch.bmm(u, u.transpose(1, 2))
 
 
+def _reduce_relation(entries, reduction):
+    """(B, ...) elementwise relation losses reduced as kdkernels' words: "mean" over the entries,
+    "sum", "batchmean" (sum / B), "none" (each row's sum, (B,))."""
+    if reduction == "none":
+        return entries.flatten(1).sum(dim=1)
+    if reduction == "mean":
+        return entries.mean()
+    return entries.sum() / (entries.shape[0] if reduction == "batchmean" else 1)
+
+
 def rkd_distance(student, teacher, reduction="mean"):
     s, t = student.flatten(1), teacher.flatten(1)
     with torch.no_grad():
         t_d = _normalized_pdist(t)
-    return F.smooth_l1_loss(_normalized_pdist(s), t_d, reduction=reduction)
+    return _reduce_relation(F.smooth_l1_loss(_normalized_pdist(s), t_d, reduction="none"), reduction)
 
 
 def rkd_angle(student, teacher, reduction="mean"):
     s, t = student.flatten(1), teacher.flatten(1)
     with torch.no_grad():
         t_a = _angles(t)
-    return F.smooth_l1_loss(_angles(s), t_a, reduction=reduction)
+    return _reduce_relation(F.smooth_l1_loss(_angles(s), t_a, reduction="none"), reduction)
 
 
 def rkd(student, teacher, distance_weight=1.0, angle_weight=2.0, reduction="mean"):
@@ -145,10 +157,9 @@ def rkd(student, teacher, distance_weight=1.0, angle_weight=2.0, reduction="mean
     return loss
 
 
-def similarity_preserving(student, teacher, reduction="batchmean"):
+def similarity_preserving(student, teacher, reduction="mean"):
     s, t = student.flatten(1), teacher.flatten(1)
     g_s = F.normalize(s @ s.t(), p=2, dim=1)
     with torch.no_grad():
         g_t = F.normalize(t @ t.t(), p=2, dim=1)
-    loss = (g_t - g_s).pow(2).sum()
-    return loss / (s.shape[0] ** 2) if reduction == "batchmean" else loss
+    return _reduce_relation((g_t - g_s).pow(2), reduction)

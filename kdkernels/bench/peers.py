@@ -17,9 +17,11 @@ bench installs it with ``pip install --no-deps torchdistill``):
   another loss), so this row is torchdistill's wrapper around the eager composition. No "batchmean".
 * ``rkd_distance`` / ``rkd_angle`` / ``rkd`` -> ``RKDLoss(dist_factor, angle_factor)`` with (1, 0),
   (0, 1) and the case's weights: the RKD paper's code (Gram-trick ``pdist``, ``d[d > 0].mean()``).
+  Reductions "mean" and "sum" only (no "batchmean", no per-row "none").
 * ``similarity_preserving`` -> ``SPKDLoss``. **Not the same loss**: it normalises the Gram rows
   with ``normalize(G, 1)`` -- ``p=1``, an L1 norm -- where the SP paper, RepDistiller and kdkernels
-  use L2. Same work, different values; its row is timed and labelled so in the notes.
+  use L2. Same work, different values; its row is timed and labelled so in the notes. Its
+  "batchmean" divides by B^2, kdkernels' "mean"; "sum" as ours; no "batchmean" (sum / B) or "none".
 
 Liger-Kernel (GPU, ``softmax_kl_div``): ``log_softmax`` of both inputs, then
 ``LigerKLDIVLoss(reduction="batchmean", log_target=True)`` (forward KL) or ``LigerJSD(beta)``,
@@ -70,6 +72,9 @@ def liger():
 
 
 # -------------------------------------------------------------------------------- torchdistill
+# kdkernels' SP reduction -> SPKDLoss's: its "batchmean" divides by B^2, which is our "mean"
+SP_REDUCTIONS = {"mean": "batchmean", "sum": "sum"}
+
 def torchdistill_unavailable(loss: str, options: dict) -> str | None:
     """Why torchdistill cannot run this loss with these options, or None."""
     mod, err = torchdistill()
@@ -84,8 +89,10 @@ def torchdistill_unavailable(loss: str, options: dict) -> str | None:
             return "unavailable (torchdistill's KDLoss has no per-row reduction)"
     if loss == "projected_mse" and options.get("reduction", "mean") == "batchmean":
         return "unavailable (nn.MSELoss has no batchmean)"
-    if loss == "similarity_preserving" and options.get("reduction", "batchmean") not in ("batchmean", "sum"):
-        return "unavailable (SPKDLoss reductions: batchmean, sum)"
+    if loss == "similarity_preserving" and options.get("reduction", "mean") not in SP_REDUCTIONS:
+        return "unavailable (SPKDLoss reductions: batchmean = our mean, sum)"
+    if loss in ("rkd_distance", "rkd_angle", "rkd") and options.get("reduction", "mean") not in ("mean", "sum"):
+        return "unavailable (torchdistill's RKDLoss reductions: mean, sum)"
     return None
 
 
@@ -127,7 +134,7 @@ def torchdistill_call(loss: str, options: dict, linear_or_conv: Callable) -> Cal
                         reduction=o.get("reduction", "mean"))
         return lambda inp: fn(_io("s", inp.args[0]), _io("t", inp.args[1]))
     if loss == "similarity_preserving":
-        fn = td.SPKDLoss("s", "t", reduction=o.get("reduction", "batchmean"))
+        fn = td.SPKDLoss("s", "t", reduction=SP_REDUCTIONS[o.get("reduction", "mean")])
         return lambda inp: fn(_io("s", inp.args[0]), _io("t", inp.args[1]))
     raise KeyError(loss)
 

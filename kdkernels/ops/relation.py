@@ -1,11 +1,14 @@
 """Relation family ops: RKD distance, RKD angle, both at once, similarity-preserving (docs/design.md §2.3).
 
-Every op takes student (B, Ds) and teacher (B, Dt) rows: 2-D, B >= 2, one floating dtype. Each
-forward returns the loss summed over all entries (B^2 for distance and SP, B^3 for angle) as a 0-d
-tensor in the op-math dtype (float32; float64 for float64 inputs); the functional layer applies the
-reduction (kdkernels.reduction). The teacher never gets a gradient: each backward returns
-grad_student only, in the student's dtype, given the upstream gradient (0-d, op-math dtype). No
-B x B tensor is allocated (B x B x B for angle, which keeps O(B^2)).
+Every op takes student (B, Ds) and teacher (B, Dt) rows: 2-D, B >= 2, one floating dtype, and a
+last argument ``per_row``. Each forward returns the loss in the op-math dtype (float32; float64 for
+float64 inputs): the per-row losses l_i, shape (B,), when ``per_row`` (row i of the (B, B) matrix;
+anchor i for angle), else their sum over all entries (B^2 for distance and SP, B^3 for angle) as a
+0-d tensor; the functional layer applies the reduction (kdkernels.reduction). The teacher never
+gets a gradient: each backward returns grad_student only, in the student's dtype, given the
+upstream gradient in the op-math dtype and of the forward loss's shape: 0-d g (the gradient of
+g * sum_i l_i) or (B,) w (of sum_i w_i l_i); the kernels branch on its dim. No B x B tensor is
+allocated (B x B x B for angle, which keeps O(B^2)).
 """
 from __future__ import annotations
 
@@ -21,11 +24,16 @@ def _check_rows(student, teacher) -> None:
     torch._check(student.dtype == teacher.dtype, lambda: "student and teacher must have the same dtype")
 
 
-def _summed_loss(student):
-    return student.new_empty((), dtype=opmath_dtype(student.dtype))
+def _loss(student, per_row: bool):
+    """The forward's loss output: (B,) per-row losses or the 0-d sum."""
+    return student.new_empty((student.shape[0],) if per_row else (), dtype=opmath_dtype(student.dtype))
 
 
-def _grad_like(student):
+def _grad_like(student, *grads):
+    """The backward's fake result, after checking each upstream gradient is 0-d or (B,)."""
+    for grad in grads:
+        torch._check(grad.dim() == 0 or tuple(grad.shape) == (student.shape[0],),
+                     lambda: f"the upstream gradient must be 0-d or ({student.shape[0]},), got {tuple(grad.shape)}")
     return torch.empty_like(student, memory_format=torch.contiguous_format)
 
 
@@ -33,7 +41,7 @@ def _save_rows_and(stats_outputs: slice):
     """setup_context that saves (student, teacher, *output[stats_outputs]) when the student needs a grad."""
 
     def setup_context(ctx, inputs, output):
-        student, teacher = inputs
+        student, teacher, _per_row = inputs
         if ctx.needs_input_grad[0]:  # the backward needs both sides (and the stats); nothing otherwise
             stats = output[stats_outputs] if isinstance(output, tuple) else ()
             ctx.save_for_backward(student, teacher, *stats)
@@ -43,92 +51,94 @@ def _save_rows_and(stats_outputs: slice):
 
 def _one_loss_backward(backward_op, ctx, grad_loss, *_grad_stats):
     if not ctx.needs_input_grad[0]:
-        return None, None
-    return backward_op(grad_loss.contiguous(), *ctx.saved_tensors), None
+        return None, None, None
+    return backward_op(grad_loss.contiguous(), *ctx.saved_tensors), None, None
 
 
 # ---- RKD distance ----------------------------------------------------------------------------
-def _distance_forward_fake(student, teacher):
+def _distance_forward_fake(student, teacher, per_row):
     _check_rows(student, teacher)
-    loss = _summed_loss(student)
+    loss = _loss(student, per_row)
     return loss, student.new_empty((3,), dtype=loss.dtype)
 
 
 RKD_DISTANCE = register(OpDef(
     name="rkd_distance",
-    forward_schema="(Tensor student, Tensor teacher) -> (Tensor, Tensor)",
+    forward_schema="(Tensor student, Tensor teacher, bool per_row) -> (Tensor, Tensor)",
     backward_schema="(Tensor grad_loss, Tensor student, Tensor teacher, Tensor stats) -> Tensor",
     forward_fake=_distance_forward_fake,
-    backward_fake=lambda grad_loss, student, teacher, stats: _grad_like(student),
+    backward_fake=lambda grad_loss, student, teacher, stats: _grad_like(student, grad_loss),
     setup_context=_save_rows_and(slice(1, 2)),
     backward=_one_loss_backward,
     triton_module="kdkernels.triton.relation.rkd_distance",
-    doc="""RKD distance, summed over the B^2 entries; stats (3,) = [mu_s, mu_t, A]
-    (csrc/include/kdkernels/relation.h), O(1) state for the backward.""",
+    doc="""RKD distance: per-row losses (B,) or their sum over the B^2 entries; stats (3,) =
+    [mu_s, mu_t, A] (csrc/include/kdkernels/relation.h), O(1) state for the backward (a (B,)
+    upstream gradient recomputes A with its weights in one more pass).""",
 ))
 
 
 # ---- similarity-preserving -------------------------------------------------------------------
-def _sp_forward_fake(student, teacher):
+def _sp_forward_fake(student, teacher, per_row):
     _check_rows(student, teacher)
-    loss = _summed_loss(student)
+    loss = _loss(student, per_row)
     return loss, student.new_empty((3, student.shape[0]), dtype=loss.dtype)
 
 
 SIMILARITY_PRESERVING = register(OpDef(
     name="similarity_preserving",
-    forward_schema="(Tensor student, Tensor teacher) -> (Tensor, Tensor)",
+    forward_schema="(Tensor student, Tensor teacher, bool per_row) -> (Tensor, Tensor)",
     backward_schema="(Tensor grad_loss, Tensor student, Tensor teacher, Tensor stats) -> Tensor",
     forward_fake=_sp_forward_fake,
-    backward_fake=lambda grad_loss, student, teacher, stats: _grad_like(student),
+    backward_fake=lambda grad_loss, student, teacher, stats: _grad_like(student, grad_loss),
     setup_context=_save_rows_and(slice(1, 2)),
     backward=_one_loss_backward,
     triton_module="kdkernels.triton.relation.similarity_preserving",
-    doc="""Similarity-preserving loss, summed over the B^2 entries; stats (3, B) = [row norms n_s,
+    doc="""Similarity-preserving loss: per-row losses (B,) or their sum over the B^2 entries; stats (3, B) = [row norms n_s,
     row norms n_t, gamma'] (relation.h), O(B) state for the backward.""",
 ))
 
 
 # ---- RKD angle -------------------------------------------------------------------------------
-def _angle_forward_fake(student, teacher):
+def _angle_forward_fake(student, teacher, per_row):
     _check_rows(student, teacher)
-    return _summed_loss(student)
+    return _loss(student, per_row)
 
 
 RKD_ANGLE = register(OpDef(
     name="rkd_angle",
-    forward_schema="(Tensor student, Tensor teacher) -> Tensor",
+    forward_schema="(Tensor student, Tensor teacher, bool per_row) -> Tensor",
     backward_schema="(Tensor grad_loss, Tensor student, Tensor teacher) -> Tensor",
     forward_fake=_angle_forward_fake,
-    backward_fake=lambda grad_loss, student, teacher: _grad_like(student),
+    backward_fake=lambda grad_loss, student, teacher: _grad_like(student, grad_loss),
     setup_context=_save_rows_and(slice(1, 1)),
     backward=_one_loss_backward,
     triton_module="kdkernels.triton.relation.rkd_angle",
-    doc="""RKD angle, summed over the B^3 entries. Saves nothing: the backward rebuilds the O(B^2)
+    doc="""RKD angle: per-anchor losses (B,) or their sum over the B^3 entries. Saves nothing: the backward rebuilds the O(B^2)
     squared distances.""",
 ))
 
 
 # ---- RKD distance + angle in one op (RKDLoss) ------------------------------------------------
-def _distance_angle_forward_fake(student, teacher):
+def _distance_angle_forward_fake(student, teacher, per_row):
     _check_rows(student, teacher)
-    loss = _summed_loss(student)
-    return loss, _summed_loss(student), student.new_empty((3,), dtype=loss.dtype)
+    loss = _loss(student, per_row)
+    return loss, _loss(student, per_row), student.new_empty((3,), dtype=loss.dtype)
 
 
 def _distance_angle_backward(backward_op, ctx, grad_distance, grad_angle, _grad_stats):
     if not ctx.needs_input_grad[0]:
-        return None, None
+        return None, None, None
     # an output that was not used gets a zero gradient (autograd materialises it)
-    return backward_op(grad_distance.contiguous(), grad_angle.contiguous(), *ctx.saved_tensors), None
+    return backward_op(grad_distance.contiguous(), grad_angle.contiguous(), *ctx.saved_tensors), None, None
 
 
 RKD_DISTANCE_ANGLE = register(OpDef(
     name="rkd_distance_angle",
-    forward_schema="(Tensor student, Tensor teacher) -> (Tensor, Tensor, Tensor)",
+    forward_schema="(Tensor student, Tensor teacher, bool per_row) -> (Tensor, Tensor, Tensor)",
     backward_schema="(Tensor grad_distance, Tensor grad_angle, Tensor student, Tensor teacher, Tensor stats) -> Tensor",
     forward_fake=_distance_angle_forward_fake,
-    backward_fake=lambda grad_distance, grad_angle, student, teacher, stats: _grad_like(student),
+    backward_fake=lambda grad_distance, grad_angle, student, teacher, stats: _grad_like(student, grad_distance,
+                                                                                          grad_angle),
     setup_context=_save_rows_and(slice(2, 3)),
     backward=_distance_angle_backward,
     triton_module="kdkernels.triton.relation.rkd_distance_angle",
@@ -136,5 +146,5 @@ RKD_DISTANCE_ANGLE = register(OpDef(
     distances per side serves both terms, forward and backward, and the backward turns the sum of
     both terms' pair weights into the gradient with one GEMM. Returns the two summed losses
     (unweighted) and the distance's stats (3,); the backward takes one upstream gradient per loss.
-    O(B^2) memory, as the angle alone.""",
+    O(B^2) memory, as the angle alone. ``per_row`` applies to both losses.""",
 ))

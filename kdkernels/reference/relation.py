@@ -2,7 +2,10 @@
 similarity-preserving (SP).
 
 Shapes: ``student`` (B, ...) and ``teacher`` (B, ...) are flattened from dim 1 to (B, Ds) and
-(B, Dt); Ds and Dt may differ. Every loss returns a 0-d tensor. The teacher side is computed
+(B, Dt); Ds and Dt may differ. Every loss is a per-row loss l_i (row i of its (B, B) matrix, or
+anchor i's (B, B) slice of the angles), reduced by ``kdkernels.reduction.reduce_relation``: "none"
+returns the (B,) per-row losses, "sum" their sum, "batchmean" the sum / B and "mean" (the
+default) the mean over all matrix entries. The teacher side is computed
 detached under ``torch.no_grad()``: it never receives a gradient. Op-math (and the loss dtype) is
 float64 if either input is float64, else float32. These materialise the B x B (distance, SP) and
 B x B x D / B x B x B (angle) tensors that the fused kernels avoid. No validation here (B >= 2 and
@@ -14,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from kdkernels._dtypes import opmath_dtype
-from kdkernels.reduction import reduce_entry_sum
+from kdkernels.reduction import reduce_relation
 
 EPS = 1e-12
 
@@ -75,34 +78,44 @@ def normalized_gram(f: torch.Tensor) -> torch.Tensor:
     return F.normalize(f @ f.T, p=2.0, dim=1, eps=EPS)
 
 
+def _reduce_entries(entries: torch.Tensor, reduction: str) -> torch.Tensor:
+    """(B, ...) elementwise losses, row i holding l_i's terms, reduced as ``reduction``."""
+    if reduction == "none":
+        return entries.flatten(1).sum(dim=1)
+    return reduce_relation(entries.sum(), reduction, entries.shape[0], entries[0].numel())
+
+
 def rkd_distance(student: torch.Tensor, teacher: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """RKD distance loss: smooth-L1 (beta = 1) between ``d_s / mu_s`` and ``d_t / mu_t``, (B, B) each.
 
-    student (B, ...), teacher (B, ...) -> (). "mean" averages over all B^2 entries (the diagonal,
-    0 vs 0, included); "sum" sums them. The student's ``mu`` is part of the graph.
+    student (B, ...), teacher (B, ...) -> () or (B,) for "none": l_i = sum_j smooth_l1(d^_s,ij -
+    d^_t,ij). "mean" averages over all B^2 entries (the diagonal, 0 vs 0, included). The student's
+    ``mu`` (a mean over the whole batch) is part of the graph.
     """
     s, t = _flatten(student, teacher)
     with torch.no_grad():
         dt_hat = normalized_distances(t)
-    return F.smooth_l1_loss(normalized_distances(s), dt_hat, reduction=reduction, beta=1.0)
+    return _reduce_entries(F.smooth_l1_loss(normalized_distances(s), dt_hat, reduction="none", beta=1.0), reduction)
 
 
 def rkd_angle(student: torch.Tensor, teacher: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """RKD angle loss: smooth-L1 (beta = 1) between the (B, B, B) ``psi_s`` and ``psi_t``.
 
-    student (B, ...), teacher (B, ...) -> (). "mean" averages over all B^3 entries (those with
-    j == i or k == i are 0 on both sides and included); "sum" sums them.
+    student (B, ...), teacher (B, ...) -> () or (B,) for "none": l_i = sum_jk smooth_l1(psi_s[i, j, k]
+    - psi_t[i, j, k]), anchor i. "mean" averages over all B^3 entries (those with j == i or k == i
+    are 0 on both sides and included).
     """
     s, t = _flatten(student, teacher)
     with torch.no_grad():
         psi_t = angles(t)
-    return F.smooth_l1_loss(angles(s), psi_t, reduction=reduction, beta=1.0)
+    return _reduce_entries(F.smooth_l1_loss(angles(s), psi_t, reduction="none", beta=1.0), reduction)
 
 
 def rkd(student: torch.Tensor, teacher: torch.Tensor, distance_weight: float = 1.0, angle_weight: float = 2.0,
         reduction: str = "mean") -> torch.Tensor:
-    """``distance_weight * rkd_distance + angle_weight * rkd_angle``, each reduced by ``reduction``.
-    A term whose weight is 0 is not computed (so it cannot turn the sum into NaN)."""
+    """``distance_weight * rkd_distance + angle_weight * rkd_angle``, each reduced by ``reduction``
+    ("none": the weighted per-row losses, (B,)). A term whose weight is 0 is not computed (so it
+    cannot turn the sum into NaN)."""
     terms = []
     if distance_weight != 0:
         terms.append(distance_weight * rkd_distance(student, teacher, reduction))
@@ -111,13 +124,13 @@ def rkd(student: torch.Tensor, teacher: torch.Tensor, distance_weight: float = 1
     return sum(terms[1:], terms[0])
 
 
-def similarity_preserving(student: torch.Tensor, teacher: torch.Tensor, reduction: str = "batchmean") -> torch.Tensor:
+def similarity_preserving(student: torch.Tensor, teacher: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """SP loss ``||G^_t - G^_s||_F^2`` over the (B, B) row-normalised Gram matrices.
 
-    student (B, ...), teacher (B, ...) -> (). "batchmean" divides by B^2 (default); "sum" does not.
+    student (B, ...), teacher (B, ...) -> () or (B,) for "none": l_i = sum_j (G^_t,ij - G^_s,ij)^2.
+    "mean" (default) divides the sum by B^2 (the paper's 1 / B^2); "batchmean" by B.
     """
     s, t = _flatten(student, teacher)
     with torch.no_grad():
         g_t = normalized_gram(t)
-    total = (g_t - normalized_gram(s)).square().sum()
-    return reduce_entry_sum(total, reduction, s.shape[0] * s.shape[0])
+    return _reduce_entries((g_t - normalized_gram(s)).square(), reduction)

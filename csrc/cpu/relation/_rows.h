@@ -296,12 +296,28 @@ struct Rows {
   }
 };
 
-// Element i of a small op-math tensor (grad_loss, stats) that lives on the CPU: no device sync.
+// A small op-math tensor (grad_loss: 0-d or (B,), stats) that lives on the CPU, contiguous.
 template <typename T>
-T scalar_of(const at::Tensor& x, int64_t i = 0) {
+at::Tensor values_of(const at::Tensor& x) {
   TORCH_CHECK(x.scalar_type() == c10::CppTypeToScalarType<T>::value, "expected a ",
               c10::CppTypeToScalarType<T>::value, " tensor, got ", x.scalar_type());
-  return x.contiguous().const_data_ptr<T>()[i];
+  return x.contiguous();
+}
+
+// A forward's loss output from its per-row losses: (B,) when per_row, else their 0-d sum.
+template <typename T>
+at::Tensor loss_output(const std::vector<double>& rows, bool per_row, const at::TensorOptions& opts) {
+  const int64_t B = static_cast<int64_t>(rows.size());
+  at::Tensor out = per_row ? at::empty({B}, opts) : at::empty({}, opts);
+  T* o = out.data_ptr<T>();
+  if (per_row) {
+    for (int64_t i = 0; i < B; ++i) o[i] = static_cast<T>(rows[i]);
+  } else {
+    double total = 0;
+    for (double l : rows) total += l;
+    o[0] = static_cast<T>(total);
+  }
+  return out;
 }
 
 // Block loop shared by the tiled kernels: fn(r0, r1) for consecutive row blocks.
@@ -318,10 +334,13 @@ void for_each_block(int64_t B, int64_t tile, F&& fn) {
 template <typename T>
 struct DistanceTerm {
   int64_t B;
+  bool per_row;                      // the forward returns the per-row losses l_i
   std::vector<double> row_a, row_b;  // per-row partial sums of the current pass, over j > i
+  std::vector<double> col_loss;      // per_row only: row j's pairs i < j (summed by the rows above)
   T mu_s = 0, mu_t = 0;
 
-  explicit DistanceTerm(int64_t batch) : B(batch), row_a(batch), row_b(batch) {}
+  DistanceTerm(int64_t batch, bool per_row_losses)
+      : B(batch), per_row(per_row_losses), row_a(batch), row_b(batch), col_loss(per_row_losses ? batch : 0) {}
 
   double count() const { return static_cast<double>(B) * static_cast<double>(B - 1); }
 
@@ -369,14 +388,31 @@ struct DistanceTerm {
         row_b[i] = a;
       }
     });
+    if (!per_row) return;
+    // l_j also holds its pairs i < j, which row i summed: add them to column j (a thread per column
+    // range, rows in order: contiguous reads)
+    at::parallel_for(r0 + 1, B, 64, [&](int64_t j0, int64_t j1) {
+      for (int64_t i = r0; i < r1; ++i) {
+        const T *rs = ps + (i - r0) * cols, *rt = pt + (i - r0) * cols;
+        for (int64_t j = std::max(j0, i + 1); j < j1; ++j)
+          col_loss[j] += smooth_l1(distance_residual(rs[j - c0], rt[j - c0], mu_s, mu_t));
+      }
+    });
   }
 
-  // the summed loss (0-d) and the stats (3,), after both passes
+  // the loss (the summed 0-d, or the per-row (B,)) and the stats (3,), after both passes
   std::tuple<at::Tensor, at::Tensor> finish(const at::TensorOptions& opts) const {
     double loss = 0, a = 0;
     for (int64_t i = 0; i < B; ++i) loss += row_a[i], a += row_b[i];
-    at::Tensor out = at::empty({}, opts);
-    out.data_ptr<T>()[0] = static_cast<T>(2 * loss);
+    at::Tensor out;
+    if (per_row) {
+      std::vector<double> rows(B);
+      for (int64_t i = 0; i < B; ++i) rows[i] = row_a[i] + col_loss[i];
+      out = loss_output<T>(rows, true, opts);
+    } else {
+      out = at::empty({}, opts);
+      out.data_ptr<T>()[0] = static_cast<T>(2 * loss);
+    }
     at::Tensor stats = at::empty({3}, opts);
     T* st = stats.data_ptr<T>();
     st[0] = mu_s;
@@ -386,27 +422,62 @@ struct DistanceTerm {
   }
 };
 
-// Pair weights of the distance term for rows [r0, r1) and columns [c0, B): w_ij with dL/de_i =
-// sum_j w_ij (e_i - e_j), written to pw (accumulate: added to it); ps, pt and pw are
-// (r1 - r0, B - c0). pw may alias pt: element k is read before it is written.
+// A per-row backward's extra pass: sum over the pairs j > i of rows [r0, r1) (columns [c0, B),
+// c0 <= r0) of (w_i + w_j) h_ij d_s_ij, i.e. this block's part of A_w mu_s^2 (relation.h).
 template <typename T>
-void distance_pair_weights(const T* ps, const T* pt, int64_t r0, int64_t r1, int64_t c0, int64_t B, T g,
-                           const T* stats, T* pw, bool accumulate) {
+double weighted_a_rows(const T* ps, const T* pt, int64_t r0, int64_t r1, int64_t c0, int64_t B, const T* stats,
+                       const T* w) {
   const T mu_s = stats[0], mu_t = stats[1];
-  // dL/dd_ij = g (h_ij / mu_s - A / count); the factor 2 counts d_ji = d_ij (both symmetric).
-  const T through_mu = stats[2] / static_cast<T>(static_cast<double>(B) * (B - 1));
+  const int64_t cols = B - c0;
+  std::vector<double> rows(r1 - r0);
   at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      for (int64_t j = c0; j < B; ++j) {
-        const int64_t k = (i - r0) * (B - c0) + (j - c0);
-        T w = T(0);
-        if (j != i) {
-          const T x = clamped_distance(ps[k]) / mu_s - clamped_distance(pt[k]) / mu_t;
-          w = T(2) * distance_pair_weight(ps[k], g * (smooth_l1_grad(x) / mu_s - through_mu));
-        }
-        pw[k] = accumulate ? pw[k] + w : w;
-      }
+      const T *rs = ps + (i - r0) * cols, *rt = pt + (i - r0) * cols;
+      double a = 0;
+      for (int64_t j = i + 1; j < B; ++j)
+        a += static_cast<double>(w[i] + w[j]) * smooth_l1_grad(distance_residual(rs[j - c0], rt[j - c0], mu_s, mu_t)) *
+             clamped_distance(rs[j - c0]);
+      rows[i - r0] = a;
     }
+  });
+  double a = 0;
+  for (double v : rows) a += v;
+  return a;
+}
+
+// The path through mu_s of every pair weight, 2 A_w / (B (B - 1)) (relation.h): from the saved A
+// for a 0-d upstream g (A_w = g A), from weighted_a (the sum of weighted_a_rows) for a (B,) one.
+template <typename T>
+T distance_through_mu(const T* stats, int64_t B, bool per_row, T g, double weighted_a = 0) {
+  const double count = static_cast<double>(B) * static_cast<double>(B - 1);
+  const double mu_s = stats[0];
+  return static_cast<T>(per_row ? 2 * weighted_a / (mu_s * mu_s) / count : 2 * static_cast<double>(g) * stats[2] / count);
+}
+
+// Pair weights of the distance term for rows [r0, r1) and columns [c0, B): v_ij with dL/de_i =
+// sum_j v_ij (e_i - e_j), written to pw (accumulate: added to it); ps, pt and pw are
+// (r1 - r0, B - c0). pw may alias pt: element k is read before it is written. w is the upstream
+// gradient (B,) when per_row, else w[0] = g; through_mu from distance_through_mu.
+template <typename T>
+void distance_pair_weights(const T* ps, const T* pt, int64_t r0, int64_t r1, int64_t c0, int64_t B, const T* w,
+                           bool per_row, T through_mu, const T* stats, T* pw, bool accumulate) {
+  const T mu_s = stats[0], mu_t = stats[1];
+  with_per_row(per_row, [&](auto per_row_kind) {
+    constexpr bool kPerRow = decltype(per_row_kind)::value;
+    const T two_g = T(2) * w[0];  // 0-d: every pair weighs 2 g (d_ij = d_ji)
+    at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        for (int64_t j = c0; j < B; ++j) {
+          const int64_t k = (i - r0) * (B - c0) + (j - c0);
+          T v = T(0);
+          if (j != i) {
+            const T pair_w = kPerRow ? w[i] + w[j] : two_g;
+            v = distance_grad_weight(ps[k], distance_residual(ps[k], pt[k], mu_s, mu_t), mu_s, pair_w, through_mu);
+          }
+          pw[k] = accumulate ? pw[k] + v : v;
+        }
+      }
+    });
   });
 }
 
@@ -432,9 +503,9 @@ struct AngleSide {
   }
 };
 
-// Summed angle loss over all B^3 triples.
+// The angle loss of each anchor i (its B^2 triples (i, j, k)).
 template <typename T>
-double angle_loss(const AngleSide<T>& s, const AngleSide<T>& t) {
+std::vector<double> angle_anchor_losses(const AngleSide<T>& s, const AngleSide<T>& t) {
   const int64_t B = s.rows.B;
   std::vector<double> anchor_loss(B);
   // psi_ijk = psi_ikj: each anchor sums k >= j and counts k > j twice.
@@ -458,52 +529,57 @@ double angle_loss(const AngleSide<T>& s, const AngleSide<T>& t) {
       anchor_loss[i] = loss;
     }
   });
-  double loss = 0;
-  for (double l : anchor_loss) loss += l;
-  return loss;
+  return anchor_loss;
 }
 
-// The angle term's (B, B) symmetric pair weights S for upstream gradient g: dL/de_i =
-// sum_j S_ij (e_i - e_j).
+// The angle term's (B, B) symmetric pair weights S for the upstream gradient (0-d g, or (B,) w:
+// anchor i's terms scaled by w_i): dL/de_i = sum_j S_ij (e_i - e_j).
 template <typename T>
-at::Tensor angle_pair_weights(const AngleSide<T>& s, const AngleSide<T>& t, T g) {
+at::Tensor angle_pair_weights(const AngleSide<T>& s, const AngleSide<T>& t, const at::Tensor& upstream) {
   const int64_t B = s.rows.B;
-  // dL/dsq as if every ordered entry were its own variable: W = 2 T_a + C, where T_a[i][j] sums
-  // the slot-a derivatives of anchor i (slot b gives the same by the j <-> k symmetry) and
-  // C[j][k] the slot-c derivatives over all anchors. Thread j owns column j of T_a and row j of
-  // C, so no two threads write one entry and nothing is B^3.
-  at::Tensor ta = at::zeros({B, B}, s.rows.e.options()), c = at::zeros({B, B}, s.rows.e.options());
-  T *pta = ta.data_ptr<T>(), *pc = c.data_ptr<T>();
-  at::parallel_for(0, B, 1, [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j) {
-      const T *cs = s.psq + j * B, *ct = t.psq + j * B;
-      T* cj = pc + j * B;
-      for (int64_t i = 0; i < B; ++i) {
-        const T ra_s = s.pinv[i * B + j];
-        if (ra_s == T(0)) continue;  // psi_s = 0 for every k: no gradient
-        const T a_s = s.psq[i * B + j], a_t = t.psq[i * B + j], ra_t = t.pinv[i * B + j];
-        const T *bs = s.psq + i * B, *rbs = s.pinv + i * B, *bt = t.psq + i * B, *rbt = t.pinv + i * B;
-        T acc = 0;
-        for (int64_t k = 0; k < B; ++k) {
-          const T ps = angle_cos(a_s, bs[k], cs[k], ra_s, rbs[k]);
-          const T h = smooth_l1_grad(ps - angle_cos(a_t, bt[k], ct[k], ra_t, rbt[k]));
-          acc += h * angle_cos_grad_a(ps, ra_s, rbs[k]);
-          cj[k] += h * angle_cos_grad_c(ra_s, rbs[k]);
+  const at::Tensor wt = values_of<T>(upstream);
+  const T* w = wt.const_data_ptr<T>();
+  return with_per_row(wt.dim() == 1, [&](auto per_row_kind) {
+    constexpr bool kPerRow = decltype(per_row_kind)::value;
+    // dL/dsq as if every ordered entry were its own variable: W = 2 T_a + C, where T_a[i][j] sums
+    // the slot-a derivatives of anchor i (slot b gives the same by the j <-> k symmetry) and
+    // C[j][k] the slot-c derivatives over all anchors. Thread j owns column j of T_a and row j of
+    // C, so no two threads write one entry and nothing is B^3.
+    at::Tensor ta = at::zeros({B, B}, s.rows.e.options()), c = at::zeros({B, B}, s.rows.e.options());
+    T *pta = ta.data_ptr<T>(), *pc = c.data_ptr<T>();
+    at::parallel_for(0, B, 1, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const T *cs = s.psq + j * B, *ct = t.psq + j * B;
+        T* cj = pc + j * B;
+        for (int64_t i = 0; i < B; ++i) {
+          const T ra_s = s.pinv[i * B + j];
+          if (ra_s == T(0)) continue;  // psi_s = 0 for every k: no gradient
+          const T a_s = s.psq[i * B + j], a_t = t.psq[i * B + j], ra_t = t.pinv[i * B + j];
+          const T *bs = s.psq + i * B, *rbs = s.pinv + i * B, *bt = t.psq + i * B, *rbt = t.pinv + i * B;
+          T acc = 0;
+          for (int64_t k = 0; k < B; ++k) {
+            const T ps = angle_cos(a_s, bs[k], cs[k], ra_s, rbs[k]);
+            const T h = smooth_l1_grad(ps - angle_cos(a_t, bt[k], ct[k], ra_t, rbt[k]));
+            acc += h * angle_cos_grad_a(ps, ra_s, rbs[k]);
+            cj[k] += (kPerRow ? w[i] * h : h) * angle_cos_grad_c(ra_s, rbs[k]);
+          }
+          pta[i * B + j] = kPerRow ? w[i] * acc : acc;
         }
-        pta[i * B + j] = acc;
       }
-    }
+    });
+    // S = g (W + W^T) (per-row: the weights are in W already), symmetric, written over C;
+    // dL/de = 2 (rowsum(S) e - S E), the 2 folded in.
+    const T g = kPerRow ? T(1) : w[0];
+    at::parallel_for(0, B, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p)
+        for (int64_t q = p; q < B; ++q) {
+          const T v = T(2) * g * (T(2) * (pta[p * B + q] + pta[q * B + p]) + pc[p * B + q] + pc[q * B + p]);
+          pc[p * B + q] = v;
+          pc[q * B + p] = v;
+        }
+    });
+    return c;
   });
-  // S = g (W + W^T), symmetric, written over C; dL/de = 2 (rowsum(S) e - S E), the 2 folded in.
-  at::parallel_for(0, B, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p)
-      for (int64_t q = p; q < B; ++q) {
-        const T v = T(2) * g * (T(2) * (pta[p * B + q] + pta[q * B + p]) + pc[p * B + q] + pc[q * B + p]);
-        pc[p * B + q] = v;
-        pc[q * B + p] = v;
-      }
-  });
-  return c;
 }
 
 // dL/de from a (B, B) pair-weight matrix (overwritten), one row block of GEMM at a time.

@@ -14,29 +14,27 @@ namespace {
 using namespace relation;
 
 template <typename T>
-at::Tensor angle_forward(const at::Tensor& student, const at::Tensor& teacher) {
+at::Tensor angle_forward(const at::Tensor& student, const at::Tensor& teacher, bool per_row) {
   const AngleSide<T> s(student), t(teacher);
-  at::Tensor out = at::empty({}, s.rows.e.options());
-  out.data_ptr<T>()[0] = static_cast<T>(angle_loss(s, t));
-  return out;
+  return loss_output<T>(angle_anchor_losses(s, t), per_row, s.rows.e.options());
 }
 
 template <typename T>
 at::Tensor angle_backward(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher) {
   const AngleSide<T> s(student), t(teacher);
-  return gradient_from_pair_weights(s, angle_pair_weights(s, t, scalar_of<T>(grad_loss)), student);
+  return gradient_from_pair_weights(s, angle_pair_weights(s, t, grad_loss), student);
 }
 
 // ---- dispatcher entry points ---------------------------------------------------------------
-at::Tensor rkd_angle_forward_cpu(const at::Tensor& student, const at::Tensor& teacher) {
+at::Tensor rkd_angle_forward_cpu(const at::Tensor& student, const at::Tensor& teacher, bool per_row) {
   check_inputs(student, teacher, "rkd_angle_forward");
   return AT_DISPATCH_FLOATING_TYPES(opmath_scalar_type(student.scalar_type()), "rkd_angle_forward",
-                                    [&] { return angle_forward<scalar_t>(student, teacher); });
+                                    [&] { return angle_forward<scalar_t>(student, teacher, per_row); });
 }
 
 at::Tensor rkd_angle_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher) {
   check_inputs(student, teacher, "rkd_angle_backward");
-  check_relation_aux(grad_loss, student, "grad_loss", "rkd_angle_backward");
+  check_relation_grad(grad_loss, student, "grad_loss", "rkd_angle_backward");
   return AT_DISPATCH_FLOATING_TYPES(opmath_scalar_type(student.scalar_type()), "rkd_angle_backward",
                                     [&] { return angle_backward<scalar_t>(grad_loss, student, teacher); });
 }

@@ -17,7 +17,7 @@ using namespace relation;
 // stats (3, B) = [n_s, n_t, gamma'] with gamma'_i = sum_k rho_ik b_ik per unit grad_loss (0 where
 // n_s is clamped): the backward forms each row's and column's weights from these.
 template <typename T>
-std::tuple<at::Tensor, at::Tensor> sp_forward(const at::Tensor& student, const at::Tensor& teacher) {
+std::tuple<at::Tensor, at::Tensor> sp_forward(const at::Tensor& student, const at::Tensor& teacher, bool per_row) {
   const Rows<T> s(student, false), t(teacher, false);
   const int64_t B = s.B, tile = tile_rows(B);
   at::Tensor buf_s = at::empty({tile, B}, s.e.options()), buf_t = at::empty({tile, B}, s.e.options());
@@ -48,11 +48,7 @@ std::tuple<at::Tensor, at::Tensor> sp_forward(const at::Tensor& student, const a
       }
     });
   });
-  double loss = 0;
-  for (double l : row_loss) loss += l;
-  at::Tensor out = at::empty({}, s.e.options());
-  out.data_ptr<T>()[0] = static_cast<T>(loss);
-  return {out, stats};
+  return {loss_output<T>(row_loss, per_row, s.e.options()), stats};
 }
 
 template <typename T>
@@ -60,13 +56,15 @@ at::Tensor sp_backward(const at::Tensor& grad_loss, const at::Tensor& student, c
                        const at::Tensor& stats) {
   const Rows<T> s(student, false), t(teacher, false);
   const int64_t B = s.B, tile = tile_rows(B);
-  const T g = scalar_of<T>(grad_loss);
-  at::Tensor st = stats.contiguous();
+  const at::Tensor up = values_of<T>(grad_loss), st = values_of<T>(stats);
+  const T* w = up.const_data_ptr<T>();  // g (0-d) or (B,): row i of dL/dG is scaled by w_i
   const T *ns = st.const_data_ptr<T>(), *nt = ns + B, *gam = nt + B;
   at::Tensor buf_s = at::empty({tile * B}, s.e.options()), buf_t = at::empty({tile * B}, s.e.options());
   at::Tensor grad = at::zeros({B, s.D}, s.e.options());
-  // dL/dF = S F with S = g (W + W^T), symmetric: block I forms only its columns j >= r0 (half the
-  // Gram work of full rows), adds S_IJ F_J to its own rows and S_IJ^T F_I to the rows past it.
+  // dL/dF = S F with S = g (W + W^T) (per-row: S_ij = w_i W_ij + w_j W_ji), symmetric: block I
+  // forms only its columns j >= r0 (half the Gram work of full rows), adds S_IJ F_J to its own rows
+  // and S_IJ^T F_I to the rows past it.
+  const bool per_row = up.dim() == 1;
   for_each_block(B, tile, [&](int64_t r0, int64_t r1) {
     const int64_t rows = r1 - r0, cols = B - r0;
     at::Tensor bs = buf_s.narrow(0, 0, rows * cols).view({rows, cols});
@@ -76,18 +74,20 @@ at::Tensor sp_backward(const at::Tensor& grad_loss, const at::Tensor& student, c
     T* ps = bs.data_ptr<T>();
     const T* pt = bt.const_data_ptr<T>();
     // W_ji comes from the same Gram entry with row j's statistics; S overwrites the student's block
-    at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        T* gs = ps + (i - r0) * cols;
-        const T* gt = pt + (i - r0) * cols;
-        for (int64_t c = 0; c < cols; ++c) {
-          const int64_t j = r0 + c;
-          const T b_ij = gs[c] / ns[i], b_ji = gs[c] / ns[j];
-          const T w_ij = (T(-2) * (gt[c] / nt[i] - b_ij) - b_ij * gam[i]) / ns[i];
-          const T w_ji = (T(-2) * (gt[c] / nt[j] - b_ji) - b_ji * gam[j]) / ns[j];
-          gs[c] = g * (w_ij + w_ji);
+    with_per_row(per_row, [&](auto per_row_kind) {
+      constexpr bool kPerRow = decltype(per_row_kind)::value;
+      at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          T* gs = ps + (i - r0) * cols;
+          const T* gt = pt + (i - r0) * cols;
+          for (int64_t c = 0; c < cols; ++c) {
+            const int64_t j = r0 + c;
+            const T w_ij = sp_grad_entry(gs[c], gt[c], ns[i], nt[i], gam[i]);
+            const T w_ji = sp_grad_entry(gs[c], gt[c], ns[j], nt[j], gam[j]);
+            gs[c] = kPerRow ? w[i] * w_ij + w[j] * w_ji : w[0] * (w_ij + w_ji);
+          }
         }
-      }
+      });
     });
     grad.narrow(0, r0, rows).addmm_(bs, s.e.narrow(0, r0, cols));
     if (r1 < B) grad.narrow(0, r1, B - r1).addmm_(bs.narrow(1, rows, B - r1).t(), s.e.narrow(0, r0, rows));
@@ -97,16 +97,16 @@ at::Tensor sp_backward(const at::Tensor& grad_loss, const at::Tensor& student, c
 
 // ---- dispatcher entry points ---------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor> similarity_preserving_forward_cpu(const at::Tensor& student,
-                                                                     const at::Tensor& teacher) {
+                                                                     const at::Tensor& teacher, bool per_row) {
   check_inputs(student, teacher, "similarity_preserving_forward");
   return AT_DISPATCH_FLOATING_TYPES(opmath_scalar_type(student.scalar_type()), "similarity_preserving_forward",
-                                    [&] { return sp_forward<scalar_t>(student, teacher); });
+                                    [&] { return sp_forward<scalar_t>(student, teacher, per_row); });
 }
 
 at::Tensor similarity_preserving_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& student,
                                               const at::Tensor& teacher, const at::Tensor& stats) {
   check_inputs(student, teacher, "similarity_preserving_backward");
-  check_relation_aux(grad_loss, student, "grad_loss", "similarity_preserving_backward");
+  check_relation_grad(grad_loss, student, "grad_loss", "similarity_preserving_backward");
   check_relation_aux(stats, student, "stats", "similarity_preserving_backward");
   return AT_DISPATCH_FLOATING_TYPES(opmath_scalar_type(student.scalar_type()), "similarity_preserving_backward",
                                     [&] { return sp_backward<scalar_t>(grad_loss, student, teacher, stats); });

@@ -255,19 +255,22 @@ __global__ void distance_rowsum_kernel(const T* __restrict__ sq_s, const T* __re
   }
 }
 
-// mu_s, mu_t are read from the device (stats[0], stats[1])
-template <typename T>
+// mu_s, mu_t are read from the device (stats[0], stats[1]). PER_ROW: each pair's loss is also
+// added to col_loss[j] (l_j's pairs i < j, which row i sums).
+template <typename T, bool PER_ROW>
 __global__ void distance_loss_kernel(const T* __restrict__ sq_s, const T* __restrict__ sq_t, const T* __restrict__ stats,
-                                     double* __restrict__ row_loss, double* __restrict__ row_a, int64_t r0, int64_t c0,
-                                     int64_t B) {
+                                     double* __restrict__ row_loss, double* __restrict__ row_a,
+                                     double* __restrict__ col_loss, int64_t r0, int64_t c0, int64_t B) {
   const int64_t i = r0 + blockIdx.x, row = blockIdx.x * (B - c0) - c0;
   const T mu_s = stats[0], mu_t = stats[1];
   double loss = 0, a = 0;
   for (int64_t j = i + 1 + threadIdx.x; j < B; j += kThreads) {
     const T ds = clamped_distance(sq_s[row + j]);
     const T x = ds / mu_s - clamped_distance(sq_t[row + j]) / mu_t;
-    loss += smooth_l1(x);
+    const T l = smooth_l1(x);
+    loss += l;
     a += smooth_l1_grad(x) * ds;
+    if (PER_ROW) atomicAdd(col_loss + j, static_cast<double>(l));
   }
   loss = block_sum(loss);
   a = block_sum(a);
@@ -277,23 +280,82 @@ __global__ void distance_loss_kernel(const T* __restrict__ sq_s, const T* __rest
   }
 }
 
-// the distance term's pair weights of the block (ACCUMULATE: added to w, e.g. the angle's)
-template <typename T, bool ACCUMULATE>
+// the distance term's pair weights of the block, full rows (ACCUMULATE: added to w, e.g. the
+// angle's). grad_loss: g (0-d) or, PER_ROW, (B,) w with through = 2 A_w / (B (B - 1)) (relation.h).
+template <typename T, bool ACCUMULATE, bool PER_ROW>
 __global__ void distance_weight_kernel(const T* __restrict__ sq_s, const T* __restrict__ sq_t, const T* __restrict__ stats,
-                                       const T* __restrict__ grad_loss, T* __restrict__ w, int64_t r0, int64_t rows,
-                                       int64_t B) {
+                                       const T* __restrict__ grad_loss, const T* __restrict__ through,
+                                       T* __restrict__ w, int64_t r0, int64_t rows, int64_t B) {
   const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (k >= rows * B) return;
   const int64_t i = r0 + k / B, j = k % B;
   T v = T(0);
   if (i != j) {
     const T mu_s = stats[0], mu_t = stats[1];
-    const T through_mu = stats[2] / (T(B) * T(B - 1));
-    const T x = clamped_distance(sq_s[k]) / mu_s - clamped_distance(sq_t[k]) / mu_t;
-    const T dl_dd = grad_loss[0] * (smooth_l1_grad(x) / mu_s - through_mu);
-    v = T(2) * distance_pair_weight(sq_s[k], dl_dd);  // 2: d_ji = d_ij
+    // 0-d: every pair weighs 2 g (d_ji = d_ij), A_w = g A
+    const T pair_w = PER_ROW ? grad_loss[i] + grad_loss[j] : T(2) * grad_loss[0];
+    const T through_mu = PER_ROW ? through[0] : T(2) * grad_loss[0] * stats[2] / (T(B) * T(B - 1));
+    v = distance_grad_weight(sq_s[k], distance_residual(sq_s[k], sq_t[k], mu_s, mu_t), mu_s, pair_w, through_mu);
   }
   w[k] = ACCUMULATE ? w[k] + v : v;
+}
+
+// Launches distance_weight_kernel for the block's (rows, B) squared distances bs / bt into wb.
+template <typename T, bool ACCUMULATE>
+void distance_weights(const at::Tensor& bs, const at::Tensor& bt, const at::Tensor& stats, const at::Tensor& g,
+                      const at::Tensor& through, at::Tensor wb, int64_t r0, int64_t rows, int64_t B) {
+  const int64_t n = rows * B;
+  auto kernel = g.dim() == 1 ? distance_weight_kernel<T, ACCUMULATE, true> : distance_weight_kernel<T, ACCUMULATE, false>;
+  kernel<<<ceil_div(n, kThreads), kThreads, 0, stream()>>>(
+      bs.template const_data_ptr<T>(), bt.template const_data_ptr<T>(), stats.template const_data_ptr<T>(),
+      g.template const_data_ptr<T>(), through.template const_data_ptr<T>(), wb.template data_ptr<T>(), r0, rows, B);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// out[i] = w_i sum_{j != i} h_ij d_s_ij for the rows of a full-width (rows, B) block: A_w mu_s^2's
+// terms (relation.h), the per-row backward's extra pass.
+template <typename T>
+__global__ void distance_weighted_a_kernel(const T* __restrict__ sq_s, const T* __restrict__ sq_t,
+                                           const T* __restrict__ stats, const T* __restrict__ w,
+                                           double* __restrict__ out, int64_t r0, int64_t B) {
+  const int64_t i = r0 + blockIdx.x;
+  const T *rs = sq_s + blockIdx.x * B, *rt = sq_t + blockIdx.x * B;
+  const T mu_s = stats[0], mu_t = stats[1];
+  double a = 0;
+  for (int64_t j = threadIdx.x; j < B; j += kThreads)
+    if (j != i) a += smooth_l1_grad(distance_residual(rs[j], rt[j], mu_s, mu_t)) * clamped_distance(rs[j]);
+  a = block_sum(a);
+  if (threadIdx.x == 0) out[i] = static_cast<double>(w[i]) * a;
+}
+
+// through[0] = 2 A_w / count, A_w = sum_a / mu_s^2
+template <typename T>
+__global__ void distance_through_kernel(T* __restrict__ through, const double* __restrict__ sum_a,
+                                        const T* __restrict__ stats, double count) {
+  const double mu_s = stats[0];
+  through[0] = static_cast<T>(2 * sum_a[0] / (mu_s * mu_s) / count);
+}
+
+// A per-row backward's 2 A_w / (B (B - 1)) as a (1,) device tensor (one more pass over the pairs):
+// block_fn(r0, r1) returns (bs, bt), the rows [r0, r1) of both sides' squared distances, full width.
+template <typename T, typename BlockFn>
+at::Tensor distance_through_mu_weighted(int64_t B, int64_t tile, const at::Tensor& stats, const at::Tensor& w,
+                                        BlockFn&& block_fn) {
+  at::Tensor rows = at::empty({B}, stats.options().dtype(at::kDouble));
+  for_each_block(B, tile, [&](int64_t r0, int64_t r1) {
+    auto [bs, bt] = block_fn(r0, r1);
+    distance_weighted_a_kernel<T><<<r1 - r0, kThreads, 0, stream()>>>(
+        bs.template const_data_ptr<T>(), bt.template const_data_ptr<T>(), stats.template const_data_ptr<T>(),
+        w.template const_data_ptr<T>(), rows.template data_ptr<double>(), r0, B);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  const at::Tensor sum = at::sum(rows);
+  at::Tensor through = at::empty({1}, stats.options());
+  distance_through_kernel<T><<<1, 1, 0, stream()>>>(through.template data_ptr<T>(), sum.template const_data_ptr<double>(),
+                                                    stats.template const_data_ptr<T>(),
+                                                    static_cast<double>(B) * static_cast<double>(B - 1));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return through;
 }
 
 // stats = [sum_s, sum_t] / count -> [mu_s, mu_t]; A = sum(row_a) / mu_s^2
@@ -311,13 +373,15 @@ __global__ void distance_a_kernel(T* __restrict__ stats, const double* __restric
 
 // The distance term's two passes over squared-distance rows: block_fn(r0, r1) returns (bs, bt, c0),
 // the rows [r0, r1) of both sides from column c0 <= r0 on (the tiled op forms columns [r0, B) only,
-// the combined op narrows its (B, B) matrices, c0 = 0). Returns the summed loss and stats =
-// [mu_s, mu_t, A]; everything stays on the device.
+// the combined op narrows its (B, B) matrices, c0 = 0). Returns the loss (the summed 0-d, or the
+// per-row (B,)) and stats = [mu_s, mu_t, A]; everything stays on the device.
 template <typename T, typename BlockFn>
 std::tuple<at::Tensor, at::Tensor> distance_passes(int64_t B, int64_t tile, const at::TensorOptions& opts,
-                                                   BlockFn&& block_fn) {
+                                                   bool per_row, BlockFn&& block_fn) {
   at::Tensor rows = at::empty({2, B}, opts.dtype(at::kDouble));
   at::Tensor stats = at::empty({3}, opts);
+  at::Tensor col_loss = per_row ? at::zeros({B}, opts.dtype(at::kDouble)) : at::Tensor();
+  auto loss_kernel = per_row ? distance_loss_kernel<T, true> : distance_loss_kernel<T, false>;
   at::Tensor sums;
   for (int pass = 0; pass < 2; ++pass) {
     for_each_block(B, tile, [&](int64_t r0, int64_t r1) {
@@ -326,10 +390,11 @@ std::tuple<at::Tensor, at::Tensor> distance_passes(int64_t B, int64_t tile, cons
         distance_rowsum_kernel<T><<<r1 - r0, kThreads, 0, stream()>>>(bs.template const_data_ptr<T>(), bt.template const_data_ptr<T>(),
                                                                      rows.template data_ptr<double>(), rows.template data_ptr<double>() + B, r0,
                                                                      c0, B);
-      else
-        distance_loss_kernel<T><<<r1 - r0, kThreads, 0, stream()>>>(bs.template const_data_ptr<T>(), bt.template const_data_ptr<T>(),
-                                                                   stats.template const_data_ptr<T>(), rows.template data_ptr<double>(),
-                                                                   rows.template data_ptr<double>() + B, r0, c0, B);
+      else  // per_row: one more output (l_j's pairs i < j), by atomics
+        loss_kernel<<<r1 - r0, kThreads, 0, stream()>>>(
+            bs.template const_data_ptr<T>(), bt.template const_data_ptr<T>(), stats.template const_data_ptr<T>(),
+            rows.template data_ptr<double>(), rows.template data_ptr<double>() + B,
+            per_row ? col_loss.template data_ptr<double>() : nullptr, r0, c0, B);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     sums = at::sum(rows, {1});
@@ -340,7 +405,9 @@ std::tuple<at::Tensor, at::Tensor> distance_passes(int64_t B, int64_t tile, cons
       distance_a_kernel<T><<<1, 1, 0, stream()>>>(stats.template data_ptr<T>(), sums.template const_data_ptr<double>() + 1);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  return {at::mul(sums.select(0, 0), 2.0).to(c10::CppTypeToScalarType<T>::value), stats};  // pairs j > i, twice
+  const auto opmath = c10::CppTypeToScalarType<T>::value;
+  if (per_row) return {rows.select(0, 0).add(col_loss).to(opmath), stats};  // l_i: pairs j > i, then i < j
+  return {at::mul(sums.select(0, 0), 2.0).to(opmath), stats};  // pairs j > i, twice
 }
 
 // ---- RKD angle -------------------------------------------------------------------------------------
@@ -365,10 +432,10 @@ struct AngleSide {
   }
 };
 
-// Thread (anchor i = blockIdx.x, j): BACKWARD ? T_a[i][j] = g sum_k h d psi/d a : partial losses
-// (summed in double, as the CPU kernel). The c entries are read as sq[k][j] (= sq[j][k]) so that a
-// warp's loads are contiguous.
-template <typename T, bool BACKWARD, typename Out = std::conditional_t<BACKWARD, T, double>>
+// Thread (anchor i = blockIdx.x, j): BACKWARD ? T_a[i][j] = g sum_k h d psi/d a (g = w_i when
+// PER_ROW) : partial losses (summed in double, as the CPU kernel). The c entries are read as
+// sq[k][j] (= sq[j][k]) so that a warp's loads are contiguous.
+template <typename T, bool BACKWARD, bool PER_ROW = false, typename Out = std::conditional_t<BACKWARD, T, double>>
 __global__ void angle_anchor_kernel(const T* __restrict__ sqs, const T* __restrict__ invs, const T* __restrict__ sqt,
                                     const T* __restrict__ invt, const T* __restrict__ grad_loss, Out* __restrict__ out,
                                     int64_t B) {
@@ -386,7 +453,7 @@ __global__ void angle_anchor_kernel(const T* __restrict__ sqs, const T* __restri
           acc += smooth_l1(ps - pt);
       }
     }
-    if (BACKWARD) out[i * B + j] = grad_loss[0] * acc;
+    if (BACKWARD) out[i * B + j] = grad_loss[PER_ROW ? i : 0] * acc;
   }
   if (!BACKWARD) {
     acc = block_sum(acc);
@@ -394,8 +461,8 @@ __global__ void angle_anchor_kernel(const T* __restrict__ sqs, const T* __restri
   }
 }
 
-// Thread (j = blockIdx.x, k): C[j][k] = g sum_i h_ijk d psi_ijk / d c_jk.
-template <typename T>
+// Thread (j = blockIdx.x, k): C[j][k] = g sum_i h_ijk d psi_ijk / d c_jk; PER_ROW: sum_i w_i h_ijk ...
+template <typename T, bool PER_ROW>
 __global__ void angle_slot_c_kernel(const T* __restrict__ sqs, const T* __restrict__ invs, const T* __restrict__ sqt,
                                     const T* __restrict__ invt, const T* __restrict__ grad_loss, T* __restrict__ out,
                                     int64_t B) {
@@ -409,9 +476,10 @@ __global__ void angle_slot_c_kernel(const T* __restrict__ sqs, const T* __restri
     const T rb_s = invs[i * B + k];
     const T ps = angle_cos(sqs[i * B + j], sqs[i * B + k], c_s, ra_s, rb_s);
     const T pt = angle_cos(sqt[i * B + j], sqt[i * B + k], c_t, invt[i * B + j], invt[i * B + k]);
-    acc += smooth_l1_grad(ps - pt) * angle_cos_grad_c(ra_s, rb_s);
+    const T h = smooth_l1_grad(ps - pt);
+    acc += (PER_ROW ? grad_loss[i] * h : h) * angle_cos_grad_c(ra_s, rb_s);
   }
-  out[j * B + k] = grad_loss[0] * acc;
+  out[j * B + k] = PER_ROW ? acc : grad_loss[0] * acc;
 }
 
 // S = 2 (W + W^T) with W = 2 T_a + C, written over C (each pair (p, q), p <= q, by one thread)
@@ -426,9 +494,9 @@ __global__ void angle_symmetrise_kernel(const T* __restrict__ ta, T* __restrict_
   c[q * B + p] = v;
 }
 
-// Summed angle loss over all B^3 triples (a device scalar).
+// The angle loss per anchor (B,) when per_row, else summed over all B^3 triples (a device scalar).
 template <typename T>
-at::Tensor angle_forward_from_sides(const AngleSide<T>& s, const AngleSide<T>& t) {
+at::Tensor angle_forward_from_sides(const AngleSide<T>& s, const AngleSide<T>& t, bool per_row) {
   const int64_t B = s.rows.B;
   const dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>(ceil_div(B, kThreads)));
   at::Tensor partial = at::empty({B, static_cast<int64_t>(grid.y)}, s.rows.e.options().dtype(at::kDouble));
@@ -436,20 +504,25 @@ at::Tensor angle_forward_from_sides(const AngleSide<T>& s, const AngleSide<T>& t
       s.sq.template const_data_ptr<T>(), s.inv.template const_data_ptr<T>(), t.sq.template const_data_ptr<T>(), t.inv.template const_data_ptr<T>(),
       nullptr, partial.template data_ptr<double>(), B);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return at::sum(partial).to(c10::CppTypeToScalarType<T>::value);
+  const auto opmath = c10::CppTypeToScalarType<T>::value;
+  return per_row ? at::sum(partial, {1}).to(opmath) : at::sum(partial).to(opmath);
 }
 
-// The angle term's (B, B) symmetric pair weights S for upstream gradient g (a device scalar).
+// The angle term's (B, B) symmetric pair weights S for the upstream gradient g (on the device: 0-d,
+// or (B,), anchor i's terms scaled by w_i).
 template <typename T>
 at::Tensor angle_pair_weights(const AngleSide<T>& s, const AngleSide<T>& t, const at::Tensor& g) {
   const int64_t B = s.rows.B;
+  const bool per_row = g.dim() == 1;
   const dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>(ceil_div(B, kThreads)));
   at::Tensor ta = at::empty({B, B}, s.rows.e.options()), c = at::empty({B, B}, s.rows.e.options());
-  angle_anchor_kernel<T, true><<<grid, kThreads, 0, stream()>>>(
+  auto anchor_kernel = per_row ? angle_anchor_kernel<T, true, true> : angle_anchor_kernel<T, true, false>;
+  auto slot_c_kernel = per_row ? angle_slot_c_kernel<T, true> : angle_slot_c_kernel<T, false>;
+  anchor_kernel<<<grid, kThreads, 0, stream()>>>(
       s.sq.template const_data_ptr<T>(), s.inv.template const_data_ptr<T>(), t.sq.template const_data_ptr<T>(), t.inv.template const_data_ptr<T>(),
       g.template const_data_ptr<T>(), ta.template data_ptr<T>(), B);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  angle_slot_c_kernel<T><<<grid, kThreads, 0, stream()>>>(s.sq.template const_data_ptr<T>(), s.inv.template const_data_ptr<T>(),
+  slot_c_kernel<<<grid, kThreads, 0, stream()>>>(s.sq.template const_data_ptr<T>(), s.inv.template const_data_ptr<T>(),
                                                           t.sq.template const_data_ptr<T>(), t.inv.template const_data_ptr<T>(),
                                                           g.template const_data_ptr<T>(), c.template data_ptr<T>(), B);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

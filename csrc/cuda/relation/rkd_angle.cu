@@ -15,9 +15,9 @@ namespace {
 using namespace relation;
 
 template <typename T>
-at::Tensor angle_forward(const at::Tensor& student, const at::Tensor& teacher) {
+at::Tensor angle_forward(const at::Tensor& student, const at::Tensor& teacher, bool per_row) {
   const AngleSide<T> s(student), t(teacher);
-  return angle_forward_from_sides(s, t);
+  return angle_forward_from_sides(s, t, per_row);
 }
 
 template <typename T>
@@ -27,16 +27,16 @@ at::Tensor angle_backward(const at::Tensor& grad_loss, const at::Tensor& student
 }
 
 // ---- dispatcher entry points ---------------------------------------------------------------------
-at::Tensor rkd_angle_forward_cuda(const at::Tensor& student, const at::Tensor& teacher) {
+at::Tensor rkd_angle_forward_cuda(const at::Tensor& student, const at::Tensor& teacher, bool per_row) {
   check_inputs(student, teacher, "rkd_angle_forward");
   const OpGuard guard(student);
   return AT_DISPATCH_FLOATING_TYPES(opmath_scalar_type(student.scalar_type()), "rkd_angle_forward",
-                                    [&] { return angle_forward<scalar_t>(student, teacher); });
+                                    [&] { return angle_forward<scalar_t>(student, teacher, per_row); });
 }
 
 at::Tensor rkd_angle_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher) {
   check_inputs(student, teacher, "rkd_angle_backward");
-  check_relation_aux(grad_loss, student, "grad_loss", "rkd_angle_backward");
+  check_relation_grad(grad_loss, student, "grad_loss", "rkd_angle_backward");
   const OpGuard guard(student);
   return AT_DISPATCH_FLOATING_TYPES(opmath_scalar_type(student.scalar_type()), "rkd_angle_backward",
                                     [&] { return angle_backward<scalar_t>(grad_loss, student, teacher); });

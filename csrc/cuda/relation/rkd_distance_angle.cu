@@ -20,13 +20,14 @@ using namespace relation;
 // before the one gradient GEMM per row block.
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> distance_angle_forward(const at::Tensor& student,
-                                                                      const at::Tensor& teacher) {
+                                                                      const at::Tensor& teacher, bool per_row) {
   const AngleSide<T> s(student), t(teacher);
   const int64_t B = s.rows.B;
-  auto [distance, stats] = distance_passes<T>(B, std::min(B, kTile), s.rows.e.options(), [&](int64_t r0, int64_t r1) {
+  auto [distance, stats] = distance_passes<T>(B, std::min(B, kTile), s.rows.e.options(), per_row,
+                                              [&](int64_t r0, int64_t r1) {
     return std::make_tuple(s.sq.narrow(0, r0, r1 - r0), t.sq.narrow(0, r0, r1 - r0), int64_t{0});
   });
-  return {distance, angle_forward_from_sides(s, t), stats};
+  return {distance, angle_forward_from_sides(s, t, per_row), stats};
 }
 
 template <typename T>
@@ -36,28 +37,30 @@ at::Tensor distance_angle_backward(const at::Tensor& grad_distance, const at::Te
   const int64_t B = s.rows.B;
   at::Tensor weights = angle_pair_weights(s, t, grad_angle.contiguous());
   const at::Tensor g = grad_distance.contiguous(), st = stats.contiguous();
-  distance_weight_kernel<T, true><<<ceil_div(B * B, kThreads), kThreads, 0, stream()>>>(
-      s.sq.template const_data_ptr<T>(), t.sq.template const_data_ptr<T>(), st.template const_data_ptr<T>(),
-      g.template const_data_ptr<T>(), weights.template data_ptr<T>(), 0, B, B);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // a (B,) upstream gradient's A_w from the whole (B, B) matrices: no extra Gram work here
+  const at::Tensor through = g.dim() == 1 ? distance_through_mu_weighted<T>(B, std::min(B, kTile), st, g,
+                                                                             [&](int64_t r0, int64_t r1) {
+    return std::make_tuple(s.sq.narrow(0, r0, r1 - r0), t.sq.narrow(0, r0, r1 - r0));
+  }) : st;
+  distance_weights<T, true>(s.sq, t.sq, st, g, through, weights, 0, B, B);
   return gradient_from_pair_weights(s, weights, student);
 }
 
 // ---- dispatcher entry points ---------------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rkd_distance_angle_forward_cuda(const at::Tensor& student,
-                                                                               const at::Tensor& teacher) {
+                                                                               const at::Tensor& teacher, bool per_row) {
   check_inputs(student, teacher, "rkd_distance_angle_forward");
   const OpGuard guard(student);
   return AT_DISPATCH_FLOATING_TYPES(opmath_scalar_type(student.scalar_type()), "rkd_distance_angle_forward",
-                                    [&] { return distance_angle_forward<scalar_t>(student, teacher); });
+                                    [&] { return distance_angle_forward<scalar_t>(student, teacher, per_row); });
 }
 
 at::Tensor rkd_distance_angle_backward_cuda(const at::Tensor& grad_distance, const at::Tensor& grad_angle,
                                             const at::Tensor& student, const at::Tensor& teacher,
                                             const at::Tensor& stats) {
   check_inputs(student, teacher, "rkd_distance_angle_backward");
-  check_relation_aux(grad_distance, student, "grad_distance", "rkd_distance_angle_backward");
-  check_relation_aux(grad_angle, student, "grad_angle", "rkd_distance_angle_backward");
+  check_relation_grad(grad_distance, student, "grad_distance", "rkd_distance_angle_backward");
+  check_relation_grad(grad_angle, student, "grad_angle", "rkd_distance_angle_backward");
   check_relation_aux(stats, student, "stats", "rkd_distance_angle_backward");
   const OpGuard guard(student);
   return AT_DISPATCH_FLOATING_TYPES(

@@ -51,9 +51,9 @@ __global__ void sp_row_kernel(const T* __restrict__ gs, const T* __restrict__ gt
   }
 }
 
-// weights S = g (W + W^T) of the block (rows [r0, r0 + rows), columns [r0, B)), written over the
-// student's Gram block (relation.h)
-template <typename T>
+// weights S = g (W + W^T) (PER_ROW: S_ij = w_i W_ij + w_j W_ji) of the block (rows [r0, r0 + rows),
+// columns [r0, B)), written over the student's Gram block (relation.h)
+template <typename T, bool PER_ROW>
 __global__ void sp_weight_kernel(T* __restrict__ gs, const T* __restrict__ gt, const T* __restrict__ stats,
                                  const T* __restrict__ grad_loss, int64_t r0, int64_t rows, int64_t B) {
   const int64_t cols = B - r0;
@@ -61,14 +61,13 @@ __global__ void sp_weight_kernel(T* __restrict__ gs, const T* __restrict__ gt, c
   if (k >= rows * cols) return;
   const int64_t i = r0 + k / cols, j = r0 + k % cols;
   const T *ns = stats, *nt = stats + B, *gam = stats + 2 * B;
-  const T b_ij = gs[k] / ns[i], b_ji = gs[k] / ns[j];
-  const T w_ij = (T(-2) * (gt[k] / nt[i] - b_ij) - b_ij * gam[i]) / ns[i];
-  const T w_ji = (T(-2) * (gt[k] / nt[j] - b_ji) - b_ji * gam[j]) / ns[j];
-  gs[k] = grad_loss[0] * (w_ij + w_ji);
+  const T w_ij = sp_grad_entry(gs[k], gt[k], ns[i], nt[i], gam[i]);
+  const T w_ji = sp_grad_entry(gs[k], gt[k], ns[j], nt[j], gam[j]);
+  gs[k] = PER_ROW ? grad_loss[i] * w_ij + grad_loss[j] * w_ji : grad_loss[0] * (w_ij + w_ji);
 }
 
 template <typename T>
-std::tuple<at::Tensor, at::Tensor> sp_forward(const at::Tensor& student, const at::Tensor& teacher) {
+std::tuple<at::Tensor, at::Tensor> sp_forward(const at::Tensor& student, const at::Tensor& teacher, bool per_row) {
   const Rows<T> s(student, false), t(teacher, false);
   const int64_t B = s.B, tile = std::min(B, kTile);
   auto opts = s.e.options();
@@ -82,7 +81,8 @@ std::tuple<at::Tensor, at::Tensor> sp_forward(const at::Tensor& student, const a
                                                         stats.template data_ptr<T>(), row_loss.template data_ptr<double>(), r0, B);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {at::sum(row_loss).to(c10::CppTypeToScalarType<T>::value), stats};
+  const auto opmath = c10::CppTypeToScalarType<T>::value;
+  return {per_row ? row_loss.to(opmath) : at::sum(row_loss).to(opmath), stats};
 }
 
 template <typename T>
@@ -94,6 +94,7 @@ at::Tensor sp_backward(const at::Tensor& grad_loss, const at::Tensor& student, c
   at::Tensor g = grad_loss.contiguous(), st = stats.contiguous();
   at::Tensor buf_s = at::empty({tile * B}, opts), buf_t = at::empty({tile * B}, opts);
   at::Tensor grad = at::zeros({B, s.D}, opts);
+  auto weight_kernel = g.dim() == 1 ? sp_weight_kernel<T, true> : sp_weight_kernel<T, false>;
   // S is symmetric: block I forms only its columns j >= r0 (half the Gram work), adds S_IJ F_J to
   // its own rows and S_IJ^T F_I to the rows past it (as the CPU kernel)
   for_each_block(B, tile, [&](int64_t r0, int64_t r1) {
@@ -102,7 +103,7 @@ at::Tensor sp_backward(const at::Tensor& grad_loss, const at::Tensor& student, c
     at::Tensor bt = buf_t.narrow(0, 0, rows * cols).view({rows, cols});
     at::mm_out(bs, s.e.narrow(0, r0, rows), s.e.narrow(0, r0, cols).t());
     at::mm_out(bt, t.e.narrow(0, r0, rows), t.e.narrow(0, r0, cols).t());
-    sp_weight_kernel<T><<<ceil_div(rows * cols, kThreads), kThreads, 0, stream()>>>(
+    weight_kernel<<<ceil_div(rows * cols, kThreads), kThreads, 0, stream()>>>(
         bs.template data_ptr<T>(), bt.template const_data_ptr<T>(), st.template const_data_ptr<T>(), g.template const_data_ptr<T>(), r0, rows, B);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     grad.narrow(0, r0, rows).addmm_(bs, s.e.narrow(0, r0, cols));
@@ -113,17 +114,17 @@ at::Tensor sp_backward(const at::Tensor& grad_loss, const at::Tensor& student, c
 
 // ---- dispatcher entry points ---------------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor> similarity_preserving_forward_cuda(const at::Tensor& student,
-                                                                      const at::Tensor& teacher) {
+                                                                      const at::Tensor& teacher, bool per_row) {
   check_inputs(student, teacher, "similarity_preserving_forward");
   const OpGuard guard(student);
   return AT_DISPATCH_FLOATING_TYPES(opmath_scalar_type(student.scalar_type()), "similarity_preserving_forward",
-                                    [&] { return sp_forward<scalar_t>(student, teacher); });
+                                    [&] { return sp_forward<scalar_t>(student, teacher, per_row); });
 }
 
 at::Tensor similarity_preserving_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& student,
                                                const at::Tensor& teacher, const at::Tensor& stats) {
   check_inputs(student, teacher, "similarity_preserving_backward");
-  check_relation_aux(grad_loss, student, "grad_loss", "similarity_preserving_backward");
+  check_relation_grad(grad_loss, student, "grad_loss", "similarity_preserving_backward");
   check_relation_aux(stats, student, "stats", "similarity_preserving_backward");
   const OpGuard guard(student);
   return AT_DISPATCH_FLOATING_TYPES(opmath_scalar_type(student.scalar_type()), "similarity_preserving_backward",

@@ -19,7 +19,17 @@
 // SP: b_ij = G_ij / n_i with n_i = max(|G_i|_2, eps); loss = sum (a_ij - b_ij)^2 (a: teacher).
 //   dL/dG_ij = (rho_ij - b_ij gamma_i) / n_i, rho = -2 (a - b), gamma_i = sum_k rho_ik b_ik
 //   (0 where the norm is clamped, which passes no gradient).
+//
+// Per-row losses (reduction "none"): l_i is row i of the distance / SP matrix and anchor i's
+// (B, B) slice of the angles. A backward's upstream gradient is then a vector w (B,), the gradient
+// of sum_i w_i l_i, instead of a 0-d g (the gradient of g sum_i l_i, i.e. w_i = g):
+//   distance: the unordered pair {i, j} is in l_i and l_j, so it weighs w_i + w_j (2 g), and the
+//     path through mu_s needs A_w = sum_ij w_i h_ij d_s_ij / mu_s^2 (g A): distance_grad_weight;
+//   SP: row i of dL/dG is scaled by w_i before the symmetrisation: w_i W_ij + w_j W_ji;
+//   angle: every term of anchor i (its slot-a and slot-c derivatives) is scaled by w_i.
 #pragma once
+#include <type_traits>
+
 #include "kdkernels/common.h"
 
 namespace kdkernels {
@@ -50,6 +60,21 @@ KDK_HD T clamped_distance(T sq) {
 template <typename T>
 KDK_HD T distance_pair_weight(T sq, T dl_dd) {
   return !(sq <= T(kEps)) ? dl_dd / std::sqrt(sq) : T(0);
+}
+
+// x_ij = d_s / mu_s - d_t / mu_t of an off-diagonal pair, from both sides' squared distances.
+template <typename T>
+KDK_HD T distance_residual(T sq_s, T sq_t, T mu_s, T mu_t) {
+  return clamped_distance(sq_s) / mu_s - clamped_distance(sq_t) / mu_t;
+}
+
+// The distance term's weight of the off-diagonal entry (i, j) of the symmetric (B, B) pair-weight
+// matrix (dL/de_i = sum_j v_ij (e_i - e_j)): dL/dd_ij / d_ij for the unordered pair {i, j}, whose
+// d_ij = d_ji both entries share. pair_w = w_i + w_j (2 g for a 0-d upstream g); through_mu =
+// 2 A_w / (B (B - 1)) (2 g A / (B (B - 1))): the path through mu_s, the same for every pair.
+template <typename T>
+KDK_HD T distance_grad_weight(T sq_s, T x, T mu_s, T pair_w, T through_mu) {
+  return distance_pair_weight(sq_s, pair_w * smooth_l1_grad(x) / mu_s - through_mu);
 }
 
 // 1 / |e_j - e_i| from sq_ij, 0 where the spec's norm clamp (1e-12) makes u_ij = 0.
@@ -86,6 +111,21 @@ KDK_HD T sp_row_norm(T sumsq) {
 template <typename T>
 KDK_HD bool sp_norm_active(T n) {
   return n > T(kEps);
+}
+
+// SP: dL/dG_ij per unit upstream gradient of row i, (rho_ij - b_ij gamma_i) / n_i, from the Gram
+// entries gs = G_s,ij, gt = G_t,ij and row i's stats n_s, n_t, gamma' (0 where n_s is clamped).
+template <typename T>
+KDK_HD T sp_grad_entry(T gs, T gt, T ns, T nt, T gamma) {
+  const T b = gs / ns;
+  return (T(-2) * (gt / nt - b) - b * gamma) / ns;
+}
+
+// Host: fn(std::true_type{}) for a (B,) upstream gradient, fn(std::false_type{}) for a 0-d one, so
+// that a kernel body is compiled once per kind and the 0-d path keeps no per-element branch.
+template <typename F>
+decltype(auto) with_per_row(bool per_row, F&& fn) {
+  return per_row ? fn(std::true_type{}) : fn(std::false_type{});
 }
 
 }  // namespace relation

@@ -27,4 +27,13 @@ inline void check_relation_aux(const at::Tensor& aux, const at::Tensor& student,
               ", got ", aux.device());
 }
 
+// A backward's upstream gradient: 0-d (the forward returned the summed loss) or (B,) (the per-row
+// losses). Returns whether it is per-row.
+inline bool check_relation_grad(const at::Tensor& grad, const at::Tensor& student, const char* name, const char* op) {
+  check_relation_aux(grad, student, name, op);
+  TORCH_CHECK(grad.dim() == 0 || (grad.dim() == 1 && grad.size(0) == student.size(0)), op, ": ", name,
+              " must be 0-d or (", student.size(0), ",), got ", grad.sizes());
+  return grad.dim() == 1;
+}
+
 }  // namespace kdkernels

@@ -33,6 +33,15 @@ def relation_tiles() -> tuple[int, int, int]:
     return tiles("relation", INTERPRETER_TILES if triton_interpreting() else GPU_TILES)
 
 
+def upstream(grad: Tensor, rows: Tensor) -> Tensor:
+    """A backward's upstream gradient, 0-d g or (B,) per-row w (the forward's loss shape), in the
+    op-math dtype of ``rows`` (B, D), contiguous; RuntimeError for any other shape, as the C++ ops."""
+    batch = rows.shape[0]
+    if not (grad.dim() == 0 or tuple(grad.shape) == (batch,)):
+        raise RuntimeError(f"the upstream gradient must be 0-d or ({batch},), got {tuple(grad.shape)}")
+    return grad.to(rows.dtype).contiguous()
+
+
 def op_rows(x: Tensor, centre: bool) -> tuple[Tensor, Tensor]:
     """(B, D) rows in op-math, centred if asked (O(B D) memory), and their squared norms."""
     e = x.to(opmath_dtype(x.dtype))

@@ -2,7 +2,9 @@
 
 The op keeps the (B, B) squared distances and inverse norms of both sides and walks anchors
 (forward, slot-a gradients) and columns (slot-c gradients), as the CPU kernel does; the final
-``S -> dL/dE`` step turns the (B, B) pair weights into row gradients. ``angle_side``,
+``S -> dL/dE`` step turns the (B, B) pair weights into row gradients. The forward's partial sums are
+per anchor, so the per-row losses are their row sums; a (B,) upstream gradient scales anchor i's
+slot-a and slot-c derivatives by w_i. ``angle_side``,
 ``angle_loss``, ``angle_pair_weights`` and ``gradient_from_pair_weights`` also serve the combined
 ``rkd_distance_angle`` op.
 
@@ -15,7 +17,7 @@ from torch import Tensor
 
 from kdkernels.triton._common import launch
 from kdkernels.triton.relation._rows import (EPS, NEAR_RATIO, add_pair_grad, op_rows, relation_tiles, smooth_l1,
-                                             smooth_l1_grad, sq_dist_tile)
+                                             smooth_l1_grad, sq_dist_tile, upstream)
 
 @triton.jit
 def _sq_dist_matrix_kernel(e_ptr, n_ptr, out_ptr, B, D, NEAR_RATIO: tl.constexpr, BLOCK: tl.constexpr,
@@ -28,9 +30,9 @@ def _sq_dist_matrix_kernel(e_ptr, n_ptr, out_ptr, B, D, NEAR_RATIO: tl.constexpr
 
 @triton.jit
 def _angle_anchor_kernel(sqs_ptr, invs_ptr, sqt_ptr, invt_ptr, out_ptr, g_ptr, B, BACKWARD: tl.constexpr,
-                         BLOCK: tl.constexpr):
+                         PER_ROW: tl.constexpr, BLOCK: tl.constexpr):
     """Anchor i = program_id(0), j in a block: forward -> partial losses sum_k smooth_l1(psi_s - psi_t);
-    backward -> T_a[i, j] = g sum_k h_ijk d psi_ijk / d a_ij (relation.h)."""
+    backward -> T_a[i, j] = g sum_k h_ijk d psi_ijk / d a_ij (relation.h), g = w_i when PER_ROW."""
     i = tl.program_id(0).to(tl.int64)
     j = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     jm = j < B
@@ -56,14 +58,20 @@ def _angle_anchor_kernel(sqs_ptr, invs_ptr, sqt_ptr, invt_ptr, out_ptr, g_ptr, B
         else:
             acc += tl.sum(smooth_l1(psi_s - psi_t), axis=1)
     if BACKWARD:
-        tl.store(out_ptr + i * B + j, tl.load(g_ptr) * acc, mask=jm)
+        if PER_ROW:
+            g = tl.load(g_ptr + i)
+        else:
+            g = tl.load(g_ptr)
+        tl.store(out_ptr + i * B + j, g * acc, mask=jm)
     else:
         tl.store(out_ptr + i * tl.num_programs(1) + tl.program_id(1), tl.sum(acc))
 
 
 @triton.jit
-def _angle_slot_c_kernel(sqs_ptr, invs_ptr, sqt_ptr, invt_ptr, out_ptr, g_ptr, B, BLOCK: tl.constexpr):
-    """C[j, k] = g sum_i h_ijk d psi_ijk / d c_jk for j = program_id(0) and a block of k."""
+def _angle_slot_c_kernel(sqs_ptr, invs_ptr, sqt_ptr, invt_ptr, out_ptr, g_ptr, B, PER_ROW: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    """C[j, k] = g sum_i h_ijk d psi_ijk / d c_jk for j = program_id(0) and a block of k; PER_ROW:
+    sum_i w_i h_ijk d psi_ijk / d c_jk (anchor i's weight)."""
     j = tl.program_id(0).to(tl.int64)
     k = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     km = k < B
@@ -84,8 +92,14 @@ def _angle_slot_c_kernel(sqs_ptr, invs_ptr, sqt_ptr, invt_ptr, out_ptr, g_ptr, B
         rb_t = tl.load(invt_ptr + i[:, None] * B + k[None, :], mask=m2, other=0.0)
         psi_s = 0.5 * (a_s + b_s - c_s) * ra_s * rb_s
         psi_t = 0.5 * (a_t + b_t - c_t) * ra_t * rb_t
-        acc += tl.sum(smooth_l1_grad(psi_s - psi_t) * (-0.5) * ra_s * rb_s, axis=0)
-    tl.store(out_ptr + j * B + k, tl.load(g_ptr) * acc, mask=km)
+        h = smooth_l1_grad(psi_s - psi_t)
+        if PER_ROW:
+            h = h * tl.load(g_ptr + i, mask=im, other=0.0)[:, None]
+        acc += tl.sum(h * (-0.5) * ra_s * rb_s, axis=0)
+    if PER_ROW:
+        tl.store(out_ptr + j * B + k, acc, mask=km)
+    else:
+        tl.store(out_ptr + j * B + k, tl.load(g_ptr) * acc, mask=km)
 
 
 @triton.jit
@@ -117,23 +131,27 @@ def angle_side(x: Tensor, block: int, block_d: int):
     return e, n, sq, inv
 
 
-def angle_loss(sq_s: Tensor, inv_s: Tensor, sq_t: Tensor, inv_t: Tensor, angle_block: int) -> Tensor:
+def angle_loss(sq_s: Tensor, inv_s: Tensor, sq_t: Tensor, inv_t: Tensor, angle_block: int, per_row: bool) -> Tensor:
+    """The per-anchor losses (B,) when per_row, else their 0-d sum."""
     batch = sq_s.shape[0]
     n_j = triton.cdiv(batch, angle_block)
     partial = torch.empty((batch, n_j), dtype=sq_s.dtype, device=sq_s.device)
-    launch(_angle_anchor_kernel, (batch, n_j), sq_s, inv_s, sq_t, inv_t, partial, partial, batch, False, angle_block)
-    return partial.sum()
+    launch(_angle_anchor_kernel, (batch, n_j), sq_s, inv_s, sq_t, inv_t, partial, partial, batch, False, False,
+           angle_block)
+    return partial.sum(dim=1) if per_row else partial.sum()
 
 
 def angle_pair_weights(sq_s: Tensor, inv_s: Tensor, sq_t: Tensor, inv_t: Tensor, g: Tensor,
                         angle_block: int) -> Tensor:
-    """The angle term's (B, B) symmetric pair weights S: dL/de_i = sum_j S_ij (e_i - e_j)."""
+    """The angle term's (B, B) symmetric pair weights S for the upstream gradient g (0-d, or (B,)
+    per anchor): dL/de_i = sum_j S_ij (e_i - e_j)."""
     batch = sq_s.shape[0]
     grid = (batch, triton.cdiv(batch, angle_block))
+    per_row = g.dim() == 1
     slot_a = torch.empty_like(sq_s)
-    launch(_angle_anchor_kernel, grid, sq_s, inv_s, sq_t, inv_t, slot_a, g, batch, True, angle_block)
+    launch(_angle_anchor_kernel, grid, sq_s, inv_s, sq_t, inv_t, slot_a, g, batch, True, per_row, angle_block)
     slot_c = torch.empty_like(sq_s)
-    launch(_angle_slot_c_kernel, grid, sq_s, inv_s, sq_t, inv_t, slot_c, g, batch, angle_block)
+    launch(_angle_slot_c_kernel, grid, sq_s, inv_s, sq_t, inv_t, slot_c, g, batch, per_row, angle_block)
     # W = 2 T_a + C (slot b mirrors slot a); dL/de = 2 sum_j (W + W^T)_ij (e_i - e_j)
     w = 2.0 * slot_a + slot_c
     del slot_a, slot_c
@@ -149,16 +167,16 @@ def gradient_from_pair_weights(weights: Tensor, sq: Tensor, e: Tensor, n: Tensor
     return grad
 
 
-def forward(student: Tensor, teacher: Tensor) -> Tensor:
+def forward(student: Tensor, teacher: Tensor, per_row: bool) -> Tensor:
     block, block_d, angle_block = relation_tiles()
     _, _, sq_s, inv_s = angle_side(student, block, block_d)
     _, _, sq_t, inv_t = angle_side(teacher, block, block_d)
-    return angle_loss(sq_s, inv_s, sq_t, inv_t, angle_block)
+    return angle_loss(sq_s, inv_s, sq_t, inv_t, angle_block, per_row)
 
 
 def backward(grad_loss: Tensor, student: Tensor, teacher: Tensor) -> Tensor:
     block, block_d, angle_block = relation_tiles()
     e, n, sq_s, inv_s = angle_side(student, block, block_d)
     _, _, sq_t, inv_t = angle_side(teacher, block, block_d)
-    weights = angle_pair_weights(sq_s, inv_s, sq_t, inv_t, grad_loss.to(e.dtype).contiguous(), angle_block)
+    weights = angle_pair_weights(sq_s, inv_s, sq_t, inv_t, upstream(grad_loss, e), angle_block)
     return gradient_from_pair_weights(weights, sq_s, e, n, block, block_d).to(student.dtype)
