@@ -26,7 +26,7 @@ BACKENDS = ("torch", "cpu", "cuda", "triton")
 # Every loss of kdkernels.functional and the fused ops it runs: the one list of losses. "rkd" runs
 # the combined op, or one of the single-term ops when a weight is 0.
 LOSS_OPS: dict[str, tuple[Op, ...]] = {
-    "softmax_kl_div": (ops.SOFTMAX_KL,),
+    "softmax_kl_div": (ops.SOFTMAX_KL, ops.SOFTMAX_KL_STEP),  # loss-only pass, one-pass step with gradients
     "projected_mse": (ops.PROJECTED_MSE,),
     "rkd_distance": (ops.RKD_DISTANCE,),
     "rkd_angle": (ops.RKD_ANGLE,),

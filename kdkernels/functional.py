@@ -16,6 +16,7 @@ from torch import Tensor
 from kdkernels import _dispatch, ops, reference
 from kdkernels import _validation as v
 from kdkernels import reduction as red
+from kdkernels._dtypes import opmath_dtype
 from kdkernels._feature import rows_3d
 from kdkernels.ops.response import DIVERGENCE_CODES
 
@@ -83,6 +84,17 @@ def _fused_softmax_kl_div(backend, student_logits, teacher_logits, temperature, 
     student = student_logits.reshape(-1, vocab).contiguous()
     teacher = teacher_logits.reshape(-1, vocab).contiguous()
     flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
+    student_grad = torch.is_grad_enabled() and student.requires_grad
+    teacher_grad = torch.is_grad_enabled() and teacher.requires_grad
+    if student_grad or teacher_grad:
+        # one pass: the forward reads the logits once and computes the loss and its gradients, which
+        # the backward only scales (docs/decisions.md, "One-pass step")
+        weight = red.row_weight(reduction, flat_labels, ignore_index, student.shape[0], vocab,
+                                student.new_empty((), dtype=opmath_dtype(student.dtype)))
+        loss, _grad_s, _grad_t = ops.SOFTMAX_KL_STEP.forward(
+            backend, student, teacher, flat_labels, weight, temperature, DIVERGENCE_CODES[divergence], beta,
+            ignore_index, t2_scale, reduction == "none", student_grad, teacher_grad)
+        return loss.reshape(lead) if reduction == "none" else loss
     rows, _stats = ops.SOFTMAX_KL.forward(backend, student, teacher, flat_labels, temperature,
                                           DIVERGENCE_CODES[divergence], beta, ignore_index, t2_scale)
     return red.reduce_rows(rows, reduction, lead, vocab, flat_labels, ignore_index)

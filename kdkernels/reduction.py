@@ -63,6 +63,17 @@ def kept_row_count(labels: Tensor | None, ignore_index: int, rows: int, like: Te
     return (labels != ignore_index).sum().to(like.dtype).clamp_min(1)
 
 
+def row_weight(reduction: str, labels: Tensor | None, ignore_index: int, rows: int, vocab: int,
+               like: Tensor) -> Tensor:
+    """The factor ``reduce_rows`` applies to the sum of the per-row losses (1 for "sum" and "none"),
+    as a 0-d tensor of ``like``'s dtype and device (no host sync): the fused one-pass step scales
+    its loss and its gradients by it."""
+    if reduction in ("sum", "none"):
+        return torch.ones((), dtype=like.dtype, device=like.device)
+    kept = kept_row_count(labels, ignore_index, rows, like)
+    return 1 / (kept if reduction == "batchmean" else kept * vocab)
+
+
 def reduce_rows(row_loss: Tensor, reduction: str, lead_shape: tuple[int, ...], vocab: int,
                 labels: Tensor | None, ignore_index: int) -> Tensor:
     """Reduce flat per-row losses ``row_loss`` (R,) as ``reduction`` (one of ``ROWS``) says."""

@@ -5,9 +5,9 @@ kernels, autograd). The functional layer calls them through the ``Op`` entries b
 """
 from kdkernels.ops.feature import PROJECTED_MSE
 from kdkernels.ops.relation import RKD_ANGLE, RKD_DISTANCE, RKD_DISTANCE_ANGLE, SIMILARITY_PRESERVING
-from kdkernels.ops.response import SOFTMAX_KL
+from kdkernels.ops.response import SOFTMAX_KL, SOFTMAX_KL_STEP
 
-ALL_OPS = (SOFTMAX_KL, PROJECTED_MSE, RKD_DISTANCE, RKD_ANGLE, RKD_DISTANCE_ANGLE, SIMILARITY_PRESERVING)
+ALL_OPS = (SOFTMAX_KL, SOFTMAX_KL_STEP, PROJECTED_MSE, RKD_DISTANCE, RKD_ANGLE, RKD_DISTANCE_ANGLE, SIMILARITY_PRESERVING)
 
 __all__ = ["ALL_OPS", "PROJECTED_MSE", "RKD_ANGLE", "RKD_DISTANCE", "RKD_DISTANCE_ANGLE", "SIMILARITY_PRESERVING",
-           "SOFTMAX_KL"]
+           "SOFTMAX_KL", "SOFTMAX_KL_STEP"]

@@ -47,7 +47,8 @@ class OpDef:
 
     name:            ``softmax_kl`` -> ops ``kdkernels::softmax_kl_forward`` / ``_backward`` (+ ``_triton``)
     forward_schema:  the forward's arguments and results, e.g. ``"(Tensor x, float s) -> (Tensor, Tensor)"``
-    backward_schema: the backward's
+    backward_schema: the backward's; it may mutate (``Tensor(a!)``) gradients the forward computed and
+                     saved, which the formula then returns (one-pass ops: docs/decisions.md)
     forward_fake:    the forward's fake kernel (output shapes / dtypes from input metadata)
     backward_fake:   the backward's fake kernel
     setup_context:   ``(ctx, inputs, output)``: saves what the backward needs, nothing more
@@ -117,9 +118,12 @@ def _register_variant(spec: OpDef, suffix: str) -> tuple[torch._ops.OpOverload, 
     torch.library.register_fake(backward_op)(spec.backward_fake)
     torch.library.register_autograd(forward_op, functools.partial(_backward, spec, backward_op),
                                     setup_context=spec.setup_context)
-    # Differentiating the backward (create_graph=True, then a second backward) is not supported: say
-    # so, instead of the silent None / zero gradients an op without autograd would give.
-    torch.library.register_autograd(backward_op, functools.partial(_no_double_backward, spec.name))
+    if not backward_op._schema.is_mutable:
+        # Differentiating the backward (create_graph=True, then a second backward) is not supported:
+        # say so, instead of the silent None / zero gradients an op without autograd would give. (A
+        # mutating backward op, which scales gradients the forward saved, only ever sees tensors that
+        # need no gradient; torch.library gives no autograd to mutating ops.)
+        torch.library.register_autograd(backward_op, functools.partial(_no_double_backward, spec.name))
     return forward_op, backward_op
 
 

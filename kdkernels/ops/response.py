@@ -61,3 +61,64 @@ SOFTMAX_KL = register(OpDef(
     backward: grad_loss (R,) op-math dtype; returns (grad_student, grad_teacher), a gradient that is
     not requested comes back as an empty (0,) tensor.""",
 ))
+
+
+# ---- one-pass step: the loss and its gradients from one read of the logits -------------------
+def _step_forward_fake(student, teacher, labels, weight, temperature, divergence, beta, ignore_index, t2_scale,
+                       per_row, student_grad, teacher_grad):
+    torch._check(student.dim() == 2, lambda: "student must be 2-D (rows, vocab)")
+    torch._check(student.shape == teacher.shape, lambda: "student and teacher must have the same shape")
+    loss = student.new_empty((student.shape[0],) if per_row else (), dtype=opmath_dtype(student.dtype))
+    grad_s = torch.empty_like(student) if student_grad else student.new_empty((0,))
+    grad_t = torch.empty_like(teacher) if teacher_grad else teacher.new_empty((0,))
+    return loss, grad_s, grad_t
+
+
+def _step_backward_fake(grad_loss, grad_student, grad_teacher):
+    return None
+
+
+def _step_setup_context(ctx, inputs, output):
+    _loss, grad_s, grad_t = output
+    ctx.mark_non_differentiable(grad_s, grad_t)  # saved state, not results to differentiate
+    ctx.save_for_backward(grad_s, grad_t)
+    ctx.used = False
+
+
+def _step_backward(backward_op, ctx, grad_loss, _grad_grad_s, _grad_grad_t):
+    if ctx.used:
+        raise RuntimeError(
+            "kdkernels softmax_kl_div: a second backward through the same one-pass loss (retain_graph=True) "
+            "is not supported: its gradient is computed in the forward and scaled in place by the first "
+            "backward. Compute the loss again for each backward, or use backend='torch'.")
+    ctx.used = True
+    grad_s, grad_t = ctx.saved_tensors
+    backward_op(grad_loss.contiguous(), grad_s, grad_t)  # in place, nothing to do where the upstream is 1
+    need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    return (grad_s if need_s else None, grad_t if need_t else None) + (None,) * 10
+
+
+SOFTMAX_KL_STEP = register(OpDef(
+    name="softmax_kl_step",
+    forward_schema="(Tensor student, Tensor teacher, Tensor? labels, Tensor weight, float temperature, "
+                   "int divergence, float beta, int ignore_index, bool t2_scale, bool per_row, "
+                   "bool student_grad, bool teacher_grad) -> (Tensor, Tensor, Tensor)",
+    backward_schema="(Tensor grad_loss, Tensor(a!) grad_student, Tensor(b!) grad_teacher) -> ()",
+    forward_fake=_step_forward_fake,
+    backward_fake=_step_backward_fake,
+    setup_context=_step_setup_context,
+    backward=_step_backward,
+    triton_module="kdkernels.triton.response.softmax_kl_step",
+    doc="""One-pass temperature softmax-KL step: the loss and its gradients from one read of the logits.
+
+    forward: student, teacher, labels, temperature, divergence, beta, ignore_index, t2_scale as
+    softmax_kl; weight is a 0-d op-math tensor, the reduction's factor (kdkernels.reduction.row_weight:
+    1 / kept rows for "batchmean", ...). Returns (loss, grad_student, grad_teacher): loss = weight *
+    sum_r l_r (0-d), or the per-row weight * l_r (R,) when per_row (reduction "none"), with l_r the
+    row loss of softmax_kl (T^2-scaled when t2_scale, 0 for ignored rows); grad_student / grad_teacher
+    = d loss / d logits for an upstream gradient of 1 (of every row when per_row), in the input's
+    dtype, when student_grad / teacher_grad (an empty (0,) tensor otherwise). Nothing else is saved.
+    backward: grad_loss 0-d (or (R,) when per_row) op-math; scales the saved gradients in place, row
+    r by grad_loss (or grad_loss[r]), and leaves a row untouched where that factor is exactly 1 (read
+    on the device: no host sync). Empty (0,) gradients are skipped.""",
+))
