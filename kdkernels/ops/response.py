@@ -82,19 +82,22 @@ def _step_setup_context(ctx, inputs, output):
     _loss, grad_s, grad_t = output
     ctx.mark_non_differentiable(grad_s, grad_t)  # saved state, not results to differentiate
     ctx.save_for_backward(grad_s, grad_t)
-    ctx.used = False
+
+
+# The autograd engine's flag for retain_graph / create_graph: whether the graph (so the saved
+# gradients) may be used again after this backward. Outside a backward it says True.
+_graph_kept = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", lambda: True)
 
 
 def _step_backward(backward_op, ctx, grad_loss, _grad_grad_s, _grad_grad_t):
-    if ctx.used:
-        raise RuntimeError(
-            "kdkernels softmax_kl_div: a second backward through the same one-pass loss (retain_graph=True) "
-            "is not supported: its gradient is computed in the forward and scaled in place by the first "
-            "backward. Compute the loss again for each backward, or use backend='torch'.")
-    ctx.used = True
     grad_s, grad_t = ctx.saved_tensors
-    backward_op(grad_loss.contiguous(), grad_s, grad_t)  # in place, nothing to do where the upstream is 1
     need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if _graph_kept():
+        # a later backward (retain_graph=True, gradcheck) needs the saved gradients as they are: scale copies
+        factor = grad_loss if grad_loss.dim() == 0 else grad_loss.unsqueeze(1)
+        grad_s, grad_t = ((g * factor).to(g.dtype) if g.numel() else g for g in (grad_s, grad_t))
+    else:  # their last use: scale in place, nothing to do where the upstream is exactly 1
+        backward_op(grad_loss.contiguous(), grad_s, grad_t)
     return (grad_s if need_s else None, grad_t if need_t else None) + (None,) * 10
 
 

@@ -1,0 +1,92 @@
+// CPU kernels of the one-pass softmax-KL step (docs/design.md §2.1, docs/decisions.md "One-pass
+// step"): kdkernels::softmax_kl_step_forward computes each row's loss and then, while the row is
+// still in L2, its gradient(s), with the row functions of the two-pass ops (_rows.h), so both paths
+// give the same numbers; kdkernels::softmax_kl_step_backward scales the saved gradients in place.
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")  // see softmax_kl.cpp: without it the hot loops stay scalar
+#endif
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/sum.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "../scale_rows.h"
+#include "_rows.h"
+
+namespace kdkernels {
+namespace cpu {
+namespace {
+using namespace response;
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_step_forward_cpu(
+    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
+    const at::Tensor& weight, double temperature, int64_t divergence, double beta, int64_t ignore_index,
+    bool t2_scale, bool per_row, bool student_grad, bool teacher_grad) {
+  check_common(student, teacher, labels, temperature, divergence, beta);
+  const int64_t R = student.size(0), V = student.size(1);
+  const auto op_dt = opmath_scalar_type(student.scalar_type());
+  TORCH_CHECK(weight.dim() == 0 && weight.scalar_type() == op_dt && weight.device().is_cpu(),
+              "softmax_kl_step (CPU): weight must be a 0-d ", op_dt, " CPU tensor, got ", weight.sizes(), " ",
+              weight.scalar_type());
+  at::Tensor row_loss = at::empty({R}, student.options().dtype(op_dt));
+  at::Tensor grad_s = student_grad ? at::empty({R, V}, student.options()) : at::empty({0}, student.options());
+  at::Tensor grad_t = teacher_grad ? at::empty({R, V}, teacher.options()) : at::empty({0}, teacher.options());
+  if (R > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "softmax_kl_step_forward_cpu", [&] {
+      using T = opmath_t<scalar_t>;
+      const Params<T> p = make_params<T>(student, labels, temperature, divergence, beta, ignore_index, t2_scale);
+      // d (weight * row loss) / d logits: the backward's scale (T^2 / T, or 1 / T) times the weight
+      const T grad_scale = static_cast<T>(t2_scale ? temperature : 1.0 / temperature);
+      const T w = *weight.const_data_ptr<T>();
+      const scalar_t* s = student.const_data_ptr<scalar_t>();
+      const scalar_t* t = teacher.const_data_ptr<scalar_t>();
+      T* loss_p = row_loss.mutable_data_ptr<T>();
+      scalar_t* gs = student_grad ? grad_s.mutable_data_ptr<scalar_t>() : nullptr;
+      scalar_t* gt = teacher_grad ? grad_t.mutable_data_ptr<scalar_t>() : nullptr;
+      with_divergence(divergence, [&](auto div) {
+        constexpr int DIV = decltype(div)::value;
+        at::parallel_for(0, R, row_grain(V), [&](int64_t r0, int64_t r1) {
+          for (int64_t r = r0; r < r1; ++r) {  // row by row: the gradient pass finds the row in L2
+            // the row functions take a range of rows; give them this one as row 0
+            Params<T> pr = p;
+            if (pr.labels != nullptr) pr.labels += r * pr.label_stride;
+            const scalar_t* sr = s + r * V;
+            const scalar_t* tr = t + r * V;
+            T st[kRowStats];
+            if constexpr (DIV == kJSD) {
+              forward_jsd_rows<scalar_t>(sr, tr, pr, 0, 1, loss_p + r, st);
+            } else {
+              forward_kl_rows<scalar_t, DIV>(sr, tr, pr, 0, 1, loss_p + r, st);
+            }
+            if (gs != nullptr || gt != nullptr) {
+              backward_rows<scalar_t, DIV>(sr, tr, st, kRowStats, 1, &w, 0, grad_scale, pr, 0, 1,
+                                           gs == nullptr ? nullptr : gs + r * V, gt == nullptr ? nullptr : gt + r * V);
+            }
+          }
+        });
+      });
+    });
+  }
+  at::Tensor loss = per_row ? at::mul(row_loss, weight) : at::mul(row_loss.sum(), weight);
+  return {loss, grad_s, grad_t};
+}
+
+void softmax_kl_step_backward_cpu(const at::Tensor& grad_loss, at::Tensor& grad_student, at::Tensor& grad_teacher) {
+  scale_rows_(grad_student, grad_loss);
+  scale_rows_(grad_teacher, grad_loss);
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace kdkernels
+
+TORCH_LIBRARY_IMPL(kdkernels, CPU, m) {
+  m.impl("softmax_kl_step_forward", &kdkernels::cpu::softmax_kl_step_forward_cpu);
+  m.impl("softmax_kl_step_backward", &kdkernels::cpu::softmax_kl_step_backward_cpu);
+}
