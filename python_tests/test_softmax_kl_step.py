@@ -79,9 +79,10 @@ def test_step_gives_the_two_pass_numbers(device, backend, rows, vocab, dtype, di
     grads = torch.autograd.grad(step, inputs, g)
     grads2 = torch.autograd.grad(two, inputs2, g)
     for a, b in zip(grads, grads2):
-        # the same per-element formula, scaled once (step) or by the reduced upstream (two-pass)
-        torch.testing.assert_close(a, b, rtol=4e-7 if dtype == torch.float32 else 1e-14,
-                                   atol=1e-12 * float(b.abs().max()))
+        # the same math up to rounding (the Hinton fast path forms p as exp(b - m) / sum, the
+        # two-pass backward as exp(b - m - log sum)): a few ulp of the row's largest gradient
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(a, b, rtol=8 * eps, atol=8 * eps * float(b.abs().max()))
 
 
 class _OpLog(TorchDispatchMode):

@@ -13,8 +13,12 @@
 #include <ATen/ops/sum.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "../scale_rows.h"
 #include "_rows.h"
@@ -23,6 +27,67 @@ namespace kdkernels {
 namespace cpu {
 namespace {
 using namespace response;
+
+// ---- the Hinton KD step (forward KL, student gradient only): two exps per element ------------
+// The generic path (forward row + gradient row of _rows.h) evaluates exp four times per element:
+// twice for the sums, twice more for p and q. Here the row maxes come first (pass 1, the one DRAM
+// read, which also keeps the scaled logits in a scratch row), so that exp(b - m_s) and exp(a - m_t)
+// are final values: pass 2 sums them and keeps them, pass 3 writes p - q = e_b / S_b - e_a / S_a.
+// Passes 2 and 3 run from L2 (scratch: two op-math rows per thread).
+template <typename S>
+KDK_CPU_HOT void forward_kl_student_step_rows(const S* student, const S* teacher, const Params<opmath_t<S>>& p,
+                                              opmath_t<S> g, int64_t r0, int64_t r1, opmath_t<S>* xb,
+                                              opmath_t<S>* xa, opmath_t<S>* loss, S* grad_s) {
+  using T = opmath_t<S>;
+  constexpr int64_t C = kChunk<T>;
+  const int64_t V = p.V;
+  const T inv_t = p.inv_t;
+  for (int64_t r = r0; r < r1; ++r) {
+    S* gs = grad_s + r * V;
+    if (row_ignored(p, r)) {
+      loss[r] = T(0);
+      std::memset(static_cast<void*>(gs), 0, sizeof(S) * V);
+      continue;
+    }
+    const S* srow = student + r * V;
+    const S* trow = teacher + r * V;
+    T ms = neg_inf<T>(), mt = neg_inf<T>();
+#pragma omp simd reduction(max : ms, mt)
+    for (int64_t i = 0; i < V; ++i) {  // pass 1: scaled logits (rounded_scale, as everywhere) and maxes
+      const T b = rounded_scale(to_op(srow[i]), inv_t), a = rounded_scale(to_op(trow[i]), inv_t);
+      xb[i] = b;
+      xa[i] = a;
+      ms = b > ms ? b : ms;
+      mt = a > mt ? a : mt;
+    }
+    const T cs = centre(ms), ct = centre(mt);
+    double sum_s = 0, sum_t = 0, acc = 0;  // acc = sum e_a ((a - m_t) - (b - m_s)): KL's numerator
+    for (int64_t c0 = 0; c0 < V; c0 += C) {  // pass 2: exps, kept in place of the logits
+      const int64_t n = std::min(C, V - c0);
+      T* bc = xb + c0;
+      T* ac = xa + c0;
+      T ss = 0, st = 0, sa = 0;
+#pragma omp simd reduction(+ : ss, st, sa)
+      for (int64_t i = 0; i < n; ++i) {
+        const T b = bc[i], a = ac[i];
+        const T eb = VecMath::exp(b - cs), ea = VecMath::exp(a - ct);
+        ss += eb;
+        st += ea;
+        sa += log_ratio_term<T, VecMath>(a, ct, b, cs);
+        bc[i] = eb;
+        ac[i] = ea;
+      }
+      sum_s += ss;
+      sum_t += st;
+      acc += sa;
+    }
+    const double kl = acc / sum_t - std::log(sum_t) + std::log(sum_s);
+    loss[r] = static_cast<T>(kl) * p.loss_scale;
+    const T ps = static_cast<T>(1.0 / sum_s) * g, qs = static_cast<T>(1.0 / sum_t) * g;
+#pragma omp simd
+    for (int64_t i = 0; i < V; ++i) store(gs + i, xb[i] * ps - xa[i] * qs);  // pass 3: g (p - q)
+  }
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_step_forward_cpu(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
@@ -49,6 +114,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_step_forward_cpu(
       T* loss_p = row_loss.mutable_data_ptr<T>();
       scalar_t* gs = student_grad ? grad_s.mutable_data_ptr<scalar_t>() : nullptr;
       scalar_t* gt = teacher_grad ? grad_t.mutable_data_ptr<scalar_t>() : nullptr;
+      if (divergence == kForwardKL && student_grad && !teacher_grad) {
+        at::parallel_for(0, R, row_grain(V), [&](int64_t r0, int64_t r1) {
+          std::vector<T> scratch(2 * static_cast<size_t>(V));
+          forward_kl_student_step_rows<scalar_t>(s, t, p, w * grad_scale, r0, r1, scratch.data(),
+                                                 scratch.data() + V, loss_p, gs);
+        });
+        return;
+      }
       with_divergence(divergence, [&](auto div) {
         constexpr int DIV = decltype(div)::value;
         at::parallel_for(0, R, row_grain(V), [&](int64_t r0, int64_t r1) {
