@@ -11,6 +11,9 @@ Implementation names (the values of ``--backends``), in run order (the reference
 * ``liger``        Liger-Kernel's KL / JSD (GPU, ``softmax_kl_div`` only, when ``liger_kernel``
                    imports): ``vs_liger_step``
 * ``cpu``, ``cuda``, ``triton``: the kdkernels backends, through ``kdkernels.functional``
+* ``twopass``      kdkernels' softmax-KL step before the one-pass step (``softmax_kl_div`` only): the
+                   loss-only forward op and its backward op, which reads the logits again, on the
+                   device's default fused backend: ``vs_twopass_step`` (the one-pass step's gain)
 * ``reference``    ``kdkernels.reference`` (``backend="torch"``): the accuracy spec, shown for
                    comparison, never a ratio's baseline (it is far slower than what users run)
 
@@ -35,16 +38,18 @@ BASELINES = ("eager", "compile")
 PEERS = ("torchdistill", "liger")
 REFERENCE = "reference"
 KERNELS = ("cpu", "cuda", "triton")
-ALL_IMPLS = BASELINES + PEERS + KERNELS + (REFERENCE,)  # the values --backends accepts
+TWO_PASS = "twopass"
+ALL_IMPLS = BASELINES + PEERS + KERNELS + (TWO_PASS, REFERENCE)  # the values --backends accepts
 # the ratio columns: vs_<impl>_<phase> for these baselines
 RATIO_BASELINES = {"eager": ("fwd", "bwd", "step"), "compile": ("fwd", "bwd", "step"),
-                   "torchdistill": ("step",), "liger": ("step",)}
+                   "torchdistill": ("step",), "liger": ("step",), TWO_PASS: ("step",)}
 LABELS = {"eager": "eager composition (the usual PyTorch code)", "compile": "torch.compile of the eager composition",
           "torchdistill": "torchdistill's loss", "liger": "Liger-Kernel", "reference": "accuracy reference (kdkernels.reference)",
-          "cpu": "kdkernels cpu", "cuda": "kdkernels cuda", "triton": "kdkernels triton"}
+          "cpu": "kdkernels cpu", "cuda": "kdkernels cuda", "triton": "kdkernels triton",
+          TWO_PASS: "kdkernels two-pass softmax-KL step (loss-only forward, backward re-reads the logits)"}
 # the kind used by the memory / time models of cases.LossSpec
 KIND = {"eager": "eager", "compile": "compile", "torchdistill": "eager", "liger": "peer", "reference": "eager",
-        "cpu": "kernel", "cuda": "kernel", "triton": "kernel"}
+        "cpu": "kernel", "cuda": "kernel", "triton": "kernel", TWO_PASS: "kernel"}
 
 
 class Unavailable(Exception):
@@ -98,6 +103,8 @@ def candidates(loss: str, device: torch.device) -> list[str]:
     if device.type == "cuda" and loss == "softmax_kl_div":
         names.append("liger")
     names += ["cuda", "triton"] if device.type == "cuda" else ["cpu"]
+    if loss == "softmax_kl_div":
+        names.append(TWO_PASS)
     return names + ["reference"]
 
 
@@ -126,6 +133,10 @@ def check_available(impl: str, case: Case, device: torch.device) -> None:
         return
     if a.functional is None:
         raise Unavailable("unavailable (kdkernels.functional does not import)")
+    if impl == TWO_PASS:
+        if case.loss != "softmax_kl_div":
+            raise Unavailable("not applicable (softmax_kl_div only)")
+        impl = _two_pass_backend(device)
     if impl not in implemented_backends(case.loss, device):
         raise Unavailable(_why_not(impl, case.loss, device))
 
@@ -153,6 +164,26 @@ def _functional_call(loss: str, backend: str) -> Callable[[Inputs], torch.Tensor
     return lambda inp: fn(*inp.args, backend=backend, **inp.kwargs)
 
 
+def _two_pass_backend(device: torch.device) -> str:
+    return "cpu" if device.type == "cpu" else api().backends.CUDA_AUTO_CHOICE.get("softmax_kl_div", "triton")
+
+
+def _two_pass_call(case: Case) -> Callable[[Inputs], torch.Tensor]:
+    from kdkernels import ops, reduction
+    from kdkernels.ops.response import DIVERGENCE_CODES
+
+    def run(inp: Inputs) -> torch.Tensor:
+        s, t = inp.args
+        o = {"temperature": 1.0, "divergence": "forward", "beta": 0.5, "reduction": "batchmean", "t2_scale": True,
+             **inp.kwargs}
+        backend = _two_pass_backend(s.device)
+        rows, _stats = ops.SOFTMAX_KL.forward(backend, s, t, None, o["temperature"], DIVERGENCE_CODES[o["divergence"]],
+                                              o["beta"], -100, o["t2_scale"])
+        return reduction.reduce_rows(rows, o["reduction"], (s.shape[0],), s.shape[1], None, -100)
+
+    return run
+
+
 def make_callable(impl: str, case: Case) -> Callable[[Inputs], torch.Tensor]:
     """A function of the case's inputs returning the (scalar) loss. ``compile`` is not compiled yet:
     its first call compiles (the runner does that call before timing)."""
@@ -168,6 +199,8 @@ def make_callable(impl: str, case: Case) -> Callable[[Inputs], torch.Tensor]:
         return peers.torchdistill_call(case.loss, case.options, baselines.project)
     if impl == "liger":
         return peers.liger_call(case.options)
+    if impl == TWO_PASS:
+        return _two_pass_call(case)
     if impl == "reference":
         if a.functional is not None:
             return _functional_call(case.loss, "torch")
