@@ -18,6 +18,7 @@
 #include <optional>
 #include <tuple>
 
+#include "../huge_pages.h"
 #include "_rows.h"
 
 namespace kdkernels {
@@ -78,6 +79,8 @@ std::tuple<at::Tensor, at::Tensor> softmax_kl_backward_cpu(const at::Tensor& gra
   // a gradient that is not asked for comes back as an empty (0,) tensor of its input's dtype
   at::Tensor grad_s = student_grad ? at::empty({R, V}, student.options()) : at::empty({0}, student.options());
   at::Tensor grad_t = teacher_grad ? at::empty({R, V}, teacher.options()) : at::empty({0}, teacher.options());
+  prefer_huge_pages(grad_s);
+  prefer_huge_pages(grad_t);
   if (R == 0 || !(student_grad || teacher_grad)) return {grad_s, grad_t};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "softmax_kl_backward_cpu", [&] {
     using T = opmath_t<scalar_t>;

@@ -20,6 +20,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../huge_pages.h"
 #include "../scale_rows.h"
 #include "_rows.h"
 
@@ -73,7 +74,7 @@ KDK_CPU_HOT void forward_kl_student_step_rows(const S* student, const S* teacher
         const T eb = VecMath::exp(b - cs), ea = VecMath::exp(a - ct);
         ss += eb;
         st += ea;
-        sa += log_ratio_term<T, VecMath>(a, ct, b, cs);
+        sa += log_ratio_term<T, VecMath>(a, ct, b, cs);  // its exp(a - ct) is ea: the compiler reuses it
         bc[i] = eb;
         ac[i] = ea;
       }
@@ -102,6 +103,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_step_forward_cpu(
   at::Tensor row_loss = at::empty({R}, student.options().dtype(op_dt));
   at::Tensor grad_s = student_grad ? at::empty({R, V}, student.options()) : at::empty({0}, student.options());
   at::Tensor grad_t = teacher_grad ? at::empty({R, V}, teacher.options()) : at::empty({0}, teacher.options());
+  prefer_huge_pages(grad_s);
+  prefer_huge_pages(grad_t);
   if (R > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "softmax_kl_step_forward_cpu", [&] {
       using T = opmath_t<scalar_t>;
