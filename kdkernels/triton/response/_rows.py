@@ -2,8 +2,10 @@
 
 The softmax-KL family works row by row on (R, V) logits: one program per row, a loop over V in
 BLOCK_V chunks. These are the pieces every such op needs: the numerically safe log-space helpers,
-the per-row stats layout of csrc/include/kdkernels/softmax_kl.h, loading a chunk of z / T, and the
-launch configuration.
+the per-row stats layout of csrc/include/kdkernels/softmax_kl.h, loading a chunk of z / T, the
+loops that compute a row's stats (softmax_kl.py's module doc gives the math), the per-element
+gradient, and the launch configuration. The two-pass op (softmax_kl) and the one-pass step
+(softmax_kl_step) share them, so that they agree to the bit.
 """
 import math
 
