@@ -84,6 +84,7 @@ def variant(fn: JITFunction, arguments: dict, options: dict):
 # ---- the launches: every loss family, every constexpr branch, the dtypes a GPU run sees ------------
 def response_launches():
     from kdkernels.triton.response import softmax_kl as k
+    from kdkernels.triton.response import softmax_kl_step as step
 
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         for vocab in (100, 40000):  # one chunk / several chunks (and the larger block config)
@@ -96,6 +97,14 @@ def response_launches():
                     for student_grad, teacher_grad in ((True, False), (True, True), (False, True)):
                         k.backward(torch.ones(3), s, t, lab, stats, 2.0, divergence, 0.5, -100, True,
                                               student_grad, teacher_grad)
+                    # the one-pass step; its backward's scale_rows_ launches come with it (factor != 1)
+                    for student_grad, teacher_grad in ((True, False), (True, True), (False, True), (False, False)):
+                        for per_row in (False, True):
+                            opmath = torch.float64 if dtype == torch.float64 else torch.float32
+                            weight = torch.tensor(0.5, dtype=opmath)
+                            _, gs, gt = step.forward(s, t, lab, weight, 2.0, divergence, 0.5, -100, True, per_row,
+                                                     student_grad, teacher_grad)
+                            step.backward(torch.full((3,) if per_row else (), 2.0, dtype=opmath), gs, gt)
 
 
 def feature_launches():

@@ -46,8 +46,9 @@ from torch import Tensor
 
 from kdkernels._dtypes import opmath_dtype
 from kdkernels.triton._common import launch, tl_opmath
-from kdkernels.triton.response._rows import (ROW_STATS, check_rows, jsd_constants, launch_config, load_scaled,
-                                             log_add_exp, store_row_stats, write_ignored_row)
+from kdkernels.triton.response._rows import (ROW_STATS, check_divergence, check_rows, jsd_constants, jsd_row_stats,
+                                             kl_row_stats, launch_config, load_scaled, softmax_kl_grad,
+                                             store_row_stats, store_zero_grad_rows, write_ignored_row)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,49 +78,8 @@ def _softmax_kl_fwd_kernel(
             write_ignored_row(loss_ptr, stats_ptr, row, zero)
             return
 
-    inv_t = tl.full([], inv_temp, DT)
-    neg_inf = tl.full([], float("-inf"), DT)
-    cols = tl.arange(0, BLOCK_V)
-    w_row = w_ptr + row * V
-    o_row = o_ptr + row * V
-
-    mw = neg_inf
-    mo = neg_inf
-    sw = zero
-    so = zero
-    acc = zero
-    for start in range(0, V, BLOCK_V):
-        offs = start + cols
-        mask = offs < V
-        x = load_scaled(w_row + offs, mask, inv_t, DT)
-        y = load_scaled(o_row + offs, mask, inv_t, DT)
-        new_mw = tl.maximum(mw, tl.max(x, 0))
-        new_mo = tl.maximum(mo, tl.max(y, 0))
-        # "safe" maxes: 0 while everything seen is -inf, so exp(-inf - 0) = 0 instead of NaN
-        cw = tl.where(new_mw == float("-inf"), 0.0, new_mw)
-        co = tl.where(new_mo == float("-inf"), 0.0, new_mo)
-        alpha_w = tl.exp(mw - cw)
-        alpha_o = tl.exp(mo - co)
-        # rescale the running state to the new maxes: each old term's log-ratio moves by
-        # -(new_mw - mw) + (new_mo - mo). An empty weighting part (sw = 0) has acc = 0; an all -inf
-        # other part (so = 0) with mass in w already made acc = +inf, so its shift is irrelevant.
-        shift_w = tl.where(sw > 0.0, new_mw - mw, 0.0)
-        shift_o = tl.where(so > 0.0, new_mo - mo, 0.0)
-        acc = tl.where(alpha_w > 0.0, alpha_w * (acc - (shift_w - shift_o) * sw), 0.0)
-        sw = sw * alpha_w
-        so = so * alpha_o
-        # this chunk's terms, relative to the new maxes; 0 * log(0 / anything) = 0
-        w = tl.exp(x - cw)
-        term = tl.where(w > 0.0, w * ((x - cw) - (y - co)), 0.0)
-        acc += tl.sum(term, 0)
-        sw += tl.sum(w, 0)
-        so += tl.sum(tl.exp(y - co), 0)
-        mw = new_mw
-        mo = new_mo
-
-    log_sw = tl.log(sw)
-    log_so = tl.log(so)
-    kl = acc / sw - log_sw + log_so
+    mw, log_sw, mo, log_so, kl = kl_row_stats(w_ptr + row * V, o_ptr + row * V, V, tl.full([], inv_temp, DT),
+                                              DT, BLOCK_V)
     tl.store(loss_ptr + row, kl * tl.full([], loss_scale, DT))
     if REVERSE:  # x = student, y = teacher
         store_row_stats(stats_ptr, row, mw, log_sw, mo, log_so, kl, zero)
@@ -156,53 +116,9 @@ def _softmax_jsd_fwd_kernel(
             write_ignored_row(loss_ptr, stats_ptr, row, zero)
             return
 
-    inv_t = tl.full([], inv_temp, DT)
-    neg_inf = tl.full([], float("-inf"), DT)
-    cols = tl.arange(0, BLOCK_V)
-    s_row = s_ptr + row * V
-    t_row = t_ptr + row * V
-
-    # pass 1: streaming log-sum-exp of b = z_s / T and a = z_t / T
-    ms = neg_inf
-    mt = neg_inf
-    ss = zero
-    st = zero
-    for start in range(0, V, BLOCK_V):
-        offs = start + cols
-        mask = offs < V
-        b = load_scaled(s_row + offs, mask, inv_t, DT)
-        a = load_scaled(t_row + offs, mask, inv_t, DT)
-        new_ms = tl.maximum(ms, tl.max(b, 0))
-        new_mt = tl.maximum(mt, tl.max(a, 0))
-        cs = tl.where(new_ms == float("-inf"), 0.0, new_ms)
-        ct = tl.where(new_mt == float("-inf"), 0.0, new_mt)
-        ss = ss * tl.exp(ms - cs) + tl.sum(tl.exp(b - cs), 0)
-        st = st * tl.exp(mt - ct) + tl.sum(tl.exp(a - ct), 0)
-        ms = new_ms
-        mt = new_mt
-    log_sum_s = tl.log(ss)
-    log_sum_t = tl.log(st)
-
-    # pass 2: c_s = (1-beta) KL(p||m), c_t = beta KL(q||m), with centred logs
-    lb = tl.full([], log_beta, DT)
-    l1mb = tl.full([], log_one_minus_beta, DT)
-    acc_s = zero
-    acc_t = zero
-    for start in range(0, V, BLOCK_V):
-        offs = start + cols
-        mask = offs < V
-        b = load_scaled(s_row + offs, mask, inv_t, DT)
-        a = load_scaled(t_row + offs, mask, inv_t, DT)
-        log_p = (b - ms) - log_sum_s
-        log_q = (a - mt) - log_sum_t
-        log_m = log_add_exp(log_q + lb, log_p + l1mb)
-        p = tl.exp(log_p)
-        q = tl.exp(log_q)
-        acc_s += tl.sum(tl.where((p > 0.0) | (p != p), p * (log_p - log_m), 0.0), 0)
-        acc_t += tl.sum(tl.where((q > 0.0) | (q != q), q * (log_q - log_m), 0.0), 0)
-    b_dt = tl.full([], beta, DT)
-    c_s = (1.0 - b_dt) * acc_s
-    c_t = b_dt * acc_t
+    ms, log_sum_s, mt, log_sum_t, c_s, c_t = jsd_row_stats(
+        s_ptr + row * V, t_ptr + row * V, V, tl.full([], inv_temp, DT), tl.full([], beta, DT),
+        tl.full([], log_beta, DT), tl.full([], log_one_minus_beta, DT), DT, BLOCK_V)
     tl.store(loss_ptr + row, (c_s + c_t) * tl.full([], loss_scale, DT))
     store_row_stats(stats_ptr, row, ms, log_sum_s, mt, log_sum_t, c_s, c_t)
 
@@ -240,14 +156,8 @@ def _softmax_kl_bwd_kernel(
     if HAS_LABELS:
         label = tl.load(labels_ptr + row)
         if label == ignore_index:
-            zeros = tl.zeros([BLOCK_V], DT)
-            for start in range(0, V, BLOCK_V):
-                offs = start + cols
-                mask = offs < V
-                if STUDENT_GRAD:
-                    tl.store(grad_s_ptr + row_off + offs, zeros.to(grad_s_ptr.dtype.element_ty), mask=mask)
-                if TEACHER_GRAD:
-                    tl.store(grad_t_ptr + row_off + offs, zeros.to(grad_t_ptr.dtype.element_ty), mask=mask)
+            store_zero_grad_rows(grad_s_ptr + row_off, grad_t_ptr + row_off, V, STUDENT_GRAD, TEACHER_GRAD, DT,
+                                 BLOCK_V)
             return
 
     inv_t = tl.full([], inv_temp, DT)
@@ -268,22 +178,7 @@ def _softmax_kl_bwd_kernel(
         mask = offs < V
         b = load_scaled(s_ptr + row_off + offs, mask, inv_t, DT)
         a = load_scaled(t_ptr + row_off + offs, mask, inv_t, DT)
-        log_p = (b - m_s) - log_sum_s
-        log_q = (a - m_t) - log_sum_t
-        p = tl.exp(log_p)
-        q = tl.exp(log_q)
-        p_pos = (p > 0.0) | (p != p)
-        q_pos = (q > 0.0) | (q != q)
-        if DIVERGENCE == 0:
-            grad_b = p - q
-            grad_a = tl.where(q_pos, q * (log_q - log_p - c_t), 0.0)
-        elif DIVERGENCE == 1:
-            grad_b = tl.where(p_pos, p * (log_p - log_q - c_s), 0.0)
-            grad_a = q - p
-        else:
-            log_m = log_add_exp(log_q + lb, log_p + l1mb)
-            grad_b = tl.where(p_pos, p * ((1.0 - b_dt) * (log_p - log_m) - c_s), 0.0)
-            grad_a = tl.where(q_pos, q * (b_dt * (log_q - log_m) - c_t), 0.0)
+        grad_b, grad_a = softmax_kl_grad(a, b, m_s, log_sum_s, m_t, log_sum_t, c_s, c_t, b_dt, lb, l1mb, DIVERGENCE)
         if STUDENT_GRAD:
             tl.store(grad_s_ptr + row_off + offs, (grad_b * g).to(grad_s_ptr.dtype.element_ty), mask=mask)
         if TEACHER_GRAD:
@@ -295,9 +190,7 @@ def forward(student: Tensor, teacher: Tensor, labels, temperature: float, diverg
     """Per-row loss (R,) (already T^2-scaled when ``t2_scale``) and stats (R, 6) =
     [m_s, log_sum_s, m_t, log_sum_t, c_s, c_t]."""
     check_rows(student, teacher, labels)
-    divergence = int(divergence)
-    if divergence not in (0, 1, 2):
-        raise ValueError(f"divergence must be 0 (forward), 1 (reverse) or 2 (jsd), got {divergence}")
+    divergence = check_divergence(divergence)
     student = student.contiguous()
     teacher = teacher.contiguous()
     rows, vocab = student.shape
@@ -336,9 +229,7 @@ def backward(grad_loss: Tensor, student: Tensor, teacher: Tensor, labels, stats:
              teacher_grad: bool) -> tuple[Tensor, Tensor]:
     """(grad_student, grad_teacher) in the logits' dtype; an unrequested one is an empty (0,) tensor."""
     check_rows(student, teacher, labels)
-    divergence = int(divergence)
-    if divergence not in (0, 1, 2):
-        raise ValueError(f"divergence must be 0 (forward), 1 (reverse) or 2 (jsd), got {divergence}")
+    divergence = check_divergence(divergence)
     student = student.contiguous()
     teacher = teacher.contiguous()
     rows, vocab = student.shape
