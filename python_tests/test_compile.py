@@ -20,12 +20,13 @@ class StudentWithKD(torch.nn.Module):
 
 @pytest.mark.parametrize("device,backend", backend_params("softmax_kl_div"))
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
-def test_softmax_kl_compiles_fullgraph(device, backend, compile_backend):
+@pytest.mark.parametrize("divergence", ["forward", "jsd"])  # the one-pass step's fast path and generic path
+def test_softmax_kl_compiles_fullgraph(device, backend, compile_backend, divergence):
     if compile_backend == "inductor" and backend == "triton" and device.type == "cpu":
         pytest.skip("inductor + interpreted Triton on CPU adds nothing over aot_eager; run on GPU")
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = StudentWithKD(kdkernels.SoftmaxKLDivLoss(temperature=2.0, divergence="jsd", backend=backend)).to(device)
+    model = StudentWithKD(kdkernels.SoftmaxKLDivLoss(temperature=2.0, divergence=divergence, backend=backend)).to(device)
     x = torch.randn(6, 16, device=device)
     teacher = torch.randn(6, 40, device=device)
     labels = torch.tensor([1, 2, -100, 3, 4, 5], device=device)

@@ -211,6 +211,13 @@ def _step_args(device, per_row, student_grad, teacher_grad):
 def test_opcheck(device, backend, per_row, grads):
     args = _step_args(device, per_row, *grads)
     torch.library.opcheck(ops.SOFTMAX_KL_STEP.forward_ops[backend], args)
+    # with inputs that require grad: the autograd registration too. (opcheck's aot_dispatch checks
+    # return every output of the op, here the gradients the autograd formula also saves and scales
+    # in place, which AOTAutograd's partitioner rejects; the functional, which drops them, compiles:
+    # test_compile.py.)
+    s, t = args[0].clone().requires_grad_(grads[0]), args[1].clone().requires_grad_(grads[1])
+    torch.library.opcheck(ops.SOFTMAX_KL_STEP.forward_ops[backend], (s, t) + args[2:],
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     loss, grad_s, grad_t = ops.SOFTMAX_KL_STEP.forward(backend, *args)
     upstream = torch.rand_like(loss) + 0.5
     torch.library.opcheck(ops.SOFTMAX_KL_STEP.backward_ops[backend], (upstream, grad_s, grad_t))
