@@ -126,6 +126,8 @@ def test_backward_only_scales_the_saved_gradient(device, backend, reduction):
     # one in-place op: no recomputation from the logits, no product in the autograd formula
     assert _kd_ops(log.names) == [f"softmax_kl_step_backward{suffix}"]
     assert not [n for n in log.names if n.startswith("aten::mul")]
+    # nor zero-filled upstream gradients for the gradient outputs (one of the logits' size each)
+    assert not [n for n in log.names if n.startswith(("aten::zeros", "aten::zero_", "aten::fill_"))]
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)

@@ -81,6 +81,9 @@ def _step_backward_fake(grad_loss, grad_student, grad_teacher):
 def _step_setup_context(ctx, inputs, output):
     _loss, grad_s, grad_t = output
     ctx.mark_non_differentiable(grad_s, grad_t)  # saved state, not results to differentiate
+    # no zero-filled "gradients" of the two gradient outputs: autograd would allocate one of the
+    # logits' size for each, in every backward
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(grad_s, grad_t)
 
 
@@ -92,6 +95,8 @@ _graph_kept = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", 
 def _step_backward(backward_op, ctx, grad_loss, _grad_grad_s, _grad_grad_t):
     grad_s, grad_t = ctx.saved_tensors
     need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if grad_loss is None:  # the loss took no part in what is being differentiated
+        return (None,) * 12
     if _graph_kept():
         # a later backward (retain_graph=True, gradcheck) needs the saved gradients as they are: scale copies
         factor = grad_loss if grad_loss.dim() == 0 else grad_loss.unsqueeze(1)
