@@ -13,8 +13,10 @@ from kdkernels.modules import (
     RKDLoss,
     SimilarityPreservingLoss,
     SoftmaxKLDivLoss,
+    TopKSoftmaxKLDivLoss,
 )
+from kdkernels.functional import topk_teacher
 
 __version__ = "0.1.0"
-__all__ = ["functional", "backends", "reference", "SoftmaxKLDivLoss", "ProjectedMSELoss", "RKDDistanceLoss",
+__all__ = ["functional", "backends", "reference", "topk_teacher", "SoftmaxKLDivLoss", "TopKSoftmaxKLDivLoss", "ProjectedMSELoss", "RKDDistanceLoss",
            "RKDAngleLoss", "SimilarityPreservingLoss", "RKDLoss"]

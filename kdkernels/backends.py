@@ -27,6 +27,7 @@ BACKENDS = ("torch", "cpu", "cuda", "triton")
 # the combined op, or one of the single-term ops when a weight is 0.
 LOSS_OPS: dict[str, tuple[Op, ...]] = {
     "softmax_kl_div": (ops.SOFTMAX_KL, ops.SOFTMAX_KL_STEP),  # loss-only pass, one-pass step with gradients
+    "softmax_kl_div_topk": (ops.SOFTMAX_KL_TOPK,),
     "projected_mse": (ops.PROJECTED_MSE,),
     "rkd_distance": (ops.RKD_DISTANCE,),
     "rkd_angle": (ops.RKD_ANGLE,),
@@ -48,6 +49,7 @@ IMPLEMENTED: dict[str, frozenset[str]] = {
 # benchmarks/results/ when a GPU run exists.
 CUDA_AUTO_CHOICE: dict[str, str] = {
     "softmax_kl_div": "triton",
+    "softmax_kl_div_topk": "triton",
     # cuBLAS GEMMs + fused epilogue kernels vs a Triton GEMM with the MSE in its epilogue: the
     # cuBLAS GEMMs are the safer default until a GPU run shows the Triton tiles (not autotuned yet)
     # are at least as fast.

@@ -18,9 +18,9 @@ from kdkernels import _validation as v
 from kdkernels import reduction as red
 from kdkernels._dtypes import opmath_dtype
 from kdkernels._feature import rows_3d
-from kdkernels.ops.response import DIVERGENCE_CODES
+from kdkernels.ops.response import DIVERGENCE_CODES, TAIL_CODES
 
-__all__ = ["softmax_kl_div", "projected_mse", "rkd_distance", "rkd_angle", "rkd", "similarity_preserving"]
+__all__ = ["softmax_kl_div", "softmax_kl_div_topk", "projected_mse", "rkd_distance", "rkd_angle", "rkd", "similarity_preserving"]
 
 def softmax_kl_div(
     student_logits: Tensor,
@@ -98,6 +98,122 @@ def _fused_softmax_kl_div(backend, student_logits, teacher_logits, temperature, 
     rows, _stats = ops.SOFTMAX_KL.forward(backend, student, teacher, flat_labels, temperature,
                                           DIVERGENCE_CODES[divergence], beta, ignore_index, t2_scale)
     return red.reduce_rows(rows, reduction, lead, vocab, flat_labels, ignore_index)
+
+
+def softmax_kl_div_topk(
+    student_logits: Tensor,
+    teacher_topk_logprobs: Tensor,
+    teacher_topk_indices: Tensor,
+    *,
+    temperature: float = 1.0,
+    tail: str = "renormalize",
+    reduction: str = "batchmean",
+    labels: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    t2_scale: bool = True,
+    backend: str = "auto",
+) -> Tensor:
+    """Softmax-KL against a top-k sparse teacher, e.g. stored offline by ``kdkernels.topk_teacher``.
+
+    Args:
+        student_logits: (..., V) raw student logits; log p = log_softmax(student_logits / T) over
+            the whole vocabulary. Gradients flow here (the teacher inputs get none).
+        teacher_topk_logprobs: (..., K) log-probabilities of the teacher's full softmax at the same
+            temperature (not logits), K <= V.
+        teacher_topk_indices: (..., K) int64 vocabulary indices of those entries, any order,
+            unique per row (duplicates are not detected: each would count as its own event).
+        tail: "renormalize" (q~ = softmax over the K log-probs; l = sum_k q~_k (log q~_k - log p_{i_k}))
+            or "bucket" (the teacher's missing mass q_r = max(0, 1 - sum_k q_k) is one more event,
+            against p_r = 1 - sum_k p_{i_k}).
+        temperature, reduction, labels, ignore_index, t2_scale, backend: as ``softmax_kl_div``
+            ("mean" divides by V).
+
+    No dense (..., V) teacher tensor is built; the fused backends read the student once and, when a
+    gradient is needed, compute it in the same pass (the one-pass step of ``softmax_kl_div``).
+    """
+    v.check_float_tensor("student_logits", student_logits)
+    v.check_float_tensor("teacher_topk_logprobs", teacher_topk_logprobs)
+    if not isinstance(teacher_topk_indices, Tensor):
+        raise TypeError(f"teacher_topk_indices must be a torch.Tensor, got {type(teacher_topk_indices).__name__}")
+    if teacher_topk_indices.dtype != torch.int64:
+        raise TypeError(f"teacher_topk_indices must be int64, got {teacher_topk_indices.dtype}")
+    v.check_min_dim("student_logits", student_logits, 1, "..., vocab")
+    if labels is not None and not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
+    v.check_same_device(student_logits=student_logits, teacher_topk_logprobs=teacher_topk_logprobs,
+                        teacher_topk_indices=teacher_topk_indices, labels=labels)
+    temperature, _div, _beta, reduction, ignore_index, t2_scale = v.check_softmax_kl_options(
+        temperature, "forward", 0.5, reduction, ignore_index, t2_scale)
+    tail = v.check_choice("tail", tail, tuple(TAIL_CODES))
+    lead, vocab = tuple(student_logits.shape[:-1]), student_logits.shape[-1]
+    if tuple(teacher_topk_logprobs.shape[:-1]) != lead or teacher_topk_logprobs.dim() != student_logits.dim():
+        raise ValueError(f"teacher_topk_logprobs must have the leading shape of the student logits {lead} and a "
+                         f"last dimension K, got {tuple(teacher_topk_logprobs.shape)}")
+    if teacher_topk_indices.shape != teacher_topk_logprobs.shape:
+        raise ValueError(f"teacher_topk_indices must have the shape of teacher_topk_logprobs "
+                         f"{tuple(teacher_topk_logprobs.shape)}, got {tuple(teacher_topk_indices.shape)}")
+    k = teacher_topk_logprobs.shape[-1]
+    if not 1 <= k <= vocab:
+        raise ValueError(f"teacher_topk_logprobs must have 1 <= K <= V = {vocab} entries per row, got K = {k}")
+    if labels is not None:
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+        if tuple(labels.shape) != lead:
+            raise ValueError(f"labels must have the leading shape of the logits {lead}, got {tuple(labels.shape)}")
+    if teacher_topk_indices.device.type == "cpu" and teacher_topk_indices.numel() and not torch.compiler.is_compiling():
+        # on a GPU the kernels check on the device (no host sync); here it is free
+        lo, hi = int(teacher_topk_indices.min()), int(teacher_topk_indices.max())
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"teacher_topk_indices must lie in [0, {vocab}), got values in [{lo}, {hi}]")
+    student_logits, teacher_topk_logprobs = v.promote_floating(student_logits, teacher_topk_logprobs)
+    return _dispatch.run("softmax_kl_div_topk", backend, student_logits.device, _reference_topk, _fused_topk,
+                         student_logits, teacher_topk_logprobs, teacher_topk_indices, temperature, tail, reduction,
+                         labels, ignore_index, t2_scale)
+
+
+def _reference_topk(student_logits, lq, idx, temperature, tail, reduction, labels, ignore_index, t2_scale):
+    return reference.softmax_kl_div_topk(student_logits, lq, idx, temperature, tail, reduction, labels, ignore_index,
+                                         t2_scale)
+
+
+def _fused_topk(backend, student_logits, lq, idx, temperature, tail, reduction, labels, ignore_index, t2_scale):
+    lead, vocab, k = tuple(student_logits.shape[:-1]), student_logits.shape[-1], lq.shape[-1]
+    student = student_logits.reshape(-1, vocab).contiguous()
+    flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
+    student_grad = torch.is_grad_enabled() and student.requires_grad
+    weight = red.row_weight(reduction, flat_labels, ignore_index, student.shape[0], vocab,
+                            student.new_empty((), dtype=opmath_dtype(student.dtype)))
+    loss, _grad = ops.SOFTMAX_KL_TOPK.forward(
+        backend, student, lq.detach().reshape(-1, k).contiguous(), idx.reshape(-1, k).contiguous(), flat_labels,
+        weight, temperature, TAIL_CODES[tail], ignore_index, t2_scale, reduction == "none", student_grad)
+    return loss.reshape(lead) if reduction == "none" else loss
+
+
+def topk_teacher(teacher_logits: Tensor, k: int, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """The inputs of ``softmax_kl_div_topk`` from (..., V) teacher logits: the K largest
+    log_softmax(teacher_logits / T) values (..., K), in the logits' dtype, and their int64 indices.
+
+    log_softmax at the top-k is z_k / T - logsumexp(z / T): the top-k of the logits and one row
+    log-sum-exp, so no full-size log-prob copy is made. No gradient (a stored teacher is a constant).
+    """
+    v.check_float_tensor("teacher_logits", teacher_logits)
+    v.check_min_dim("teacher_logits", teacher_logits, 1, "..., vocab")
+    k = v.check_int("k", k)
+    vocab = teacher_logits.shape[-1]
+    if not 1 <= k <= vocab:
+        raise ValueError(f"k must be in [1, {vocab}] (the vocabulary size), got {k}")
+    temperature = v.check_positive("temperature", temperature)
+    with torch.no_grad():
+        z = teacher_logits.detach()
+        values, indices = torch.topk(z, k, dim=-1)
+        dt = opmath_dtype(z.dtype)
+        # logsumexp(z / T) per row, a block of rows at a time: its temporary stays O(block x V)
+        flat = z.reshape(-1, vocab)
+        block = max(1, (1 << 24) // max(1, vocab))
+        lse = torch.cat([torch.logsumexp(flat[r:r + block].to(dt) / temperature, dim=-1)
+                         for r in range(0, flat.shape[0], block)]) if flat.shape[0] else flat.new_empty((0,), dtype=dt)
+        logprobs = (values.to(dt) / temperature - lse.reshape(values.shape[:-1] + (1,))).to(z.dtype)
+    return logprobs, indices
 
 
 def _check_feature_inputs(student, teacher, weight, bias, feature_dim, reduction):

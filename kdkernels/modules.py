@@ -12,7 +12,7 @@ from kdkernels import backends
 from kdkernels import functional as F
 from kdkernels import reduction as red
 
-__all__ = ["SoftmaxKLDivLoss", "ProjectedMSELoss", "RKDDistanceLoss", "RKDAngleLoss", "SimilarityPreservingLoss",
+__all__ = ["SoftmaxKLDivLoss", "TopKSoftmaxKLDivLoss", "ProjectedMSELoss", "RKDDistanceLoss", "RKDAngleLoss", "SimilarityPreservingLoss",
            "RKDLoss"]
 
 
@@ -41,6 +41,37 @@ class SoftmaxKLDivLoss(nn.Module):
         return (f"temperature={self.temperature}, divergence={self.divergence!r}, beta={self.beta}, "
                 f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, t2_scale={self.t2_scale}, "
                 f"backend={self.backend!r}")
+
+
+class TopKSoftmaxKLDivLoss(nn.Module):
+    """Softmax-KL against a top-k sparse teacher;
+    ``forward(student_logits, teacher_topk_logprobs, teacher_topk_indices, labels=None)``.
+
+    See :func:`kdkernels.functional.softmax_kl_div_topk` for the arguments and shapes, and
+    :func:`kdkernels.topk_teacher` for making the teacher inputs.
+    """
+
+    def __init__(self, temperature: float = 1.0, tail: str = "renormalize", reduction: str = "batchmean",
+                 ignore_index: int = -100, t2_scale: bool = True, backend: str = "auto") -> None:
+        super().__init__()
+        from kdkernels.ops.response import TAIL_CODES
+
+        (self.temperature, _div, _beta, self.reduction, self.ignore_index,
+         self.t2_scale) = v.check_softmax_kl_options(temperature, "forward", 0.5, reduction, ignore_index, t2_scale)
+        self.tail = v.check_choice("tail", tail, tuple(TAIL_CODES))
+        self.backend = backends.check_name(backend)
+
+    def forward(self, student_logits: Tensor, teacher_topk_logprobs: Tensor, teacher_topk_indices: Tensor,
+                labels: Optional[Tensor] = None) -> Tensor:
+        """The loss of (..., V) student logits against (..., K) teacher log-probs at (..., K) indices."""
+        return F.softmax_kl_div_topk(student_logits, teacher_topk_logprobs, teacher_topk_indices,
+                                     temperature=self.temperature, tail=self.tail, reduction=self.reduction,
+                                     labels=labels, ignore_index=self.ignore_index, t2_scale=self.t2_scale,
+                                     backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, tail={self.tail!r}, reduction={self.reduction!r}, "
+                f"ignore_index={self.ignore_index}, t2_scale={self.t2_scale}, backend={self.backend!r}")
 
 
 class ProjectedMSELoss(nn.Module):

@@ -130,3 +130,65 @@ SOFTMAX_KL_STEP = register(OpDef(
     r by grad_loss (or grad_loss[r]), and leaves a row untouched where that factor is exactly 1 (read
     on the device: no host sync). Empty (0,) gradients are skipped.""",
 ))
+
+
+# ---- top-k sparse teacher: one-pass, like the step -------------------------------------------
+TAIL_CODES = {"renormalize": 0, "bucket": 1}
+
+
+def _topk_forward_fake(student, teacher_logprobs, indices, labels, weight, temperature, tail, ignore_index, t2_scale,
+                       per_row, student_grad):
+    torch._check(student.dim() == 2, lambda: "student must be 2-D (rows, vocab)")
+    torch._check(teacher_logprobs.shape == indices.shape, lambda: "teacher log-probs and indices must match")
+    loss = student.new_empty((student.shape[0],) if per_row else (), dtype=opmath_dtype(student.dtype))
+    return loss, torch.empty_like(student) if student_grad else student.new_empty((0,))
+
+
+def _topk_backward_fake(grad_loss, grad_student):
+    return None
+
+
+def _topk_setup_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # as the step: no zero-filled (rows x V) upstream for the gradient output
+    ctx.save_for_backward(output[1])
+
+
+def _topk_backward(backward_op, ctx, grad_loss, _grad_grad):
+    if grad_loss is None or not ctx.needs_input_grad[0]:
+        return (None,) * 11
+    (grad_s,) = ctx.saved_tensors
+    if _graph_kept():
+        factor = grad_loss if grad_loss.dim() == 0 else grad_loss.unsqueeze(1)
+        grad_s = (grad_s * factor).to(grad_s.dtype)
+    else:
+        backward_op(grad_loss.contiguous(), grad_s)
+    return (grad_s,) + (None,) * 10
+
+
+SOFTMAX_KL_TOPK = register(OpDef(
+    name="softmax_kl_topk",
+    forward_schema="(Tensor student, Tensor teacher_logprobs, Tensor indices, Tensor? labels, Tensor weight, "
+                   "float temperature, int tail, int ignore_index, bool t2_scale, bool per_row, bool student_grad) "
+                   "-> (Tensor, Tensor)",
+    backward_schema="(Tensor grad_loss, Tensor(a!) grad_student) -> ()",
+    forward_fake=_topk_forward_fake,
+    backward_fake=_topk_backward_fake,
+    setup_context=_topk_setup_context,
+    backward=_topk_backward,
+    triton_module="kdkernels.triton.response.softmax_kl_topk",
+    doc="""One-pass softmax-KL against a top-k sparse teacher (kdkernels.reference.response_topk).
+
+    forward: student (R, V) contiguous; teacher_logprobs (R, K) the teacher's full-softmax log-probs
+    at T (same dtype as student), indices (R, K) int64 in [0, V), unique per row (not checked),
+    K <= V; labels (R,) int64 or None; weight 0-d op-math, the reduction's factor (row_weight);
+    tail TAIL_CODES' 0 renormalize, 1 bucket. Returns (loss, grad_student): loss = weight * sum_r l_r
+    (0-d) or weight * l_r (R,) when per_row, l_r T^2-scaled when t2_scale and 0 for ignored rows;
+    grad_student = d loss / d student for an upstream of 1, in student's dtype, when student_grad
+    (an empty (0,) tensor otherwise). With b = z / T, p = softmax(b), per row:
+      renormalize: d l / d b_j = p_j - [j = i_k] q~_k
+      bucket: with Q = sum q_k, P = sum p_{i_k}, p_r = 1 - P, c = q_r / p_r (0 when q_r = 0):
+              d l / d b_j = p_j (Q - c P) - [j = i_k] (q_k - c p_j)
+    (then x T^2 / T, or 1 / T, and x weight). Out-of-range indices raise (a device-side check on GPU).
+    backward: grad_loss 0-d (or (R,) when per_row); scales the saved gradient in place as softmax_kl_step.""",
+))
