@@ -188,7 +188,7 @@ SOFTMAX_KL_TOPK = register(OpDef(
     (an empty (0,) tensor otherwise). With b = z / T, p = softmax(b), per row:
       renormalize: d l / d b_j = p_j - [j = i_k] q~_k
       bucket: with Q = sum q_k, P = sum p_{i_k}, p_r = 1 - P, c = q_r / p_r (0 when q_r = 0):
-              d l / d b_j = p_j (Q - c P) - [j = i_k] (q_k - c p_j)
+              d l / d b_j = p_j (Q - c P) - [j = i_k] (q_k - c p_j); with K = V the bucket is empty (c = 0)
     (then x T^2 / T, or 1 / T, and x weight). Out-of-range indices raise (a device-side check on GPU).
     backward: grad_loss 0-d (or (R,) when per_row); scales the saved gradient in place as softmax_kl_step.""",
 ))

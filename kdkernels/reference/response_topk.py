@@ -7,7 +7,8 @@ over the whole vocabulary, log p = log_softmax(z_s / T).
 * ``tail="renormalize"``: q~ = softmax_k(log q_k); l = sum_k q~_k (log q~_k - log p_{i_k}).
 * ``tail="bucket"``: the missing teacher mass is one more event, q_r = max(0, 1 - sum_k q_k),
   p_r = 1 - sum_k p_{i_k} (here as the exact sum over the entries outside the top-k);
-  l = sum_k q_k (log q_k - log p_{i_k}) + q_r (log q_r - log p_r), the last term 0 when q_r = 0.
+  l = sum_k q_k (log q_k - log p_{i_k}) + q_r (log q_r - log p_r), the last term 0 when q_r = 0
+  and when K = V (no entry is left for the bucket).
 
 T^2 scaling, labels / ignore_index and the reductions are those of softmax_kl_div ("mean" divides
 by V, the student's vocabulary).
@@ -36,6 +37,8 @@ def per_row_softmax_kl_topk(student_logits: torch.Tensor, teacher_topk_logprobs:
         log_q = torch.log_softmax(log_q, dim=-1)
         return _weighted_log_ratio(log_q.exp(), log_q, log_p_k)
     head = _weighted_log_ratio(log_q.exp(), log_q, log_p_k)
+    if teacher_topk_indices.shape[-1] == student_logits.shape[-1]:
+        return head  # K = V: no entry is left for the bucket, which is empty
     q_r = (1 - log_q.exp().sum(-1)).clamp_min(0)
     log_p_r = log_p.scatter(-1, teacher_topk_indices, -math.inf).logsumexp(-1)
     positive = q_r > 0
