@@ -25,6 +25,10 @@ Family by family:
   reduction="batchmean", log_target=True) * T * T`` (Hinton KD); reverse KL swaps the two;
   JSD: ``m = beta q + (1 - beta) p`` and ``beta KL(q || m) + (1 - beta) KL(p || m)``. Labels drop the
   ignored rows first (boolean row selection).
+* ``softmax_kl_div_topk``: the sparse composition a user writes for a stored top-k teacher:
+  ``log_softmax(s / T)`` gathered at the indices against ``softmax`` of the K log-probs
+  ("renormalize"), or against the K probabilities plus the remaining mass as one more event with
+  ``log(1 - sum p_k)`` ("bucket"), summed per row, batchmean, times T^2.
 * ``projected_mse``: ``F.mse_loss(F.linear(x, W, b), t)``; an (N, C, H, W) map with
   ``feature_dim=1`` goes through ``F.conv2d(x, W[:, :, None, None], b)`` (a 1x1 convolution).
 * ``rkd_distance`` / ``rkd_angle`` / ``rkd``: the RKD paper's code (Park et al. 2019; torchdistill's
@@ -42,7 +46,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["softmax_kl_div", "projected_mse", "rkd_distance", "rkd_angle", "rkd", "similarity_preserving"]
+__all__ = ["softmax_kl_div", "softmax_kl_div_topk", "projected_mse", "rkd_distance", "rkd_angle", "rkd", "similarity_preserving"]
 
 
 # ------------------------------------------------------------------------------ response (KD)
@@ -81,6 +85,43 @@ def softmax_kl_div(student_logits, teacher_logits, temperature=1.0, divergence="
         full[keep] = loss
         return full.reshape(lead)
     return loss
+
+
+def softmax_kl_div_topk(student_logits, teacher_topk_logprobs, teacher_topk_indices, temperature=1.0,
+                        tail="renormalize", reduction="batchmean", labels=None, ignore_index=-100, t2_scale=True):
+    vocab, k = student_logits.shape[-1], teacher_topk_logprobs.shape[-1]
+    lead = student_logits.shape[:-1]
+    s = student_logits.reshape(-1, vocab)
+    lq = teacher_topk_logprobs.reshape(-1, k)
+    idx = teacher_topk_indices.reshape(-1, k)
+    keep = None
+    if labels is not None:
+        keep = labels.reshape(-1) != ignore_index
+        s, lq, idx = s[keep], lq[keep], idx[keep]
+    log_p_k = F.log_softmax(s / temperature, dim=-1).gather(-1, idx)
+    if tail == "renormalize":
+        log_q = F.log_softmax(lq, dim=-1)
+        rows = (log_q.exp() * (log_q - log_p_k)).sum(-1)
+    else:
+        q = lq.exp()
+        rows = (q * (lq - log_p_k)).sum(-1)
+        if k < vocab:
+            q_r = (1 - q.sum(-1)).clamp_min(0)
+            p_r = 1 - log_p_k.exp().sum(-1)
+            rows = rows + torch.where(q_r > 0, q_r * (q_r.clamp_min(1e-30).log() - p_r.log()), torch.zeros_like(q_r))
+    if t2_scale:
+        rows = rows * (temperature * temperature)
+    if reduction == "none":
+        if keep is None:
+            return rows.reshape(lead)
+        full = rows.new_zeros(keep.shape[0])
+        full[keep] = rows
+        return full.reshape(lead)
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    kept = max(1, rows.shape[0])
+    return total / kept if reduction == "batchmean" else total / (kept * vocab)
 
 
 # -------------------------------------------------------------------------- feature (FitNets)

@@ -61,6 +61,7 @@ class Inputs:
 
     args: tuple
     kwargs: dict
+    extras: dict = field(default_factory=dict)  # tensors some implementations need besides the loss's arguments
 
     def tensors(self) -> list[torch.Tensor]:
         return [a for a in (*self.args, *self.kwargs.values()) if isinstance(a, torch.Tensor)]
@@ -123,6 +124,32 @@ def _kl_est(case: Case, kind: str) -> float:
     esize = case.torch_dtype.itemsize
     return {"eager": 14 * rv * OPMATH_BYTES, "compile": 3 * rv * OPMATH_BYTES,
             "peer": 4 * rv * esize}.get(kind, 1.2 * rv * esize)
+
+
+# softmax_kl_div_topk ----------------------------------------------------------------------------
+def _topk_inputs(case: Case, device: torch.device, seed: int) -> Inputs:
+    """The student, and the top-k of a dense teacher (kdkernels.topk_teacher's definition, computed
+    here so that the bench runs while the package is being built); the dense teacher logits go to
+    ``extras`` for the ``dense`` implementation (kdkernels' softmax_kl_div on the same student)."""
+    s, t, _ = softmax_kl_inputs(DeviceSource(seed, case.torch_dtype, device), (case.dims["R"], case.dims["V"]),
+                                scale=2.0)
+    temperature = case.options.get("temperature", 1.0)
+    with torch.no_grad():
+        values, idx = torch.topk(t, case.dims["K"], dim=-1)
+        lse = torch.logsumexp(t.float() / temperature, dim=-1, keepdim=True)
+        lq = (values.float() / temperature - lse).to(t.dtype)
+    return Inputs((s, lq, idx), dict(case.options), extras={"teacher_logits": t})
+
+
+def _topk_label(case: Case) -> str:
+    o = case.options
+    return (f"{case.dims['R']}x{case.dims['V']} K={case.dims['K']} {DTYPE_SHORT[case.dtype]} "
+            f"{o.get('tail', 'renormalize')} T={o.get('temperature', 1.0)}")
+
+
+def _topk_est(case: Case, kind: str) -> float:
+    rv = case.dims["R"] * case.dims["V"]
+    return {"eager": 4 * rv * OPMATH_BYTES, "compile": 2 * rv * OPMATH_BYTES}.get(kind, 1.2 * rv * case.torch_dtype.itemsize)
 
 
 # projected_mse ----------------------------------------------------------------------------------
@@ -232,6 +259,8 @@ def _angle_work(case: Case) -> float:
 SPECS: dict[str, LossSpec] = {
     "softmax_kl_div": LossSpec(_kl_inputs, _kl_label, lambda c: None, _kl_est,
                                lambda c: 80.0 * c.dims["R"] * c.dims["V"]),
+    "softmax_kl_div_topk": LossSpec(_topk_inputs, _topk_label, lambda c: None, _topk_est,
+                                    lambda c: 40.0 * c.dims["R"] * c.dims["V"]),
     "projected_mse": LossSpec(_pm_inputs, _pm_label, _pm_flops, _pm_est, _pm_work, gemms=_pm_gemms),
     "rkd_distance": LossSpec(_rel_inputs, _rel_label, _gram_flops, _pair_est(12, 4), _pair_work, "B", 2.0,
                              gemms=_gram_gemms),
@@ -281,6 +310,15 @@ KL_CPU_TARGETS = {"vs_eager_step": 3.0, "vs_compile_step": 1.5, "x_copy_floor": 
                   "mem_ratio": 1.05}
 
 
+# issue #11 §2: the top-k step <= 1.2x the dense fused step on the same student; memory = the student gradient
+TOPK_CPU_TARGETS = {"vs_dense_step": 1 / 1.2, "mem_ratio": 1.05}
+
+
+def _topk(r, v, k, dtype="float32", targets=None, **opts) -> Case:
+    return Case("softmax_kl_div_topk", {"R": r, "V": v, "K": k}, dtype, {"temperature": 2.0, **opts}, "main",
+                targets or {})
+
+
 def _kl(r, v, dtype="float32", group="main", targets=None, **opts) -> Case:
     return Case("softmax_kl_div", {"R": r, "V": v}, dtype, {"temperature": 2.0, **opts}, group, targets or {})
 
@@ -300,6 +338,7 @@ def preset_cpu() -> Preset:
     kdkernels backend only; no sweep."""
     cases = [
         _kl(1024, 32000, targets=KL_CPU_TARGETS),
+        _topk(1024, 32000, 64, targets=TOPK_CPU_TARGETS),
         Case("projected_mse", {"N": 16, "Cs": 128, "Ct": 256, "H": 32, "W": 32}, "float32", {"feature_dim": 1}),
         _rel("rkd_distance", 1024, 512),
         _rel("similarity_preserving", 1024, 512),
@@ -315,6 +354,8 @@ def preset_full() -> Preset:
     """The complete CPU sweep (tens of minutes on 2 cores): the former default."""
     cases = [
         _kl(4096, 32000, targets=KL_CPU_TARGETS),
+        _topk(4096, 32000, 64, targets=TOPK_CPU_TARGETS),
+        _topk(4096, 32000, 64, tail="bucket"),
         Case("projected_mse", {"N": 64, "Cs": 128, "Ct": 256, "H": 32, "W": 32}, "float32", {"feature_dim": 1}),
         _rel("rkd_distance", 4096, 512),
         _rel("similarity_preserving", 4096, 512),
@@ -333,6 +374,7 @@ def preset_gpu() -> Preset:
     cases = [
         _kl(4096, 128256, "float32"),
         _kl(4096, 128256, "bfloat16"),
+        _topk(4096, 128256, 64, "bfloat16"),
         Case("projected_mse", {"R": 16384, "Ds": 768, "Dt": 4096}, "bfloat16"),
         _rel("rkd_distance", 16384, 1024, "bfloat16"),
         _rel("similarity_preserving", 16384, 1024, "bfloat16"),
@@ -353,6 +395,7 @@ def preset_gpu() -> Preset:
 def preset_smoke(device: str = "cpu") -> Preset:
     cases = [
         _kl(64, 512),
+        _topk(64, 512, 8),
         Case("projected_mse", {"N": 2, "Cs": 8, "Ct": 16, "H": 4, "W": 4}, "float32", {"feature_dim": 1}),
         _rel("rkd_distance", 64, 16),
         _rel("similarity_preserving", 64, 16),
@@ -384,6 +427,7 @@ def get_preset(name: str, device: str | None = None) -> Preset:
 RELATION_SHAPE = "BxD or BxDsxDt (batch x feature size; Ds, Dt: student and teacher sizes)"
 SHAPE_FORMS = {
     "softmax_kl_div": "RxV (rows x vocabulary), e.g. 8192x128000",
+    "softmax_kl_div_topk": "RxVxK (rows x vocabulary x teacher entries kept), e.g. 8192x128000x64",
     "projected_mse": "RxDsxDt (feature vectors x student dim x teacher dim, features last) or NxCsxCtxHxW "
                      "(N, Cs, H, W student maps projected to Ct channels: a 1x1 conv, feature_dim=1)",
     "rkd_distance": RELATION_SHAPE,
@@ -405,6 +449,8 @@ def parse_shape(loss: str, text: str) -> tuple[dict[str, int], dict[str, Any]]:
     dims = opts = None
     if loss == "softmax_kl_div" and n == 2:
         dims, opts = {"R": nums[0], "V": nums[1]}, {}
+    elif loss == "softmax_kl_div_topk" and n == 3 and nums[2] <= nums[1]:
+        dims, opts = {"R": nums[0], "V": nums[1], "K": nums[2]}, {}
     elif loss == "projected_mse" and n == 3:
         dims, opts = {"R": nums[0], "Ds": nums[1], "Dt": nums[2]}, {"feature_dim": -1}
     elif loss == "projected_mse" and n == 5:

@@ -14,6 +14,9 @@ Implementation names (the values of ``--backends``), in run order (the reference
 * ``twopass``      kdkernels' softmax-KL step before the one-pass step (``softmax_kl_div`` only): the
                    loss-only forward op and its backward op, which reads the logits again, on the
                    device's default fused backend: ``vs_twopass_step`` (the one-pass step's gain)
+* ``dense``        kdkernels' ``softmax_kl_div`` of the same student against the dense teacher logits the
+                   top-k was taken from (``softmax_kl_div_topk`` only), on the device's default fused
+                   backend: ``vs_dense_step``, what the sparse teacher costs against the dense one
 * ``reference``    ``kdkernels.reference`` (``backend="torch"``): the accuracy spec, shown for
                    comparison, never a ratio's baseline (it is far slower than what users run)
 
@@ -39,17 +42,19 @@ PEERS = ("torchdistill", "liger")
 REFERENCE = "reference"
 KERNELS = ("cpu", "cuda", "triton")
 TWO_PASS = "twopass"
-ALL_IMPLS = BASELINES + PEERS + KERNELS + (TWO_PASS, REFERENCE)  # the values --backends accepts
+DENSE = "dense"
+ALL_IMPLS = BASELINES + PEERS + KERNELS + (TWO_PASS, DENSE, REFERENCE)  # the values --backends accepts
 # the ratio columns: vs_<impl>_<phase> for these baselines
 RATIO_BASELINES = {"eager": ("fwd", "bwd", "step"), "compile": ("fwd", "bwd", "step"),
-                   "torchdistill": ("step",), "liger": ("step",), TWO_PASS: ("step",)}
+                   "torchdistill": ("step",), "liger": ("step",), TWO_PASS: ("step",), DENSE: ("step",)}
 LABELS = {"eager": "eager composition (the usual PyTorch code)", "compile": "torch.compile of the eager composition",
           "torchdistill": "torchdistill's loss", "liger": "Liger-Kernel", "reference": "accuracy reference (kdkernels.reference)",
           "cpu": "kdkernels cpu", "cuda": "kdkernels cuda", "triton": "kdkernels triton",
-          TWO_PASS: "kdkernels two-pass softmax-KL step (loss-only forward, backward re-reads the logits)"}
+          TWO_PASS: "kdkernels two-pass softmax-KL step (loss-only forward, backward re-reads the logits)",
+          DENSE: "kdkernels softmax_kl_div against the dense teacher logits (same student)"}
 # the kind used by the memory / time models of cases.LossSpec
 KIND = {"eager": "eager", "compile": "compile", "torchdistill": "eager", "liger": "peer", "reference": "eager",
-        "cpu": "kernel", "cuda": "kernel", "triton": "kernel", TWO_PASS: "kernel"}
+        "cpu": "kernel", "cuda": "kernel", "triton": "kernel", TWO_PASS: "kernel", DENSE: "kernel"}
 
 
 class Unavailable(Exception):
@@ -99,12 +104,14 @@ def implemented_backends(loss: str, device: torch.device) -> list[str]:
 def candidates(loss: str, device: torch.device) -> list[str]:
     """Every implementation that makes sense for this loss on this device, in run order: the baselines,
     the kdkernels backends, then the reference (shown, not a baseline: the first to go under a time limit)."""
-    names = ["eager", "compile", "torchdistill"]
+    names = ["eager", "compile"] + ([] if loss == "softmax_kl_div_topk" else ["torchdistill"])  # it has no sparse teacher
     if device.type == "cuda" and loss == "softmax_kl_div":
         names.append("liger")
     names += ["cuda", "triton"] if device.type == "cuda" else ["cpu"]
     if loss == "softmax_kl_div":
         names.append(TWO_PASS)
+    if loss == "softmax_kl_div_topk":
+        names.append(DENSE)
     return names + ["reference"]
 
 
@@ -135,8 +142,15 @@ def check_available(impl: str, case: Case, device: torch.device) -> None:
         raise Unavailable("unavailable (kdkernels.functional does not import)")
     if impl == TWO_PASS:
         if case.loss != "softmax_kl_div":
-            raise Unavailable("not applicable (softmax_kl_div only)")
+            raise Unavailable("unavailable (softmax_kl_div only)")
         impl = _two_pass_backend(device)
+    if impl == DENSE:
+        if case.loss != "softmax_kl_div_topk":
+            raise Unavailable("unavailable (softmax_kl_div_topk only)")
+        impl = _two_pass_backend(device)
+        if impl not in implemented_backends("softmax_kl_div", device):
+            raise Unavailable(_why_not(impl, "softmax_kl_div", device))
+        return
     if impl not in implemented_backends(case.loss, device):
         raise Unavailable(_why_not(impl, case.loss, device))
 
@@ -201,6 +215,11 @@ def make_callable(impl: str, case: Case) -> Callable[[Inputs], torch.Tensor]:
         return peers.liger_call(case.options)
     if impl == TWO_PASS:
         return _two_pass_call(case)
+    if impl == DENSE:
+        kl = a.functional.softmax_kl_div
+        return lambda inp: kl(inp.args[0], inp.extras["teacher_logits"], temperature=inp.kwargs.get("temperature", 1.0),
+                              reduction=inp.kwargs.get("reduction", "batchmean"),
+                              backend=_two_pass_backend(inp.args[0].device))
     if impl == "reference":
         if a.functional is not None:
             return _functional_call(case.loss, "torch")

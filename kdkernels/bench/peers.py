@@ -80,6 +80,8 @@ def torchdistill_unavailable(loss: str, options: dict) -> str | None:
     mod, err = torchdistill()
     if mod is None:
         return f"unavailable (torchdistill not installed: {err[:80]})"
+    if loss == "softmax_kl_div_topk":
+        return "unavailable (torchdistill has no sparse top-k teacher)"
     if loss == "softmax_kl_div":
         if options.get("divergence", "forward") != "forward":
             return "unavailable (torchdistill's KDLoss is forward KL only)"

@@ -65,12 +65,12 @@ def text_table(header: list[str], body: list[list[str]], optional: tuple[str, ..
     return "\n".join(lines)
 
 
-MAIN_OPTIONAL = ("x torchdistill", "x liger", "x twopass", "x GEMM floor", "TC %", "extra MiB", "mem ratio")
+MAIN_OPTIONAL = ("x torchdistill", "x liger", "x twopass", "x dense", "x GEMM floor", "TC %", "extra MiB", "mem ratio")
 
 
 def main_table(rows: list[dict]) -> str:
     header = ["loss", "case", "impl", "status", "fwd ms", "bwd ms", "step ms", "x eager f/b/step",
-              "x compile step", "x torchdistill", "x liger", "x twopass", "x copy floor", "x GEMM floor", "GB/s", "TC %",
+              "x compile step", "x torchdistill", "x liger", "x twopass", "x dense", "x copy floor", "x GEMM floor", "GB/s", "TC %",
               "extra MiB", "mem ratio"]
     body = []
     for r in rows:
@@ -80,7 +80,7 @@ def main_table(rows: list[dict]) -> str:
         eager = "/".join(_x(r[f"vs_eager_{p}"]) for p in PHASES) if ok and r["vs_eager_step"] is not None else "-"
         body.append([r["loss"], r["case"], r["impl"], _status(r), _ms(r["fwd_ms"]), _ms(r["bwd_ms"]),
                      _ms(r["step_ms"]), eager, _x(r["vs_compile_step"]), _x(r["vs_torchdistill_step"]),
-                     _x(r["vs_liger_step"]), _x(r["vs_twopass_step"]), _x(r["x_copy_floor"]),
+                     _x(r["vs_liger_step"]), _x(r["vs_twopass_step"]), _x(r["vs_dense_step"]), _x(r["x_copy_floor"]),
                      _x(r["x_gemm_floor"]), _num(r["achieved_GBps"], 1), _num(None if r["tc_frac"] is None else 100 * r["tc_frac"], 1),
                      _mib(r["mem_extra_bytes"]), _x(r["mem_ratio"])])
     return text_table(header, body, MAIN_OPTIONAL)
@@ -119,6 +119,7 @@ LEGEND = [
     "  compile      = " + LABELS["compile"],
     "  torchdistill = torchdistill's KDLoss / RKDLoss / SPKDLoss / SimpleLossWrapper(nn.MSELoss) (see notes)",
     "  twopass      = " + LABELS["twopass"] + ": x twopass is the one-pass step's gain",
+    "  dense        = " + LABELS["dense"] + " (softmax_kl_div_topk cases)",
     "  reference    = kdkernels.reference, the accuracy spec: shown, never a ratio's baseline",
     "x copy floor = step time / (bytes that must move / copy bandwidth); x GEMM floor = step time / time of "
     "plain torch.mm over the step's GEMM FLOPs (GEMM-bound losses); mem ratio = (inputs + extra) / (inputs + gradients)",
