@@ -121,7 +121,7 @@ def softmax_kl_div_topk(
         teacher_topk_logprobs: (..., K) log-probabilities of the teacher's full softmax at the same
             temperature (not logits), K <= V.
         teacher_topk_indices: (..., K) int64 vocabulary indices of those entries, any order,
-            unique per row (duplicates are not detected: each would count as its own event).
+            unique per row (required, not checked: a duplicate gives an unspecified result).
         tail: "renormalize" (q~ = softmax over the K log-probs; l = sum_k q~_k (log q~_k - log p_{i_k}))
             or "bucket" (the teacher's missing mass q_r = max(0, 1 - sum_k q_k) is one more event,
             against p_r = 1 - sum_k p_{i_k}).

@@ -170,10 +170,10 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) softmax_kl_
       const opmath_t Q = s.second, P = s.third;
       const opmath_t one_minus_q = opmath_t(1) - Q;
       const opmath_t q_r = one_minus_q > opmath_t(0) ? one_minus_q : opmath_t(0);
-      const opmath_t p_r = opmath_t(1) - P;
+      const opmath_t p_r = P < opmath_t(1) ? opmath_t(1) - P : opmath_t(0);
       l = s.first;
-      if (q_r > opmath_t(0)) {
-        l += q_r * (std::log(q_r) - std::log1p(-P));
+      if (q_r > opmath_t(0) && a.K < a.V) {  // K = V: no entry is left for the bucket (docs/decisions.md)
+        l += q_r * (std::log(q_r) - std::log1p(-(P < opmath_t(1) ? P : opmath_t(1))));
         c = q_r / p_r;
       } else {
         c = opmath_t(0);
