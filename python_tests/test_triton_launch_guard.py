@@ -71,6 +71,10 @@ def _inputs(op_name: str, device: torch.device, per_row: bool):
     if op_name == "softmax_kl_step":  # weight 0-d, per-row losses off, both gradients
         return (rand(3, 40, grad=True), rand(3, 40, grad=True), None, torch.tensor(0.5, device=device), 2.0, 2, 0.5,
                 -100, True, False, True, True)
+    if op_name == "softmax_kl_topk":  # weight 0-d, bucket tail, per-row losses off, the student gradient
+        lq, idx = torch.randn(3, 40, generator=g).log_softmax(-1).topk(5, dim=-1)
+        return (rand(3, 40, grad=True), lq.to(device), idx.to(device), None, torch.tensor(0.5, device=device), 2.0, 1,
+                -100, True, False, True)
     if op_name == "projected_mse":
         return (rand(2, 5, 6, grad=True), rand(2, 5, 4, grad=True), rand(4, 6, grad=True), rand(4, grad=True), 0)
     return (rand(9, 6, grad=True), rand(9, 4), per_row)  # the relation ops

@@ -85,6 +85,7 @@ def variant(fn: JITFunction, arguments: dict, options: dict):
 def response_launches():
     from kdkernels.triton.response import softmax_kl as k
     from kdkernels.triton.response import softmax_kl_step as step
+    from kdkernels.triton.response import softmax_kl_topk as topk
 
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         for vocab in (100, 40000):  # one chunk / several chunks (and the larger block config)
@@ -105,6 +106,17 @@ def response_launches():
                             _, gs, gt = step.forward(s, t, lab, weight, 2.0, divergence, 0.5, -100, True, per_row,
                                                      student_grad, teacher_grad)
                             step.backward(torch.full((3,) if per_row else (), 2.0, dtype=opmath), gs, gt)
+                # the top-k op (student gradient only); K = 1, a few, several chunks (K = V); its
+                # backward's scale_rows_ launches come with it (factor != 1)
+                opmath = torch.float64 if dtype == torch.float64 else torch.float32
+                weight = torch.tensor(0.5, dtype=opmath)
+                for k_top in sorted({1, 7, vocab}):
+                    lq, idx = t.float().log_softmax(-1).topk(k_top, dim=-1)
+                    lq = lq.to(dtype)
+                    for lab, tail, student_grad, per_row in itertools.product((None, labels), (0, 1), (True, False),
+                                                                              (False, True)):
+                        _, gs = topk.forward(s, lq, idx, lab, weight, 2.0, tail, -100, True, per_row, student_grad)
+                        topk.backward(torch.full((3,) if per_row else (), 2.0, dtype=opmath), gs)
 
 
 def feature_launches():
