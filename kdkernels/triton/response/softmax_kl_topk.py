@@ -149,7 +149,8 @@ def _softmax_kl_topk_kernel(
             q_sum += tl.sum(tl.where(mask, q, 0.0), 0)
             p_sum += tl.sum(tl.where(mask, tl.exp(log_p), 0.0), 0)
             n_fin_k += tl.sum(((b != float("-inf")) & mask).to(tl.int64), 0)
-        q_r = tl.maximum(1.0 - q_sum, 0.0)
+        # K = V: no entry is left for the bucket, which is empty (docs/decisions.md, as the reference)
+        q_r = tl.where(K < V, tl.maximum(1.0 - q_sum, 0.0), 0.0)
         # p_r = 1 - P; exactly 0 when no entry outside the top-k has mass (e.g. K = V)
         p_r = tl.where(n_fin_k == n_fin, 0.0, tl.maximum(1.0 - p_sum, 0.0))
         q_r_pos = q_r > 0.0
