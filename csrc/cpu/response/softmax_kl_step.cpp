@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -52,18 +53,43 @@ KDK_CPU_HOT void forward_kl_student_step_rows(const S* student, const S* teacher
     }
     const S* srow = student + r * V;
     const S* trow = teacher + r * V;
-    T ms = neg_inf<T>(), mt = neg_inf<T>();
-#pragma omp simd reduction(max : ms, mt)
+    T ms = neg_inf<T>(), mt = neg_inf<T>(), lo = std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : ms, mt) reduction(min : lo)
     for (int64_t i = 0; i < V; ++i) {  // pass 1: scaled logits (rounded_scale, as everywhere) and maxes
       const T b = rounded_scale(to_op(srow[i]), inv_t), a = rounded_scale(to_op(trow[i]), inv_t);
       xb[i] = b;
       xa[i] = a;
       ms = b > ms ? b : ms;
       mt = a > mt ? a : mt;
+      const T m = b < a ? b : a;
+      lo = m < lo ? m : lo;
     }
     const T cs = centre(ms), ct = centre(mt);
     double sum_s = 0, sum_t = 0, acc = 0;  // acc = sum e_a ((a - m_t) - (b - m_s)): KL's numerator
-    for (int64_t c0 = 0; c0 < V; c0 += C) {  // pass 2: exps, kept in place of the logits
+    // No -inf in the row (no masked vocabulary): every term is a plain product, and the cheaper
+    // exp of non-positive arguments keeps the loop on full-width vectors (with the selects of
+    // log_ratio_term it does not). Masked rows take the general loop below.
+    const bool finite_row = lo > neg_inf<T>();
+    for (int64_t c0 = 0; finite_row && c0 < V; c0 += C) {
+      const int64_t n = std::min(C, V - c0);
+      T* bc = xb + c0;
+      T* ac = xa + c0;
+      T ss = 0, st = 0, sa = 0;
+#pragma omp simd reduction(+ : ss, st, sa)
+      for (int64_t i = 0; i < n; ++i) {
+        const T db = bc[i] - cs, da = ac[i] - ct;
+        const T eb = exp_nonpositive(db), ea = exp_nonpositive(da);
+        ss += eb;
+        st += ea;
+        sa += ea * (da - db);
+        bc[i] = eb;
+        ac[i] = ea;
+      }
+      sum_s += ss;
+      sum_t += st;
+      acc += sa;
+    }
+    for (int64_t c0 = 0; !finite_row && c0 < V; c0 += C) {  // pass 2: exps, kept in place of the logits
       const int64_t n = std::min(C, V - c0);
       T* bc = xb + c0;
       T* ac = xa + c0;
