@@ -64,13 +64,18 @@ KDK_CPU_INLINE double double_of(uint64_t u) {
 // both factors being normal numbers. x is clamped first: the clamp bounds already give 0 (below)
 // and inf (above), -inf -> 0, +inf -> inf; NaN fails both comparisons and stays NaN.
 // Max error ~1-2 ulp (measured in the tests).
-KDK_CPU_INLINE float exp_poly(float x) {
+// The float core shared by exp_poly and exp_nonpositive: n = round(x / ln2) (as a float) and
+// exp(r) for r = x - n ln2, so that exp(x) = exp(r) 2^n. x must already be clamped.
+struct ExpParts {
+  float nf;  // n, an integer-valued float (NaN for NaN x)
+  float p;   // exp(r)
+};
+
+KDK_CPU_INLINE ExpParts exp_parts(float x) {
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kLn2Hi = 0.693359375f;     // 355/512
   constexpr float kLn2Lo = -2.12194440e-4f;  // ln2 - kLn2Hi
   constexpr float kRound = 12582912.0f;      // 1.5 * 2^23: adding it rounds to an integer
-  x = x < -104.0f ? -104.0f : x;  // exp(-104) < 2^-150 rounds to 0
-  x = x > 89.0f ? 89.0f : x;      // exp(89) > FLT_MAX
   const float nf = (x * kLog2e + kRound) - kRound;
   const float r = (x - nf * kLn2Hi) - nf * kLn2Lo;
   float p = 1.0f / 5040.0f;
@@ -81,13 +86,20 @@ KDK_CPU_INLINE float exp_poly(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
+  return {nf, p};
+}
+
+KDK_CPU_INLINE float exp_poly(float x) {
+  x = x < -104.0f ? -104.0f : x;  // exp(-104) < 2^-150 rounds to 0
+  x = x > 89.0f ? 89.0f : x;      // exp(89) > FLT_MAX
+  const ExpParts e = exp_parts(x);
   // integer n in [-150, 128]; NaN is mapped to 0 here (the product below is NaN anyway)
-  const int32_t n = static_cast<int32_t>(nf == nf ? nf : 0.0f);
+  const int32_t n = static_cast<int32_t>(e.nf == e.nf ? e.nf : 0.0f);
   const int32_t n1 = n >> 1;
   const int32_t n2 = n - n1;
   const float s1 = float_of(static_cast<uint32_t>(n1 + 127) << 23);
   const float s2 = float_of(static_cast<uint32_t>(n2 + 127) << 23);
-  return p * s1 * s2;
+  return e.p * s1 * s2;
 }
 
 KDK_CPU_INLINE double exp_poly(double x) {
@@ -120,25 +132,11 @@ KDK_CPU_INLINE double exp_poly(double x) {
 // probability below 1e-38 changes no sum it is added to). Bit-identical to exp_poly for x >= -87
 // (2^n scales exactly), about a quarter fewer instructions. Float only (the hot Hinton loop).
 KDK_CPU_INLINE float exp_nonpositive(float x) {
-  constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2Hi = 0.693359375f;
-  constexpr float kLn2Lo = -2.12194440e-4f;
-  constexpr float kRound = 12582912.0f;
   const bool tiny = x < -87.0f;
-  x = tiny ? -87.0f : x;
-  const float nf = (x * kLog2e + kRound) - kRound;
-  const float r = (x - nf * kLn2Hi) - nf * kLn2Lo;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t n = static_cast<int32_t>(nf == nf ? nf : 0.0f);  // [-126, 0]; NaN: 0 (p is NaN)
-  const float e = p * float_of(static_cast<uint32_t>(n + 127) << 23);
-  return tiny ? 0.0f : e;
+  const ExpParts e = exp_parts(tiny ? -87.0f : x);
+  const int32_t n = static_cast<int32_t>(e.nf == e.nf ? e.nf : 0.0f);  // [-126, 0]; NaN: 0 (p is NaN)
+  const float v = e.p * float_of(static_cast<uint32_t>(n + 127) << 23);
+  return tiny ? 0.0f : v;
 }
 KDK_CPU_INLINE double exp_nonpositive(double x) {
   return exp_poly(x);
