@@ -16,7 +16,7 @@ One program per row:
      l = sum_k q_k (lq_k - log p_{i_k}) + (q_r > 0 ? q_r (log q_r - log p_r) : 0);
    terms with q = 0 are exactly 0;
 3. when ``student_grad``, a loop over V writing g p_j A (renormalize A = 1; bucket A = Q - c P,
-   c = q_r / p_r, 0 when q_r = 0 or p_r = 0), a ``tl.debug_barrier()``, then the K indices' entries are
+   c = q_r / p_r, 0 when q_r = 0), a ``tl.debug_barrier()``, then the K indices' entries are
    overwritten with their whole value g (p_{i_k} A - (w_k - c p_{i_k})), w = q~ (renormalize) or q
    (bucket): written from op math, not read back and corrected, so a 16-bit gradient is rounded
    once. g = weight * (T if t2_scale else 1/T).
@@ -157,9 +157,9 @@ def _softmax_kl_topk_kernel(
         safe_q_r = tl.where(q_r_pos, q_r, 1.0)
         tail_term = tl.where(q_r_pos, q_r * (tl.log(safe_q_r) - tl.log(p_r)), 0.0)
         row_loss = head + tail_term
-        # c = 0 also where p_r = 0 (the loss is then +inf): the reference's gradient there is that of
-        # the head alone (the log-sum-exp of an empty tail passes no gradient)
-        c = tl.where(q_r_pos & (p_r > 0.0), q_r / tl.where(p_r > 0.0, p_r, 1.0), 0.0)
+        # p_r = 0 with q_r > 0 (every entry outside the top-k masked): the loss is +inf and c = inf
+        # makes the row's gradient NaN, as the reference's and the CPU/CUDA kernels' (docs/decisions.md)
+        c = tl.where(q_r_pos, q_r / p_r, 0.0)
         a_dense = q_sum - c * p_sum
     weight = tl.load(weight_ptr).to(DT)
     tl.store(loss_ptr + row, row_loss * tl.full([], loss_scale, DT) * weight)
