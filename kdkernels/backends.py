@@ -28,6 +28,8 @@ BACKENDS = ("torch", "cpu", "cuda", "triton")
 LOSS_OPS: dict[str, tuple[Op, ...]] = {
     "softmax_kl_div": (ops.SOFTMAX_KL, ops.SOFTMAX_KL_STEP),  # loss-only pass, one-pass step with gradients
     "softmax_kl_div_topk": (ops.SOFTMAX_KL_TOPK,),
+    # scalar reductions (gradients in the forward), "none" (per-row losses, chunks recomputed backward)
+    "fused_linear_softmax_kl_div": (ops.FUSED_LINEAR_SOFTMAX_KL, ops.FUSED_LINEAR_SOFTMAX_KL_ROWS),
     "projected_mse": (ops.PROJECTED_MSE,),
     "rkd_distance": (ops.RKD_DISTANCE,),
     "rkd_angle": (ops.RKD_ANGLE,),
@@ -50,6 +52,7 @@ IMPLEMENTED: dict[str, frozenset[str]] = {
 CUDA_AUTO_CHOICE: dict[str, str] = {
     "softmax_kl_div": "triton",
     "softmax_kl_div_topk": "triton",
+    "fused_linear_softmax_kl_div": "triton",
     # cuBLAS GEMMs + fused epilogue kernels vs a Triton GEMM with the MSE in its epilogue: the
     # cuBLAS GEMMs are the safer default until a GPU run shows the Triton tiles (not autotuned yet)
     # are at least as fast.

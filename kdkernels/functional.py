@@ -20,7 +20,7 @@ from kdkernels._dtypes import opmath_dtype
 from kdkernels._feature import rows_3d
 from kdkernels.ops.response import DIVERGENCE_CODES, TAIL_CODES
 
-__all__ = ["softmax_kl_div", "softmax_kl_div_topk", "projected_mse", "rkd_distance", "rkd_angle", "rkd", "similarity_preserving"]
+__all__ = ["softmax_kl_div", "softmax_kl_div_topk", "fused_linear_softmax_kl_div", "projected_mse", "rkd_distance", "rkd_angle", "rkd", "similarity_preserving"]
 
 def softmax_kl_div(
     student_logits: Tensor,
@@ -214,6 +214,139 @@ def topk_teacher(teacher_logits: Tensor, k: int, temperature: float = 1.0) -> tu
                          for r in range(0, flat.shape[0], block)]) if flat.shape[0] else flat.new_empty((0,), dtype=dt)
         logprobs = (values.to(dt) / temperature - lse.reshape(values.shape[:-1] + (1,))).to(z.dtype)
     return logprobs, indices
+
+
+def fused_linear_softmax_kl_div(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    student_bias: Optional[Tensor] = None,
+    *,
+    teacher_logits: Optional[Tensor] = None,
+    teacher_hidden: Optional[Tensor] = None,
+    teacher_weight: Optional[Tensor] = None,
+    teacher_bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    divergence: str = "forward",
+    beta: float = 0.5,
+    reduction: str = "batchmean",
+    labels: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    t2_scale: bool = True,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """The student's LM head and softmax-KL in one op, without (tokens x vocabulary) logits.
+
+    Exactly ``softmax_kl_div(F.linear(student_hidden, student_weight, student_bias), teacher, ...)``,
+    where ``teacher`` is ``teacher_logits`` or ``F.linear(teacher_hidden, teacher_weight, teacher_bias)``.
+
+    Args:
+        student_hidden: (..., H) the student's last hidden states; gets a gradient.
+        student_weight: (V, H) the student's LM-head weight (e.g. ``model.lm_head.weight``); gets a gradient.
+        student_bias: (V,) or None; gets a gradient.
+        teacher_logits: (..., V) the teacher's logits, or None when the teacher is given as
+        teacher_hidden: (..., Ht) the teacher's hidden states (Ht may differ from H) with
+        teacher_weight: (V, Ht) its LM-head weight and teacher_bias: (V,) or None.
+            The teacher side is a constant: it gets no gradient (inputs that require one are detached).
+        temperature, divergence, beta, reduction, labels, ignore_index, t2_scale, backend: as
+            ``softmax_kl_div``.
+        chunk_size: rows per chunk; None picks one from V and H (chunk x V about rows x H).
+
+    The fused backends compute each chunk's logits (a torch GEMM), its loss and logit gradient (the
+    one-pass softmax-KL step) and, for the scalar reductions, turn that gradient into the hidden,
+    weight and bias gradients at once; the backward only scales them. With reduction="none" the
+    backward recomputes the chunks instead (the per-row upstream gradient is not known before).
+    Extra memory: O(chunk x V) besides the gradients. 16-bit weights accumulate their gradient in fp32.
+    """
+    v.check_float_tensor("student_hidden", student_hidden)
+    v.check_float_tensor("student_weight", student_weight)
+    v.check_min_dim("student_hidden", student_hidden, 1, "..., hidden")
+    if student_weight.dim() != 2 or student_weight.shape[1] != student_hidden.shape[-1]:
+        raise ValueError(f"student_weight must be (vocab, hidden) with hidden = {student_hidden.shape[-1]} (the last "
+                         f"dim of student_hidden), got {tuple(student_weight.shape)}")
+    lead, vocab = tuple(student_hidden.shape[:-1]), student_weight.shape[0]
+    if vocab < 1:
+        raise ValueError(f"student_weight must have a vocabulary of size >= 1, got shape {tuple(student_weight.shape)}")
+    if student_bias is not None:
+        v.check_float_tensor("student_bias", student_bias)
+        if tuple(student_bias.shape) != (vocab,):
+            raise ValueError(f"student_bias must be ({vocab},), got {tuple(student_bias.shape)}")
+    if (teacher_logits is None) == (teacher_hidden is None):
+        raise ValueError("give the teacher exactly once: teacher_logits, or teacher_hidden with teacher_weight")
+    if teacher_logits is not None:
+        v.check_float_tensor("teacher_logits", teacher_logits)
+        if teacher_weight is not None or teacher_bias is not None:
+            raise ValueError("teacher_weight / teacher_bias go with teacher_hidden, not with teacher_logits")
+        if tuple(teacher_logits.shape) != lead + (vocab,):
+            raise ValueError(f"teacher_logits must be {lead + (vocab,)} (student_hidden's leading shape and the "
+                             f"vocabulary of student_weight), got {tuple(teacher_logits.shape)}")
+    else:
+        v.check_float_tensor("teacher_hidden", teacher_hidden)
+        if teacher_weight is None:
+            raise ValueError("teacher_hidden needs teacher_weight (the teacher's LM-head weight)")
+        v.check_float_tensor("teacher_weight", teacher_weight)
+        if tuple(teacher_hidden.shape[:-1]) != lead or teacher_hidden.dim() != student_hidden.dim():
+            raise ValueError(f"teacher_hidden must have student_hidden's leading shape {lead}, got "
+                             f"{tuple(teacher_hidden.shape)}")
+        if teacher_weight.dim() != 2 or tuple(teacher_weight.shape) != (vocab, teacher_hidden.shape[-1]):
+            raise ValueError(f"teacher_weight must be ({vocab}, {teacher_hidden.shape[-1]}) (the student's vocabulary, "
+                             f"the teacher's hidden size), got {tuple(teacher_weight.shape)}")
+        if teacher_bias is not None:
+            v.check_float_tensor("teacher_bias", teacher_bias)
+            if tuple(teacher_bias.shape) != (vocab,):
+                raise ValueError(f"teacher_bias must be ({vocab},), got {tuple(teacher_bias.shape)}")
+    if labels is not None:
+        if not isinstance(labels, Tensor):
+            raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+        if tuple(labels.shape) != lead:
+            raise ValueError(f"labels must have student_hidden's leading shape {lead}, got {tuple(labels.shape)}")
+    if chunk_size is not None:
+        chunk_size = v.check_int("chunk_size", chunk_size)
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+    v.check_same_device(student_hidden=student_hidden, student_weight=student_weight, student_bias=student_bias,
+                        teacher_logits=teacher_logits, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
+                        teacher_bias=teacher_bias, labels=labels)
+    temperature, divergence, beta, reduction, ignore_index, t2_scale = v.check_softmax_kl_options(
+        temperature, divergence, beta, reduction, ignore_index, t2_scale)
+    teacher = [None if t is None else t.detach() for t in (teacher_logits, teacher_hidden, teacher_weight, teacher_bias)]
+    tensors = v.promote_floating(student_hidden, student_weight, student_bias, *teacher)
+    return _dispatch.run("fused_linear_softmax_kl_div", backend, student_hidden.device,
+                         _reference_fused_linear, _fused_linear_softmax_kl_div, *tensors, temperature,
+                         divergence, beta, reduction, labels, ignore_index, t2_scale, chunk_size)
+
+
+def _reference_fused_linear(*args):
+    return reference.fused_linear_softmax_kl_div(*args[:-1])  # chunk_size: the fused backends' only
+
+
+def _fused_linear_softmax_kl_div(backend, hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight,
+                                 teacher_bias, temperature, divergence, beta, reduction, labels, ignore_index, t2_scale,
+                                 chunk_size):
+    from kdkernels.ops.response_linear import auto_chunk_rows
+
+    lead, vocab = tuple(hidden.shape[:-1]), weight.shape[0]
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+    rows = flat_hidden.shape[0]
+    teacher = (None if teacher_logits is None else teacher_logits.reshape(-1, vocab).contiguous(),
+               None if teacher_hidden is None else teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).contiguous(),
+               None if teacher_weight is None else teacher_weight.contiguous(),
+               None if teacher_bias is None else teacher_bias.contiguous())
+    flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
+    chunk = chunk_size if chunk_size is not None else auto_chunk_rows(rows, vocab, flat_hidden.shape[1])
+    options = (temperature, DIVERGENCE_CODES[divergence], beta, ignore_index, t2_scale, chunk)
+    inputs = (flat_hidden, weight.contiguous(), None if bias is None else bias.contiguous(), *teacher, flat_labels)
+    if reduction == "none":
+        return ops.FUSED_LINEAR_SOFTMAX_KL_ROWS.forward(backend, *inputs, *options).reshape(lead)
+    grad = torch.is_grad_enabled()
+    needs = (grad and hidden.requires_grad, grad and weight.requires_grad,
+             grad and bias is not None and bias.requires_grad)
+    scale = red.row_weight(reduction, flat_labels, ignore_index, rows, vocab,
+                           flat_hidden.new_empty((), dtype=opmath_dtype(flat_hidden.dtype)))
+    loss, _gh, _gw, _gb = ops.FUSED_LINEAR_SOFTMAX_KL.forward(backend, *inputs, scale, *options, *needs)
+    return loss
 
 
 def _check_feature_inputs(student, teacher, weight, bias, feature_dim, reduction):

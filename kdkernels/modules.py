@@ -12,7 +12,7 @@ from kdkernels import backends
 from kdkernels import functional as F
 from kdkernels import reduction as red
 
-__all__ = ["SoftmaxKLDivLoss", "TopKSoftmaxKLDivLoss", "ProjectedMSELoss", "RKDDistanceLoss", "RKDAngleLoss", "SimilarityPreservingLoss",
+__all__ = ["SoftmaxKLDivLoss", "TopKSoftmaxKLDivLoss", "FusedLinearSoftmaxKLDivLoss", "ProjectedMSELoss", "RKDDistanceLoss", "RKDAngleLoss", "SimilarityPreservingLoss",
            "RKDLoss"]
 
 
@@ -172,3 +172,39 @@ class RKDLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"distance_weight={self.distance_weight}, angle_weight={self.angle_weight}, "
                 f"reduction={self.reduction!r}, backend={self.backend!r}")
+
+
+class FusedLinearSoftmaxKLDivLoss(nn.Module):
+    """The student's LM head and softmax-KL in one op, without (tokens x vocabulary) logits;
+    ``forward(student_hidden, student_weight, student_bias=None, *, teacher_logits=None,
+    teacher_hidden=None, teacher_weight=None, teacher_bias=None, labels=None)``.
+
+    The head's weights are passed to ``forward``, so the loss works with a model's own head
+    (``model.lm_head.weight``). See :func:`kdkernels.functional.fused_linear_softmax_kl_div`.
+    """
+
+    def __init__(self, temperature: float = 1.0, divergence: str = "forward", beta: float = 0.5,
+                 reduction: str = "batchmean", ignore_index: int = -100, t2_scale: bool = True,
+                 chunk_size: Optional[int] = None, backend: str = "auto") -> None:
+        super().__init__()
+        (self.temperature, self.divergence, self.beta, self.reduction, self.ignore_index,
+         self.t2_scale) = v.check_softmax_kl_options(temperature, divergence, beta, reduction, ignore_index, t2_scale)
+        if chunk_size is not None and (v.check_int("chunk_size", chunk_size) < 1):
+            raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+        self.chunk_size = chunk_size
+        self.backend = backends.check_name(backend)
+
+    def forward(self, student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor] = None, *,
+                teacher_logits: Optional[Tensor] = None, teacher_hidden: Optional[Tensor] = None,
+                teacher_weight: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None,
+                labels: Optional[Tensor] = None) -> Tensor:
+        return F.fused_linear_softmax_kl_div(
+            student_hidden, student_weight, student_bias, teacher_logits=teacher_logits, teacher_hidden=teacher_hidden,
+            teacher_weight=teacher_weight, teacher_bias=teacher_bias, temperature=self.temperature,
+            divergence=self.divergence, beta=self.beta, reduction=self.reduction, labels=labels,
+            ignore_index=self.ignore_index, t2_scale=self.t2_scale, chunk_size=self.chunk_size, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, divergence={self.divergence!r}, beta={self.beta}, "
+                f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, t2_scale={self.t2_scale}, "
+                f"chunk_size={self.chunk_size}, backend={self.backend!r}")

@@ -46,7 +46,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["softmax_kl_div", "softmax_kl_div_topk", "projected_mse", "rkd_distance", "rkd_angle", "rkd", "similarity_preserving"]
+__all__ = ["softmax_kl_div", "softmax_kl_div_topk", "fused_linear_softmax_kl_div", "projected_mse", "rkd_distance", "rkd_angle", "rkd", "similarity_preserving"]
 
 
 # ------------------------------------------------------------------------------ response (KD)
@@ -85,6 +85,15 @@ def softmax_kl_div(student_logits, teacher_logits, temperature=1.0, divergence="
         full[keep] = loss
         return full.reshape(lead)
     return loss
+
+
+def fused_linear_softmax_kl_div(student_hidden, student_weight, student_bias=None, *, teacher_logits=None,
+                                teacher_hidden=None, teacher_weight=None, teacher_bias=None, **options):
+    """What a user writes without a fused head: the LM heads as F.linear (full logits), then the eager KD above."""
+    if teacher_logits is None:
+        with torch.no_grad():
+            teacher_logits = F.linear(teacher_hidden, teacher_weight, teacher_bias)
+    return softmax_kl_div(F.linear(student_hidden, student_weight, student_bias), teacher_logits, **options)
 
 
 def softmax_kl_div_topk(student_logits, teacher_topk_logprobs, teacher_topk_indices, temperature=1.0,

@@ -152,6 +152,46 @@ def _topk_est(case: Case, kind: str) -> float:
     return {"eager": 4 * rv * OPMATH_BYTES, "compile": 2 * rv * OPMATH_BYTES}.get(kind, 1.2 * rv * case.torch_dtype.itemsize)
 
 
+# fused_linear_softmax_kl_div --------------------------------------------------------------------
+def _fl_inputs(case: Case, device: torch.device, seed: int) -> Inputs:
+    """Student hidden states and LM-head weight (no bias, as LM heads), dense teacher logits."""
+    d = case.dims
+    src = DeviceSource(seed, case.torch_dtype, device)
+    h = src.finish(src.normal((d["R"], d["H"])), True)
+    w = src.finish(src.fan_in_normal((d["V"], d["H"]), d["H"]) * 2.0, True)
+    if "Ht" in d:  # the teacher as hidden states + its head (Liger's fused linear JSD takes that form)
+        th = src.finish(src.normal((d["R"], d["Ht"])), False)
+        tw = src.finish(src.fan_in_normal((d["V"], d["Ht"]), d["Ht"]) * 2.0, False)
+        return Inputs((h, w), {"teacher_hidden": th, "teacher_weight": tw, **case.options})
+    _s, t, _ = softmax_kl_inputs(DeviceSource(seed + 1, case.torch_dtype, device), (d["R"], d["V"]), scale=2.0)
+    return Inputs((h, w), {"teacher_logits": t.detach(), **case.options})
+
+
+def _fl_label(case: Case) -> str:
+    d, o = case.dims, case.options
+    teacher = f" teacher head {d['Ht']}" if "Ht" in d else ""
+    return (f"{d['R']}x{d['H']} head {d['V']}{teacher} {DTYPE_SHORT[case.dtype]} {o.get('divergence', 'forward')} "
+            f"T={o.get('temperature', 1.0)}")
+
+
+def _fl_gemms(case: Case) -> list[tuple[int, int, int]]:
+    d = case.dims
+    teacher = [(d["R"], d["Ht"], d["V"])] if "Ht" in d else []
+    return [(d["R"], d["H"], d["V"]), (d["R"], d["V"], d["H"]), (d["V"], d["R"], d["H"])] + teacher  # z; dh; dW
+
+
+def _fl_flops(case: Case) -> dict:
+    mm = 2.0 * case.dims["R"] * case.dims["H"] * case.dims["V"]
+    teacher = 2.0 * case.dims["R"] * case.dims["Ht"] * case.dims["V"] if "Ht" in case.dims else 0.0
+    return {"fwd": mm + teacher, "bwd": 2 * mm, "step": 3 * mm + teacher}
+
+
+def _fl_est(case: Case, kind: str) -> float:
+    d = case.dims
+    rv, grads = d["R"] * d["V"] * OPMATH_BYTES, (d["R"] + d["V"]) * d["H"] * OPMATH_BYTES
+    return {"eager": 8 * rv, "compile": 4 * rv, "unfused": 3 * rv}.get(kind, 0.2 * rv) + grads
+
+
 # projected_mse ----------------------------------------------------------------------------------
 def _pm_sizes(case: Case) -> tuple[int, int, int]:
     """(rows, Ds, Dt): rows = N*H*W for a feature map with feature_dim=1."""
@@ -261,6 +301,9 @@ SPECS: dict[str, LossSpec] = {
                                lambda c: 80.0 * c.dims["R"] * c.dims["V"]),
     "softmax_kl_div_topk": LossSpec(_topk_inputs, _topk_label, lambda c: None, _topk_est,
                                     lambda c: 40.0 * c.dims["R"] * c.dims["V"]),
+    "fused_linear_softmax_kl_div": LossSpec(_fl_inputs, _fl_label, _fl_flops, _fl_est,
+                                            lambda c: _fl_flops(c)["step"] + 60.0 * c.dims["R"] * c.dims["V"],
+                                            gemms=_fl_gemms),
     "projected_mse": LossSpec(_pm_inputs, _pm_label, _pm_flops, _pm_est, _pm_work, gemms=_pm_gemms),
     "rkd_distance": LossSpec(_rel_inputs, _rel_label, _gram_flops, _pair_est(12, 4), _pair_work, "B", 2.0,
                              gemms=_gram_gemms),
@@ -314,6 +357,16 @@ KL_CPU_TARGETS = {"vs_eager_step": 3.0, "vs_compile_step": 1.5, "x_copy_floor": 
 TOPK_CPU_TARGETS = {"vs_dense_step": 1 / 1.2, "mem_ratio": 1.05}
 
 
+# issue #12: the step at least 0.9x as fast as F.linear + kdkernels' softmax_kl_div, memory beyond the
+# hidden / weight gradients <= 15 % of the eager composition's
+FUSED_LINEAR_CPU_TARGETS = {"vs_linear_kd_step": 0.9, "mem_beyond_grads_x_eager": 0.15}
+
+
+def _fl(r, h, v, dtype="float32", targets=None, **opts) -> Case:
+    return Case("fused_linear_softmax_kl_div", {"R": r, "H": h, "V": v}, dtype, {"temperature": 2.0, **opts}, "main",
+                targets or {})
+
+
 def _topk(r, v, k, dtype="float32", targets=None, **opts) -> Case:
     return Case("softmax_kl_div_topk", {"R": r, "V": v, "K": k}, dtype, {"temperature": 2.0, **opts}, "main",
                 targets or {})
@@ -339,6 +392,7 @@ def preset_cpu() -> Preset:
     cases = [
         _kl(1024, 32000, targets=KL_CPU_TARGETS),
         _topk(1024, 32000, 64, targets=TOPK_CPU_TARGETS),
+        _fl(512, 1024, 32000, targets=FUSED_LINEAR_CPU_TARGETS),
         Case("projected_mse", {"N": 16, "Cs": 128, "Ct": 256, "H": 32, "W": 32}, "float32", {"feature_dim": 1}),
         _rel("rkd_distance", 1024, 512),
         _rel("similarity_preserving", 1024, 512),
@@ -356,6 +410,7 @@ def preset_full() -> Preset:
         _kl(4096, 32000, targets=KL_CPU_TARGETS),
         _topk(4096, 32000, 64, targets=TOPK_CPU_TARGETS),
         _topk(4096, 32000, 64, tail="bucket"),
+        _fl(4096, 1024, 32000, targets=FUSED_LINEAR_CPU_TARGETS),
         Case("projected_mse", {"N": 64, "Cs": 128, "Ct": 256, "H": 32, "W": 32}, "float32", {"feature_dim": 1}),
         _rel("rkd_distance", 4096, 512),
         _rel("similarity_preserving", 4096, 512),
@@ -366,7 +421,7 @@ def preset_full() -> Preset:
                        "similarity_preserving": [1024, 2048, 4096, 8192, 16384],
                        "rkd_angle": [128, 256, 512, 1024]}, 512, "float32")
     return Preset("full", "cpu", cases, warmup=1, min_repeats=3, max_repeats=10, budget_s=2.0,
-                  max_case_s=45.0, copy_mib=256, memory_skip_impls=("reference",), assumed_flops_per_s=50e9)
+                  max_case_s=90.0, copy_mib=256, memory_skip_impls=("reference",), assumed_flops_per_s=100e9)
 
 
 def preset_gpu() -> Preset:
@@ -375,6 +430,9 @@ def preset_gpu() -> Preset:
         _kl(4096, 128256, "float32"),
         _kl(4096, 128256, "bfloat16"),
         _topk(4096, 128256, 64, "bfloat16"),
+        # Liger's fused linear JSD benchmark form (teacher hidden + head, beta 0.5, T 1), side by side with it
+        Case("fused_linear_softmax_kl_div", {"R": 8192, "H": 4096, "Ht": 4096, "V": 128256}, "bfloat16",
+             {"temperature": 1.0, "divergence": "jsd", "beta": 0.5}),
         Case("projected_mse", {"R": 16384, "Ds": 768, "Dt": 4096}, "bfloat16"),
         _rel("rkd_distance", 16384, 1024, "bfloat16"),
         _rel("similarity_preserving", 16384, 1024, "bfloat16"),
@@ -396,6 +454,7 @@ def preset_smoke(device: str = "cpu") -> Preset:
     cases = [
         _kl(64, 512),
         _topk(64, 512, 8),
+        _fl(64, 32, 512),
         Case("projected_mse", {"N": 2, "Cs": 8, "Ct": 16, "H": 4, "W": 4}, "float32", {"feature_dim": 1}),
         _rel("rkd_distance", 64, 16),
         _rel("similarity_preserving", 64, 16),
@@ -428,6 +487,7 @@ RELATION_SHAPE = "BxD or BxDsxDt (batch x feature size; Ds, Dt: student and teac
 SHAPE_FORMS = {
     "softmax_kl_div": "RxV (rows x vocabulary), e.g. 8192x128000",
     "softmax_kl_div_topk": "RxVxK (rows x vocabulary x teacher entries kept), e.g. 8192x128000x64",
+    "fused_linear_softmax_kl_div": "RxHxV (rows x hidden size x vocabulary), e.g. 4096x1024x32000",
     "projected_mse": "RxDsxDt (feature vectors x student dim x teacher dim, features last) or NxCsxCtxHxW "
                      "(N, Cs, H, W student maps projected to Ct channels: a 1x1 conv, feature_dim=1)",
     "rkd_distance": RELATION_SHAPE,
@@ -451,6 +511,8 @@ def parse_shape(loss: str, text: str) -> tuple[dict[str, int], dict[str, Any]]:
         dims, opts = {"R": nums[0], "V": nums[1]}, {}
     elif loss == "softmax_kl_div_topk" and n == 3 and nums[2] <= nums[1]:
         dims, opts = {"R": nums[0], "V": nums[1], "K": nums[2]}, {}
+    elif loss == "fused_linear_softmax_kl_div" and n == 3:
+        dims, opts = {"R": nums[0], "H": nums[1], "V": nums[2]}, {}
     elif loss == "projected_mse" and n == 3:
         dims, opts = {"R": nums[0], "Ds": nums[1], "Dt": nums[2]}, {"feature_dim": -1}
     elif loss == "projected_mse" and n == 5:

@@ -14,6 +14,9 @@ Implementation names (the values of ``--backends``), in run order (the reference
 * ``twopass``      kdkernels' softmax-KL step before the one-pass step (``softmax_kl_div`` only): the
                    loss-only forward op and its backward op, which reads the logits again, on the
                    device's default fused backend: ``vs_twopass_step`` (the one-pass step's gain)
+* ``linear_kd``    ``F.linear`` (the full logits) then kdkernels' ``softmax_kl_div`` on the device's default
+                   fused backend (``fused_linear_softmax_kl_div`` only): ``vs_linear_kd_step``, what
+                   fusing the head into the loss gains over the unfused kdkernels loss
 * ``dense``        kdkernels' ``softmax_kl_div`` of the same student against the dense teacher logits the
                    top-k was taken from (``softmax_kl_div_topk`` only), on the device's default fused
                    backend: ``vs_dense_step``, what the sparse teacher costs against the dense one
@@ -43,18 +46,22 @@ REFERENCE = "reference"
 KERNELS = ("cpu", "cuda", "triton")
 TWO_PASS = "twopass"
 DENSE = "dense"
-ALL_IMPLS = BASELINES + PEERS + KERNELS + (TWO_PASS, DENSE, REFERENCE)  # the values --backends accepts
+LINEAR_KD = "linear_kd"
+ALL_IMPLS = BASELINES + PEERS + KERNELS + (TWO_PASS, DENSE, LINEAR_KD, REFERENCE)  # the values --backends accepts
 # the ratio columns: vs_<impl>_<phase> for these baselines
 RATIO_BASELINES = {"eager": ("fwd", "bwd", "step"), "compile": ("fwd", "bwd", "step"),
-                   "torchdistill": ("step",), "liger": ("step",), TWO_PASS: ("step",), DENSE: ("step",)}
+                   "torchdistill": ("step",), "liger": ("step",), TWO_PASS: ("step",), DENSE: ("step",),
+                   LINEAR_KD: ("step",)}
 LABELS = {"eager": "eager composition (the usual PyTorch code)", "compile": "torch.compile of the eager composition",
           "torchdistill": "torchdistill's loss", "liger": "Liger-Kernel", "reference": "accuracy reference (kdkernels.reference)",
           "cpu": "kdkernels cpu", "cuda": "kdkernels cuda", "triton": "kdkernels triton",
           TWO_PASS: "kdkernels two-pass softmax-KL step (loss-only forward, backward re-reads the logits)",
-          DENSE: "kdkernels softmax_kl_div against the dense teacher logits (same student)"}
+          DENSE: "kdkernels softmax_kl_div against the dense teacher logits (same student)",
+          LINEAR_KD: "F.linear (full logits) + kdkernels softmax_kl_div"}
 # the kind used by the memory / time models of cases.LossSpec
 KIND = {"eager": "eager", "compile": "compile", "torchdistill": "eager", "liger": "peer", "reference": "eager",
-        "cpu": "kernel", "cuda": "kernel", "triton": "kernel", TWO_PASS: "kernel", DENSE: "kernel"}
+        "cpu": "kernel", "cuda": "kernel", "triton": "kernel", TWO_PASS: "kernel", DENSE: "kernel",
+        LINEAR_KD: "unfused"}
 
 
 class Unavailable(Exception):
@@ -104,14 +111,18 @@ def implemented_backends(loss: str, device: torch.device) -> list[str]:
 def candidates(loss: str, device: torch.device) -> list[str]:
     """Every implementation that makes sense for this loss on this device, in run order: the baselines,
     the kdkernels backends, then the reference (shown, not a baseline: the first to go under a time limit)."""
-    names = ["eager", "compile"] + ([] if loss == "softmax_kl_div_topk" else ["torchdistill"])  # it has no sparse teacher
-    if device.type == "cuda" and loss == "softmax_kl_div":
+    # torchdistill has no sparse teacher and no fused head
+    no_td = ("softmax_kl_div_topk", "fused_linear_softmax_kl_div")
+    names = ["eager", "compile"] + ([] if loss in no_td else ["torchdistill"])
+    if device.type == "cuda" and loss in ("softmax_kl_div", "fused_linear_softmax_kl_div"):
         names.append("liger")
     names += ["cuda", "triton"] if device.type == "cuda" else ["cpu"]
     if loss == "softmax_kl_div":
         names.append(TWO_PASS)
     if loss == "softmax_kl_div_topk":
         names.append(DENSE)
+    if loss == "fused_linear_softmax_kl_div":
+        names.append(LINEAR_KD)
     return names + ["reference"]
 
 
@@ -130,7 +141,7 @@ def check_available(impl: str, case: Case, device: torch.device) -> None:
             raise Unavailable(why)
         return
     if impl == "liger":
-        why = peers.liger_unavailable(case.loss, case.options, device)
+        why = peers.liger_unavailable(case.loss, {**case.options, "teacher_head": "Ht" in case.dims}, device)
         if why:
             raise Unavailable(why)
         return
@@ -144,6 +155,13 @@ def check_available(impl: str, case: Case, device: torch.device) -> None:
         if case.loss != "softmax_kl_div":
             raise Unavailable("unavailable (softmax_kl_div only)")
         impl = _two_pass_backend(device)
+    if impl == LINEAR_KD:
+        if case.loss != "fused_linear_softmax_kl_div":
+            raise Unavailable("unavailable (fused_linear_softmax_kl_div only)")
+        impl = _two_pass_backend(device)
+        if impl not in implemented_backends("softmax_kl_div", device):
+            raise Unavailable(_why_not(impl, "softmax_kl_div", device))
+        return
     if impl == DENSE:
         if case.loss != "softmax_kl_div_topk":
             raise Unavailable("unavailable (softmax_kl_div_topk only)")
@@ -198,6 +216,22 @@ def _two_pass_call(case: Case) -> Callable[[Inputs], torch.Tensor]:
     return run
 
 
+def _linear_kd_call() -> Callable[[Inputs], torch.Tensor]:
+    kl = api().functional.softmax_kl_div
+
+    def run(inp: Inputs) -> torch.Tensor:
+        h, w = inp.args[:2]
+        kw = dict(inp.kwargs)
+        teacher = kw.pop("teacher_logits", None)
+        th, tw = kw.pop("teacher_hidden", None), kw.pop("teacher_weight", None)
+        if teacher is None:
+            with torch.no_grad():
+                teacher = torch.nn.functional.linear(th, tw)
+        return kl(torch.nn.functional.linear(h, w), teacher, backend=_two_pass_backend(h.device), **kw)
+
+    return run
+
+
 def make_callable(impl: str, case: Case) -> Callable[[Inputs], torch.Tensor]:
     """A function of the case's inputs returning the (scalar) loss. ``compile`` is not compiled yet:
     its first call compiles (the runner does that call before timing)."""
@@ -212,9 +246,11 @@ def make_callable(impl: str, case: Case) -> Callable[[Inputs], torch.Tensor]:
     if impl == "torchdistill":
         return peers.torchdistill_call(case.loss, case.options, baselines.project)
     if impl == "liger":
-        return peers.liger_call(case.options)
+        return peers.liger_call(case.options, case.loss)
     if impl == TWO_PASS:
         return _two_pass_call(case)
+    if impl == LINEAR_KD:
+        return _linear_kd_call()
     if impl == DENSE:
         kl = a.functional.softmax_kl_div
         return lambda inp: kl(inp.args[0], inp.extras["teacher_logits"], temperature=inp.kwargs.get("temperature", 1.0),

@@ -25,7 +25,7 @@ bench installs it with ``pip install --no-deps torchdistill``):
 
 Liger-Kernel (GPU, ``softmax_kl_div``): ``log_softmax`` of both inputs, then
 ``LigerKLDIVLoss(reduction="batchmean", log_target=True)`` (forward KL) or ``LigerJSD(beta)``,
-times T^2.
+times T^2. ``fused_linear_softmax_kl_div`` (JSD, teacher as hidden + head): ``LigerFusedLinearJSD``.
 """
 from __future__ import annotations
 
@@ -67,7 +67,9 @@ def liger():
     jsd, err2 = try_import("liger_kernel.transformers.jsd")
     if kl is None or jsd is None:
         return None, err or err2
-    return {"kl": kl.LigerKLDIVLoss, "jsd": jsd.LigerJSD,
+    fl_jsd, _err3 = try_import("liger_kernel.transformers.fused_linear_jsd")
+    fused_jsd = None if fl_jsd is None else getattr(fl_jsd, "LigerFusedLinearJSD", None)
+    return {"kl": kl.LigerKLDIVLoss, "jsd": jsd.LigerJSD, "fused_linear_jsd": fused_jsd,
             "version": getattr(importlib.import_module("liger_kernel"), "__version__", "?")}, None
 
 
@@ -148,6 +150,12 @@ def liger_unavailable(loss: str, options: dict, device: torch.device) -> str | N
     lg, _err = liger()
     if lg is None:
         return "unavailable (liger_kernel not installed)"
+    if loss == "fused_linear_softmax_kl_div":
+        if lg.get("fused_linear_jsd") is None:
+            return "unavailable (this liger_kernel has no LigerFusedLinearJSD)"
+        if options.get("divergence", "forward") != "jsd" or not options.get("teacher_head", False):
+            return "unavailable (Liger's fused linear loss is JSD against a teacher given as hidden + head)"
+        return None
     if loss != "softmax_kl_div":
         return "unavailable (Liger has no such loss)"
     if options.get("divergence", "forward") == "reverse":
@@ -155,8 +163,12 @@ def liger_unavailable(loss: str, options: dict, device: torch.device) -> str | N
     return None
 
 
-def liger_call(options: dict) -> Callable:
+def liger_call(options: dict, loss: str = "softmax_kl_div") -> Callable:
     lg, _err = liger()
+    if loss == "fused_linear_softmax_kl_div":  # JSD(beta) of the two heads' softmaxes at T, batchmean
+        fused = lg["fused_linear_jsd"](jsd_beta=float(options.get("beta", 0.5)),
+                                       temperature=float(options.get("temperature", 1.0)))
+        return lambda inp: fused(inp.args[0], inp.args[1], inp.kwargs["teacher_hidden"], inp.kwargs["teacher_weight"])
     temp = float(options.get("temperature", 1.0))
     scale = temp * temp if options.get("t2_scale", True) else 1.0
     if options.get("divergence", "forward") == "jsd":

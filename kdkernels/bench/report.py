@@ -65,13 +65,14 @@ def text_table(header: list[str], body: list[list[str]], optional: tuple[str, ..
     return "\n".join(lines)
 
 
-MAIN_OPTIONAL = ("x torchdistill", "x liger", "x twopass", "x dense", "x GEMM floor", "TC %", "extra MiB", "mem ratio")
+MAIN_OPTIONAL = ("x torchdistill", "x liger", "x twopass", "x dense", "x linear_kd", "x GEMM floor", "TC %", "extra MiB",
+                 "mem ratio", "mem>grads x eager")
 
 
 def main_table(rows: list[dict]) -> str:
     header = ["loss", "case", "impl", "status", "fwd ms", "bwd ms", "step ms", "x eager f/b/step",
-              "x compile step", "x torchdistill", "x liger", "x twopass", "x dense", "x copy floor", "x GEMM floor", "GB/s", "TC %",
-              "extra MiB", "mem ratio"]
+              "x compile step", "x torchdistill", "x liger", "x twopass", "x dense", "x linear_kd", "x copy floor",
+              "x GEMM floor", "GB/s", "TC %", "extra MiB", "mem ratio", "mem>grads x eager"]
     body = []
     for r in rows:
         if r["group"] != "main":
@@ -80,9 +81,10 @@ def main_table(rows: list[dict]) -> str:
         eager = "/".join(_x(r[f"vs_eager_{p}"]) for p in PHASES) if ok and r["vs_eager_step"] is not None else "-"
         body.append([r["loss"], r["case"], r["impl"], _status(r), _ms(r["fwd_ms"]), _ms(r["bwd_ms"]),
                      _ms(r["step_ms"]), eager, _x(r["vs_compile_step"]), _x(r["vs_torchdistill_step"]),
-                     _x(r["vs_liger_step"]), _x(r["vs_twopass_step"]), _x(r["vs_dense_step"]), _x(r["x_copy_floor"]),
+                     _x(r["vs_liger_step"]), _x(r["vs_twopass_step"]), _x(r["vs_dense_step"]),
+                     _x(r.get("vs_linear_kd_step")), _x(r["x_copy_floor"]),
                      _x(r["x_gemm_floor"]), _num(r["achieved_GBps"], 1), _num(None if r["tc_frac"] is None else 100 * r["tc_frac"], 1),
-                     _mib(r["mem_extra_bytes"]), _x(r["mem_ratio"])])
+                     _mib(r["mem_extra_bytes"]), _x(r["mem_ratio"]), _num(r.get("mem_beyond_grads_x_eager"), 3)])
     return text_table(header, body, MAIN_OPTIONAL)
 
 
@@ -120,9 +122,12 @@ LEGEND = [
     "  torchdistill = torchdistill's KDLoss / RKDLoss / SPKDLoss / SimpleLossWrapper(nn.MSELoss) (see notes)",
     "  twopass      = " + LABELS["twopass"] + ": x twopass is the one-pass step's gain",
     "  dense        = " + LABELS["dense"] + " (softmax_kl_div_topk cases)",
+    "  linear_kd    = " + LABELS["linear_kd"] + " (fused_linear_softmax_kl_div cases)",
+    "  liger        = Liger-Kernel's KL / JSD on log-softmaxes, LigerFusedLinearJSD for the fused head (GPU)",
     "  reference    = kdkernels.reference, the accuracy spec: shown, never a ratio's baseline",
     "x copy floor = step time / (bytes that must move / copy bandwidth); x GEMM floor = step time / time of "
-    "plain torch.mm over the step's GEMM FLOPs (GEMM-bound losses); mem ratio = (inputs + extra) / (inputs + gradients)",
+    "plain torch.mm over the step's GEMM FLOPs (GEMM-bound losses); mem ratio = (inputs + extra) / (inputs + gradients); "
+    "mem>grads x eager = (extra - gradients) / the eager composition's (extra - gradients)",
 ]
 
 

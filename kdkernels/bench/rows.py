@@ -28,7 +28,7 @@ ROW_FIELDS = [
     *RATIO_FIELDS,
     "must_move_bytes", "copy_floor_ms", "x_copy_floor", "achieved_GBps", "copy_floor_frac",
     "gemm_floor_ms", "x_gemm_floor", "tflops", "tc_frac",
-    "inputs_bytes", "grads_bytes", "mem_extra_bytes", "mem_ratio", "mem_status", "mem_method",
+    "inputs_bytes", "grads_bytes", "mem_extra_bytes", "mem_ratio", "mem_beyond_grads_x_eager", "mem_status", "mem_method",
     "targets", "note", "dims", "options",
 ]
 
@@ -82,6 +82,13 @@ def add_ratios(rows: list[dict]) -> None:
             if ref in base and ref != r["impl"]:  # a baseline has no ratio to itself
                 for ph in phases:
                     r[f"vs_{ref}_{ph}"] = base[ref][f"{ph}_ms"] / r[f"{ph}_ms"]
+    # memory beyond the gradients a step must produce, as a fraction of the eager composition's
+    eager = base.get("eager")
+    if eager is not None and eager.get("mem_extra_bytes") is not None:
+        eager_beyond = eager["mem_extra_bytes"] - eager["grads_bytes"]
+        for r in rows:
+            if r is not eager and r.get("mem_extra_bytes") is not None and eager_beyond > 0:
+                r["mem_beyond_grads_x_eager"] = max(0, r["mem_extra_bytes"] - r["grads_bytes"]) / eager_beyond
 
 
 def same_case_rows(row: dict, rows: list[dict], impl: str | None = None) -> list[dict]:

@@ -24,6 +24,7 @@
 #include "../huge_pages.h"
 #include "../scale_rows.h"
 #include "_rows.h"
+#include "step.h"
 
 namespace kdkernels {
 namespace cpu {
@@ -116,21 +117,28 @@ KDK_CPU_HOT void forward_kl_student_step_rows(const S* student, const S* teacher
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_step_forward_cpu(
-    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
-    const at::Tensor& weight, double temperature, int64_t divergence, double beta, int64_t ignore_index,
-    bool t2_scale, bool per_row, bool student_grad, bool teacher_grad) {
+}  // namespace
+
+namespace response {
+void softmax_kl_step_into(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
+                          const at::Tensor& weight, double temperature, int64_t divergence, double beta,
+                          int64_t ignore_index, bool t2_scale, const at::Tensor& row_loss, const at::Tensor& grad_s,
+                          const at::Tensor& grad_t) {
   check_common(student, teacher, labels, temperature, divergence, beta);
   const int64_t R = student.size(0), V = student.size(1);
   const auto op_dt = opmath_scalar_type(student.scalar_type());
   TORCH_CHECK(weight.dim() == 0 && weight.scalar_type() == op_dt && weight.device().is_cpu(),
               "softmax_kl_step (CPU): weight must be a 0-d ", op_dt, " CPU tensor, got ", weight.sizes(), " ",
               weight.scalar_type());
-  at::Tensor row_loss = at::empty({R}, student.options().dtype(op_dt));
-  at::Tensor grad_s = student_grad ? at::empty({R, V}, student.options()) : at::empty({0}, student.options());
-  at::Tensor grad_t = teacher_grad ? at::empty({R, V}, teacher.options()) : at::empty({0}, teacher.options());
-  prefer_huge_pages(grad_s);
-  prefer_huge_pages(grad_t);
+  TORCH_CHECK(row_loss.dim() == 1 && row_loss.size(0) == R && row_loss.is_contiguous() && row_loss.scalar_type() == op_dt,
+              "softmax_kl_step (CPU): row_loss must be a contiguous (", R, ",) ", op_dt, " tensor");
+  const bool student_grad = grad_s.defined(), teacher_grad = grad_t.defined();
+  for (const at::Tensor* g : {&grad_s, &grad_t}) {
+    TORCH_CHECK(!g->defined() || (g->sizes() == student.sizes() && g->is_contiguous() &&
+                                  g->scalar_type() == student.scalar_type()),
+                "softmax_kl_step (CPU): a gradient output must be a contiguous (", R, ", ", V, ") ",
+                student.scalar_type(), " tensor");
+  }
   if (R > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "softmax_kl_step_forward_cpu", [&] {
       using T = opmath_t<scalar_t>;
@@ -140,9 +148,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_step_forward_cpu(
       const T w = *weight.const_data_ptr<T>();
       const scalar_t* s = student.const_data_ptr<scalar_t>();
       const scalar_t* t = teacher.const_data_ptr<scalar_t>();
-      T* loss_p = row_loss.mutable_data_ptr<T>();
-      scalar_t* gs = student_grad ? grad_s.mutable_data_ptr<scalar_t>() : nullptr;
-      scalar_t* gt = teacher_grad ? grad_t.mutable_data_ptr<scalar_t>() : nullptr;
+      T* loss_p = row_loss.data_ptr<T>();
+      scalar_t* gs = student_grad ? grad_s.data_ptr<scalar_t>() : nullptr;
+      scalar_t* gt = teacher_grad ? grad_t.data_ptr<scalar_t>() : nullptr;
       if (divergence == kForwardKL && student_grad && !teacher_grad) {
         at::parallel_for(0, R, row_grain(V), [&](int64_t r0, int64_t r1) {
           std::vector<T> scratch(2 * static_cast<size_t>(V));
@@ -175,8 +183,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_step_forward_cpu(
       });
     });
   }
+}
+}  // namespace response
+
+namespace {
+using namespace response;
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_step_forward_cpu(
+    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
+    const at::Tensor& weight, double temperature, int64_t divergence, double beta, int64_t ignore_index,
+    bool t2_scale, bool per_row, bool student_grad, bool teacher_grad) {
+  check_common(student, teacher, labels, temperature, divergence, beta);
+  const int64_t R = student.size(0), V = student.size(1);
+  at::Tensor row_loss = at::empty({R}, student.options().dtype(opmath_scalar_type(student.scalar_type())));
+  at::Tensor grad_s = student_grad ? at::empty({R, V}, student.options()) : at::Tensor();
+  at::Tensor grad_t = teacher_grad ? at::empty({R, V}, teacher.options()) : at::Tensor();
+  if (grad_s.defined()) prefer_huge_pages(grad_s);
+  if (grad_t.defined()) prefer_huge_pages(grad_t);
+  softmax_kl_step_into(student, teacher, labels, weight, temperature, divergence, beta, ignore_index, t2_scale,
+                       row_loss, grad_s, grad_t);
   at::Tensor loss = per_row ? at::mul(row_loss, weight) : at::mul(row_loss.sum(), weight);
-  return {loss, grad_s, grad_t};
+  // a gradient that is not requested is an empty (0,) tensor
+  return {loss, student_grad ? grad_s : at::empty({0}, student.options()),
+          teacher_grad ? grad_t : at::empty({0}, teacher.options())};
 }
 
 void softmax_kl_step_backward_cpu(const at::Tensor& grad_loss, at::Tensor& grad_student, at::Tensor& grad_teacher) {

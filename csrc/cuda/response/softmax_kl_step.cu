@@ -21,6 +21,7 @@
 #include "kdkernels/softmax_kl.h"
 #include "../scale_rows.cuh"
 #include "_rows.cuh"
+#include "step.cuh"
 
 namespace kdkernels {
 namespace cuda {
@@ -89,68 +90,94 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) softmax_kl_
   }
 }
 
+}  // namespace
+
+namespace response {
+void softmax_kl_step_into(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
+                          const at::Tensor& weight_in, double temperature, int64_t divergence, double beta,
+                          int64_t ignore_index, bool t2_scale, const at::Tensor& rows, const at::Tensor& grad_student,
+                          const at::Tensor& grad_teacher) {
+  check_softmax_kl_cuda_args(student, teacher, labels, temperature, divergence, beta);
+  TORCH_CHECK_VALUE(weight_in.dim() == 0, "softmax_kl_step: weight must be a 0-d tensor, got shape ", weight_in.sizes());
+  TORCH_CHECK_VALUE(weight_in.device() == student.device(), "softmax_kl_step: weight must be on ",
+                    student.device(), ", got ", weight_in.device());
+  TORCH_CHECK(student.is_contiguous() && teacher.is_contiguous(), "softmax_kl_step_into: the logits must be contiguous");
+  c10::cuda::CUDAGuard guard(student.device());
+  const int64_t R = student.size(0), V = student.size(1);
+  const at::ScalarType opmath_dtype = opmath_scalar_type(student.scalar_type());
+  TORCH_CHECK(rows.dim() == 1 && rows.size(0) == R && rows.is_contiguous() && rows.scalar_type() == opmath_dtype,
+              "softmax_kl_step_into: row_loss must be a contiguous (", R, ",) ", opmath_dtype, " tensor");
+  for (const at::Tensor* g : {&grad_student, &grad_teacher}) {
+    TORCH_CHECK(!g->defined() || (g->sizes() == student.sizes() && g->is_contiguous() &&
+                                  g->scalar_type() == student.scalar_type()),
+                "softmax_kl_step_into: a gradient output must be a contiguous (", R, ", ", V, ") tensor of the logits' dtype");
+  }
+  const at::Tensor weight = weight_in.scalar_type() == opmath_dtype ? weight_in : weight_in.to(opmath_dtype);
+  at::Tensor labels_c;
+  if (labels.has_value()) labels_c = labels->contiguous();
+  if (R == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "softmax_kl_step_forward_cuda", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    StepArgs<scalar_t> a;
+    a.student = student.const_data_ptr<scalar_t>();
+    a.teacher = teacher.const_data_ptr<scalar_t>();
+    a.labels = labels_c.defined() ? labels_c.const_data_ptr<int64_t>() : nullptr;
+    a.weight = weight.const_data_ptr<opmath_t>();
+    a.loss = rows.data_ptr<opmath_t>();
+    a.grad_student = grad_student.defined() ? grad_student.data_ptr<scalar_t>() : nullptr;
+    a.grad_teacher = grad_teacher.defined() ? grad_teacher.data_ptr<scalar_t>() : nullptr;
+    a.R = R;
+    a.V = V;
+    a.ignore_index = ignore_index;
+    a.inv_t = static_cast<opmath_t>(1.0 / temperature);
+    a.loss_scale = static_cast<opmath_t>(t2_scale ? temperature * temperature : 1.0);
+    a.grad_scale = static_cast<opmath_t>(t2_scale ? temperature : 1.0 / temperature);
+    a.jsd = jsd_constants<opmath_t>(static_cast<opmath_t>(divergence == kJSD ? beta : 0.5));
+    a.per_row = false;  // l_r: the callers weight the sum
+    const LaunchConfig cfg = pick_config<scalar_t>(V);
+    a.group = cfg.group;
+    a.vec_ok = same_alignment({a.student, a.teacher, a.grad_student, a.grad_teacher});
+    const unsigned grid = grid_for(R, cfg);
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    switch (divergence) {
+      case kForwardKL:
+        softmax_kl_step_kernel<scalar_t, kForwardKL><<<grid, cfg.block, 0, stream>>>(a);
+        break;
+      case kReverseKL:
+        softmax_kl_step_kernel<scalar_t, kReverseKL><<<grid, cfg.block, 0, stream>>>(a);
+        break;
+      default:
+        softmax_kl_step_kernel<scalar_t, kJSD><<<grid, cfg.block, 0, stream>>>(a);
+        break;
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+}  // namespace response
+
+namespace {
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_step_forward_cuda(
-    const at::Tensor& student_in, const at::Tensor& teacher_in, const std::optional<at::Tensor>& labels_in,
+    const at::Tensor& student_in, const at::Tensor& teacher_in, const std::optional<at::Tensor>& labels,
     const at::Tensor& weight_in, double temperature, int64_t divergence, double beta, int64_t ignore_index,
     bool t2_scale, bool per_row, bool student_grad, bool teacher_grad) {
-  check_softmax_kl_cuda_args(student_in, teacher_in, labels_in, temperature, divergence, beta);
-  TORCH_CHECK_VALUE(weight_in.dim() == 0, "softmax_kl_step: weight must be a 0-d tensor, got shape ", weight_in.sizes());
-  TORCH_CHECK_VALUE(weight_in.device() == student_in.device(), "softmax_kl_step: weight must be on ",
-                    student_in.device(), ", got ", weight_in.device());
+  check_softmax_kl_cuda_args(student_in, teacher_in, labels, temperature, divergence, beta);
   c10::cuda::CUDAGuard guard(student_in.device());
   const at::Tensor student = student_in.contiguous();
   const at::Tensor teacher = teacher_in.contiguous();
   const int64_t R = student.size(0), V = student.size(1);
   const at::ScalarType opmath_dtype = opmath_scalar_type(student.scalar_type());
-  const at::Tensor weight = weight_in.scalar_type() == opmath_dtype ? weight_in : weight_in.to(opmath_dtype);
   at::Tensor rows = at::empty({R}, student.options().dtype(opmath_dtype));
-  // a gradient that is not requested is an empty (0,) tensor of the input dtype
-  at::Tensor grad_student = student_grad ? at::empty({R, V}, student.options()) : at::empty({0}, student.options());
-  at::Tensor grad_teacher = teacher_grad ? at::empty({R, V}, teacher.options()) : at::empty({0}, teacher.options());
-  at::Tensor labels;
-  if (labels_in.has_value()) labels = labels_in->contiguous();
-
-  if (R > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "softmax_kl_step_forward_cuda", [&] {
-      using opmath_t = at::opmath_type<scalar_t>;
-      StepArgs<scalar_t> a;
-      a.student = student.data_ptr<scalar_t>();
-      a.teacher = teacher.data_ptr<scalar_t>();
-      a.labels = labels.defined() ? labels.data_ptr<int64_t>() : nullptr;
-      a.weight = weight.const_data_ptr<opmath_t>();
-      a.loss = rows.data_ptr<opmath_t>();
-      a.grad_student = student_grad ? grad_student.data_ptr<scalar_t>() : nullptr;
-      a.grad_teacher = teacher_grad ? grad_teacher.data_ptr<scalar_t>() : nullptr;
-      a.R = R;
-      a.V = V;
-      a.ignore_index = ignore_index;
-      a.inv_t = static_cast<opmath_t>(1.0 / temperature);
-      a.loss_scale = static_cast<opmath_t>(t2_scale ? temperature * temperature : 1.0);
-      a.grad_scale = static_cast<opmath_t>(t2_scale ? temperature : 1.0 / temperature);
-      a.jsd = jsd_constants<opmath_t>(static_cast<opmath_t>(divergence == kJSD ? beta : 0.5));
-      a.per_row = per_row;
-      const LaunchConfig cfg = pick_config<scalar_t>(V);
-      a.group = cfg.group;
-      a.vec_ok = same_alignment({a.student, a.teacher, a.grad_student, a.grad_teacher});
-      const unsigned grid = grid_for(R, cfg);
-      const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-      switch (divergence) {
-        case kForwardKL:
-          softmax_kl_step_kernel<scalar_t, kForwardKL><<<grid, cfg.block, 0, stream>>>(a);
-          break;
-        case kReverseKL:
-          softmax_kl_step_kernel<scalar_t, kReverseKL><<<grid, cfg.block, 0, stream>>>(a);
-          break;
-        default:
-          softmax_kl_step_kernel<scalar_t, kJSD><<<grid, cfg.block, 0, stream>>>(a);
-          break;
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
+  at::Tensor grad_student = student_grad ? at::empty({R, V}, student.options()) : at::Tensor();
+  at::Tensor grad_teacher = teacher_grad ? at::empty({R, V}, teacher.options()) : at::Tensor();
+  response::softmax_kl_step_into(student, teacher, labels, weight_in, temperature, divergence, beta, ignore_index,
+                                 t2_scale, rows, grad_student, grad_teacher);
+  const at::Tensor weight = weight_in.to(opmath_dtype);
   // weight * sum_r l_r, as reduce_rows' sum then factor; at::sum is deterministic (no atomics)
-  at::Tensor loss = per_row ? rows : at::mul(at::sum(rows), weight);
-  return {loss, grad_student, grad_teacher};
+  at::Tensor loss = per_row ? at::mul(rows, weight) : at::mul(at::sum(rows), weight);
+  // a gradient that is not requested is an empty (0,) tensor of the input dtype
+  return {loss, student_grad ? grad_student : at::empty({0}, student.options()),
+          teacher_grad ? grad_teacher : at::empty({0}, teacher.options())};
 }
 
 void softmax_kl_step_backward_cuda(const at::Tensor& grad_loss_in, at::Tensor& grad_student, at::Tensor& grad_teacher) {

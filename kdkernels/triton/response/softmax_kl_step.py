@@ -102,6 +102,33 @@ def _softmax_kl_step_kernel(
                 tl.store(grad_t_ptr + row_off + offs, (grad_a * g).to(grad_t_ptr.dtype.element_ty), mask=mask)
 
 
+def step_into(student: Tensor, teacher: Tensor, labels, weight: Tensor, temperature: float, divergence: int,
+              beta: float, ignore_index: int, t2_scale: bool, row_loss: Tensor, grad_s, grad_t) -> None:
+    """The step into outputs the caller owns (the fused linear op reuses them chunk after chunk):
+    ``row_loss`` (R,) op-math gets weight * l_r; ``grad_s`` / ``grad_t`` ((R, V) contiguous, or None:
+    not computed) get d (weight * sum_r l_r) / d logits. student / teacher must be contiguous."""
+    rows, vocab = student.shape
+    if rows == 0 or vocab == 0:  # no rows, or empty distributions: loss 0, gradients without elements
+        row_loss.zero_()
+        return
+    has_labels = labels is not None
+    temperature = float(temperature)
+    inv_temp = 1.0 / temperature
+    loss_scale = temperature * temperature if t2_scale else 1.0
+    grad_scale = temperature if t2_scale else inv_temp  # T^2 loss scale times the 1/T of d(z/T)/dz
+    b, lb, l1mb = jsd_constants(beta)
+    block, num_warps = launch_config(vocab, student.dtype)
+    launch(_softmax_kl_step_kernel, (rows,), student, teacher,
+           labels.contiguous() if has_labels else row_loss,  # dummy pointer, never read
+           weight, row_loss,
+           student if grad_s is None else grad_s,  # dummy pointers are never written
+           teacher if grad_t is None else grad_t,
+           vocab, int(ignore_index), inv_temp, loss_scale, grad_scale, b, lb, l1mb,
+           HAS_LABELS=has_labels, DIVERGENCE=divergence, STUDENT_GRAD=grad_s is not None,
+           TEACHER_GRAD=grad_t is not None, DT=tl_opmath(student.dtype), BLOCK_V=block, num_warps=num_warps,
+           enable_fp_fusion=False)
+
+
 def forward(student: Tensor, teacher: Tensor, labels, weight: Tensor, temperature: float, divergence: int,
             beta: float, ignore_index: int, t2_scale: bool, per_row: bool, student_grad: bool,
             teacher_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -114,31 +141,16 @@ def forward(student: Tensor, teacher: Tensor, labels, weight: Tensor, temperatur
         raise ValueError(f"weight must be a 0-d tensor, got shape {tuple(weight.shape)}")
     student = student.contiguous()
     teacher = teacher.contiguous()
-    rows, vocab = student.shape
-    grad_s = torch.empty_like(student) if student_grad else student.new_empty((0,))
-    grad_t = torch.empty_like(teacher) if teacher_grad else teacher.new_empty((0,))
+    rows, _vocab = student.shape
+    grad_s = torch.empty_like(student) if student_grad else None
+    grad_t = torch.empty_like(teacher) if teacher_grad else None
     row_loss = torch.empty((rows,), dtype=opmath_dtype(student.dtype), device=student.device)
-    if rows == 0 or vocab == 0:  # no rows, or empty distributions: loss 0, gradients without elements
-        row_loss.zero_()
-    else:
-        has_labels = labels is not None
-        temperature = float(temperature)
-        inv_temp = 1.0 / temperature
-        loss_scale = temperature * temperature if t2_scale else 1.0
-        grad_scale = temperature if t2_scale else inv_temp  # T^2 loss scale times the 1/T of d(z/T)/dz
-        b, lb, l1mb = jsd_constants(beta)
-        block, num_warps = launch_config(vocab, student.dtype)
-        launch(_softmax_kl_step_kernel, (rows,), student, teacher,
-               labels.contiguous() if has_labels else row_loss,  # dummy pointer, never read
-               weight, row_loss,
-               grad_s if student_grad else student,  # dummy pointers are never written
-               grad_t if teacher_grad else teacher,
-               vocab, int(ignore_index), inv_temp, loss_scale, grad_scale, b, lb, l1mb,
-               HAS_LABELS=has_labels, DIVERGENCE=divergence, STUDENT_GRAD=bool(student_grad),
-               TEACHER_GRAD=bool(teacher_grad), DT=tl_opmath(student.dtype), BLOCK_V=block, num_warps=num_warps,
-               enable_fp_fusion=False)
+    step_into(student, teacher, labels, weight, temperature, divergence, beta, ignore_index, t2_scale, row_loss,
+              grad_s, grad_t)
+    empty_s, empty_t = student.new_empty((0,)), teacher.new_empty((0,))
     # per-row values summed by torch: deterministic, and one tiny launch
-    return (row_loss if per_row else row_loss.sum()), grad_s, grad_t
+    return (row_loss if per_row else row_loss.sum()), (empty_s if grad_s is None else grad_s), \
+        (empty_t if grad_t is None else grad_t)
 
 
 def backward(grad_loss: Tensor, grad_student: Tensor, grad_teacher: Tensor) -> None:
