@@ -250,7 +250,7 @@ def fused_linear_softmax_kl_div(
             The teacher side is a constant: it gets no gradient (inputs that require one are detached).
         temperature, divergence, beta, reduction, labels, ignore_index, t2_scale, backend: as
             ``softmax_kl_div``.
-        chunk_size: rows per chunk; None picks one from V and H (chunk x V about rows x H).
+        chunk_size: rows per chunk; None: rows / 8 as a power of two, at least 256 (docs/decisions.md).
 
     The fused backends compute each chunk's logits (a torch GEMM), its loss and logit gradient (the
     one-pass softmax-KL step) and, for the scalar reductions, turn that gradient into the hidden,

@@ -26,13 +26,13 @@ N_TENSORS, N_OPTIONS = 8, 6
 
 
 def auto_chunk_rows(rows: int, vocab: int, hidden: int) -> int:
-    """Rows per chunk when the user gives none: chunk x V about rows x H (the chunk's (chunk, V)
-    buffers no larger than the hidden states), a power of two, at least 32 rows (thinner GEMMs waste
-    the BLAS), at most ``rows``."""
-    ratio = max(1, -(-vocab // max(hidden, 1)))
-    want = max(1, -(-rows // ratio))
-    chunk = 32
-    while chunk < want:
+    """Rows per chunk when the user gives none: an eighth of the rows (the (chunk, V) buffers then
+    hold ~1/4 of the logits' size, a few % of an eager step's temporaries), a power of two, but at
+    least 256 rows: thinner GEMMs waste the BLAS (measured on 2 CPU cores at H = 1024, V = 32000: 512
+    rows in chunks of 64 took 1.55 s, of 256 1.1 s, of 512 1.0 s; 4096 rows in chunks of 128 9.5 s,
+    of 512 7.9 s). At most ``rows``; ``vocab`` and ``hidden`` do not change it today."""
+    chunk = 256
+    while chunk * 2 <= rows // 8:
         chunk *= 2
     return max(1, min(chunk, rows))
 

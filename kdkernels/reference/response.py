@@ -32,6 +32,13 @@ def per_row_softmax_kl(
     dt = opmath_dtype(student_logits.dtype)
     log_p = torch.log_softmax(student_logits.to(dt) / temperature, dim=-1)
     log_q = torch.log_softmax(teacher_logits.to(dt) / temperature, dim=-1)
+    return divergence_of_log_probs(log_p, log_q, divergence, beta)
+
+
+def divergence_of_log_probs(log_p: torch.Tensor, log_q: torch.Tensor, divergence: str = "forward",
+                            beta: float = 0.5) -> torch.Tensor:
+    """The divergence summed over the last dim, given the student's and the teacher's log-probabilities
+    (also over a slice of the vocabulary: kdkernels.distributed sums the slices' values)."""
     p, q = log_p.exp(), log_q.exp()
     if divergence == "forward":
         return _weighted_log_ratio(q, log_q, log_p)

@@ -1,0 +1,84 @@
+"""The collectives kdkernels.distributed uses, on torch.distributed only (any backend: gloo, NCCL).
+
+* ``agree``: every rank's metadata (shapes, options, and the error its local checks raised, if
+  any) gathered on every rank, so that bad input raises the *same* error on every rank instead of
+  one rank raising while the others wait in a collective forever.
+* ``all_reduce_replicated``: a sum that is the final, replicated result (the loss every rank
+  returns). Its backward is the identity: each rank back-propagates the same upstream gradient, and
+  each rank's input contributes once. (Summing the upstream gradients, as
+  ``torch.distributed.nn.all_reduce`` does, would count a replicated loss world-size times.)
+* ``all_reduce_shared``: a sum that every rank then uses in its *own* computation (a global
+  normaliser each rank applies to its slice, before the slices' terms are summed). Its backward
+  sums the upstream gradients over the ranks: d loss / d S collects every rank's use of S.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def check_group(where: str, group) -> int:
+    """This rank's rank in ``group``; a clear error when there is no process group or the rank is
+    not in it (both are the same on every rank that calls, so raising locally cannot hang)."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(f"{where} needs an initialised torch.distributed process group "
+                           f"(torch.distributed.init_process_group), got none")
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError(f"{where}: this rank (global rank {dist.get_rank()}) is not in `group`")
+    return rank
+
+
+def agree(where: str, group, meta: dict[str, Any], error: BaseException | None) -> list[dict[str, Any]]:
+    """Every rank's ``meta`` (plus its local error message) on every rank; raises on every rank if any
+    rank's local checks failed (the error's type is kept when all ranks agree on it)."""
+    meta = dict(meta, error=None if error is None else (type(error).__name__, str(error)))
+    gathered: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, meta, group=group)
+    failed = [(r, m["error"]) for r, m in enumerate(gathered) if m["error"] is not None]
+    if failed:
+        if error is not None:
+            raise error
+        rank, (kind, message) = failed[0]
+        exc = {"TypeError": TypeError, "ValueError": ValueError}.get(kind, RuntimeError)
+        raise exc(f"{where}: rank {rank} of the group rejected its input: {message}")
+    return gathered
+
+
+class _AllReduceReplicated(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, op, group) -> torch.Tensor:
+        out = x.clone()
+        dist.all_reduce(out, op=op, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None, None
+
+
+def all_reduce_replicated(x: torch.Tensor, group) -> torch.Tensor:
+    """all_reduce(x, SUM) as a new tensor; differentiable with an identity backward (see above)."""
+    return _AllReduceReplicated.apply(x, dist.ReduceOp.SUM, group)
+
+
+class _AllReduceShared(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def all_reduce_shared(x: torch.Tensor, group) -> torch.Tensor:
+    """all_reduce(x, SUM) as a new tensor; differentiable, its backward the all_reduce of the gradients."""
+    return _AllReduceShared.apply(x, group)
