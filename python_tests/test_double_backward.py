@@ -20,6 +20,8 @@ def _inputs(loss: str, device="cpu", dtype=torch.float64):
     if loss == "softmax_kl_div_topk":
         lq, idx = torch.log_softmax(rand(4, 7) / 2.0, -1).topk(3, -1)
         return rand(4, 7), (lq, idx), {"temperature": 2.0, "tail": "bucket"}
+    if loss == "fused_linear_softmax_kl_div":  # the student's hidden states; a fixed head and teacher logits
+        return rand(4, 5), (rand(7, 5),), {"teacher_logits": rand(4, 7), "temperature": 2.0, "chunk_size": 3}
     if loss == "projected_mse":
         return rand(2, 3, 5), (rand(2, 3, 4), rand(4, 5), rand(4)), {}
     return rand(6, 3), (rand(6, 4),), {}  # relation losses

@@ -75,6 +75,12 @@ def _inputs(op_name: str, device: torch.device, per_row: bool):
         lq, idx = torch.randn(3, 40, generator=g).log_softmax(-1).topk(5, dim=-1)
         return (rand(3, 40, grad=True), lq.to(device), idx.to(device), None, torch.tensor(0.5, device=device), 2.0, 1,
                 -100, True, False, True)
+    if op_name in ("fused_linear_softmax_kl", "fused_linear_softmax_kl_rows"):  # teacher logits, chunks of 2 rows
+        head = (rand(3, 6, grad=True), rand(40, 6, grad=True), None, rand(3, 40), None, None, None, None)
+        options = (2.0, 0, 0.5, -100, True, 2)
+        if op_name.endswith("_rows"):
+            return head + options
+        return head + (torch.tensor(0.5, device=device),) + options + (True, True, False)
     if op_name == "projected_mse":
         return (rand(2, 5, 6, grad=True), rand(2, 5, 4, grad=True), rand(4, 6, grad=True), rand(4, grad=True), 0)
     return (rand(9, 6, grad=True), rand(9, 4), per_row)  # the relation ops
