@@ -39,10 +39,13 @@ def _full_inputs(seed: int, dtype=torch.float64, masked: bool = False):
     return s.to(dtype), t.to(dtype)
 
 
-def equivalence(rank: int, world: int) -> str:
+def equivalence(rank: int, world: int, device: str = "cpu") -> str:
+    """The one-process loss and gradient slices; ``device="cuda"``: CUDA tensors over gloo (one GPU
+    shared by the ranks: NCCL needs one GPU per rank), the cuda and triton backends."""
     lo, hi = slices(world)[rank]
-    backends = ["torch"] + [b for b in ("cpu", "triton") if b in kdkernels.backends.implemented_backends(
-        "softmax_kl_div", torch.device("cpu"))]
+    dev = torch.device(device)
+    fused = ("cpu", "triton") if dev.type == "cpu" else ("cuda", "triton")
+    backends = ["torch"] + [b for b in fused if b in kdkernels.backends.implemented_backends("softmax_kl_div", dev)]
     checked = 0
     configs = itertools.product(backends, ("forward", "reverse", "jsd"), ("batchmean", "sum", "mean", "none"))
     for i, (backend, divergence, reduction) in enumerate(configs):
@@ -54,9 +57,11 @@ def equivalence(rank: int, world: int) -> str:
         s_ref = s_full.clone().requires_grad_(True)
         t_ref = t_full.clone().requires_grad_(teacher_grad)
         ref = functional.softmax_kl_div(s_ref, t_ref, backend="torch", **kw)
-        s = s_full[:, lo:hi].clone().requires_grad_(True)
-        t = t_full[:, lo:hi].clone().requires_grad_(teacher_grad)
-        out = vocab_parallel_softmax_kl_div(s, t, backend=backend, **kw)
+        s = s_full[:, lo:hi].to(dev).requires_grad_(True)
+        t = t_full[:, lo:hi].to(dev).requires_grad_(teacher_grad)
+        if labels is not None:
+            kw["labels"] = labels.to(dev)
+        out = vocab_parallel_softmax_kl_div(s, t, backend=backend, **kw).cpu()
         what = f"{backend} {divergence} {reduction} config {i}"
         torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12, msg=lambda m: f"loss, {what}: {m}")
         upstream = torch.rand(ref.shape, generator=torch.Generator().manual_seed(100 + i), dtype=ref.dtype) + 0.5
@@ -65,20 +70,20 @@ def equivalence(rank: int, world: int) -> str:
         g_ref = torch.autograd.grad(ref, wanted, upstream)
         g = torch.autograd.grad(out, got, upstream)
         for name, a, b in zip(("student", "teacher"), g, g_ref):
-            torch.testing.assert_close(a, b[:, lo:hi], rtol=1e-9, atol=1e-11, equal_nan=True,
+            torch.testing.assert_close(a.cpu(), b[:, lo:hi], rtol=1e-9, atol=1e-11, equal_nan=True,
                                        msg=lambda m: f"{name} gradient, {what}: {m}")
         checked += 1
     # float32 through the fused backend: fp32 tolerances against the float64 one-process loss
     s_full, t_full = _full_inputs(99)
-    s = s_full[:, lo:hi].float().requires_grad_(True)
-    out = vocab_parallel_softmax_kl_div(s, t_full[:, lo:hi].float(), temperature=2.0, divergence="jsd",
-                                        backend=backends[-1])
+    s = s_full[:, lo:hi].float().to(dev).requires_grad_(True)
+    out = vocab_parallel_softmax_kl_div(s, t_full[:, lo:hi].float().to(dev), temperature=2.0, divergence="jsd",
+                                        backend=backends[-1]).cpu()
     s_ref = s_full.clone().requires_grad_(True)
     ref = functional.softmax_kl_div(s_ref, t_full, temperature=2.0, divergence="jsd", backend="torch")
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
     (g,) = torch.autograd.grad(out, s)
     (g_ref,) = torch.autograd.grad(ref, s_ref)
-    torch.testing.assert_close(g.double(), g_ref[:, lo:hi], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(g.double().cpu(), g_ref[:, lo:hi], rtol=1e-4, atol=1e-6)
     return f"{checked + 1} configurations"
 
 
@@ -119,7 +124,8 @@ def bad_input(rank: int, world: int) -> str:
     return "errors on every rank"
 
 
-SCENARIOS = {"equivalence": equivalence, "bad_input": bad_input}
+SCENARIOS = {"equivalence": equivalence, "bad_input": bad_input,
+             "equivalence_cuda": lambda rank, world: equivalence(rank, world, "cuda")}
 
 
 def run(rank: int, world: int, port: int, scenarios: list[str], results) -> None:

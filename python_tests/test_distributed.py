@@ -60,6 +60,14 @@ def test_vocab_parallel_matches_the_one_process_loss(world):
     assert all("configurations" in d for d in details)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_vocab_parallel_on_cuda_tensors_over_gloo():
+    """CUDA tensors, the cuda and triton backends; gloo because NCCL needs one GPU per rank and the
+    lent machine has one (both ranks share it)."""
+    details = _run(2, ["equivalence_cuda"])
+    assert all("configurations" in d for d in details)
+
+
 def test_bad_input_raises_on_every_rank_without_hanging():
     details = _run(2, ["bad_input"])
     assert details == ["errors on every rank"] * 2
