@@ -116,3 +116,34 @@ def check_softmax_kl_options(temperature: object, divergence: object, beta: obje
     red.ROWS.check(reduction)
     return (temperature, divergence, beta, reduction, check_int("ignore_index", ignore_index),
             check_bool("t2_scale", t2_scale))
+
+
+def check_labels(labels: object, lead: tuple, what: str = "the logits") -> None:
+    """``labels``: None, or an integer tensor of the leading shape ``lead`` of ``what``."""
+    if labels is None:
+        return
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if tuple(labels.shape) != tuple(lead):
+        raise ValueError(f"labels must have the leading shape of {what} {tuple(lead)}, got {tuple(labels.shape)}")
+
+
+def check_softmax_kl_inputs(student_logits, teacher_logits, labels, temperature, divergence, beta, reduction,
+                            ignore_index, t2_scale):
+    """The checks of a dense softmax-KL's inputs (softmax_kl_div, and each rank's slice of the
+    vocab-parallel one): (student_logits, teacher_logits) promoted to their common dtype, and the
+    checked options (temperature, divergence, beta, reduction, ignore_index, t2_scale)."""
+    check_float_tensor("student_logits", student_logits)
+    check_float_tensor("teacher_logits", teacher_logits)
+    check_min_dim("student_logits", student_logits, 1, "..., vocab")
+    check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
+    check_labels(labels, tuple(student_logits.shape[:-1]))
+    check_same_device(student_logits=student_logits, teacher_logits=teacher_logits, labels=labels)
+    options = check_softmax_kl_options(temperature, divergence, beta, reduction, ignore_index, t2_scale)
+    if student_logits.shape[-1] < 1:
+        raise ValueError(f"student_logits must have a vocabulary dimension of size >= 1, got shape "
+                         f"{tuple(student_logits.shape)}")
+    student_logits, teacher_logits = promote_floating(student_logits, teacher_logits)
+    return student_logits, teacher_logits, options

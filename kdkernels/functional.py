@@ -19,6 +19,7 @@ from kdkernels import reduction as red
 from kdkernels._dtypes import opmath_dtype
 from kdkernels._feature import rows_3d
 from kdkernels.ops.response import DIVERGENCE_CODES, TAIL_CODES
+from kdkernels.ops.response_linear import auto_chunk_rows
 
 __all__ = ["softmax_kl_div", "softmax_kl_div_topk", "fused_linear_softmax_kl_div", "projected_mse", "rkd_distance", "rkd_angle", "rkd", "similarity_preserving"]
 
@@ -54,24 +55,9 @@ def softmax_kl_div(
     Returns:
         A float32 scalar (or (...) for reduction="none"); float64 for float64 inputs.
     """
-    v.check_float_tensor("student_logits", student_logits)
-    v.check_float_tensor("teacher_logits", teacher_logits)
-    v.check_min_dim("student_logits", student_logits, 1, "..., vocab")
-    v.check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
-    if labels is not None and not isinstance(labels, Tensor):
-        raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
-    v.check_same_device(student_logits=student_logits, teacher_logits=teacher_logits, labels=labels)
-    temperature, divergence, beta, reduction, ignore_index, t2_scale = v.check_softmax_kl_options(
-        temperature, divergence, beta, reduction, ignore_index, t2_scale)
-    student_logits, teacher_logits = v.promote_floating(student_logits, teacher_logits)
-    lead, vocab = tuple(student_logits.shape[:-1]), student_logits.shape[-1]
-    if vocab < 1:
-        raise ValueError(f"student_logits must have a vocabulary dimension of size >= 1, got shape {tuple(student_logits.shape)}")
-    if labels is not None:
-        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-        if tuple(labels.shape) != lead:
-            raise ValueError(f"labels must have the leading shape of the logits {lead}, got {tuple(labels.shape)}")
+    student_logits, teacher_logits, options = v.check_softmax_kl_inputs(
+        student_logits, teacher_logits, labels, temperature, divergence, beta, reduction, ignore_index, t2_scale)
+    temperature, divergence, beta, reduction, ignore_index, t2_scale = options
 
     return _dispatch.run("softmax_kl_div", backend, student_logits.device, reference.softmax_kl_div,
                          _fused_softmax_kl_div, student_logits, teacher_logits, temperature, divergence, beta,
@@ -138,8 +124,7 @@ def softmax_kl_div_topk(
     if teacher_topk_indices.dtype != torch.int64:
         raise TypeError(f"teacher_topk_indices must be int64, got {teacher_topk_indices.dtype}")
     v.check_min_dim("student_logits", student_logits, 1, "..., vocab")
-    if labels is not None and not isinstance(labels, Tensor):
-        raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
+    v.check_labels(labels, tuple(student_logits.shape[:-1]))
     v.check_same_device(student_logits=student_logits, teacher_topk_logprobs=teacher_topk_logprobs,
                         teacher_topk_indices=teacher_topk_indices, labels=labels)
     temperature, _div, _beta, reduction, ignore_index, t2_scale = v.check_softmax_kl_options(
@@ -155,11 +140,6 @@ def softmax_kl_div_topk(
     k = teacher_topk_logprobs.shape[-1]
     if not 1 <= k <= vocab:
         raise ValueError(f"teacher_topk_logprobs must have 1 <= K <= V = {vocab} entries per row, got K = {k}")
-    if labels is not None:
-        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-        if tuple(labels.shape) != lead:
-            raise ValueError(f"labels must have the leading shape of the logits {lead}, got {tuple(labels.shape)}")
     if teacher_topk_indices.device.type == "cpu" and teacher_topk_indices.numel() and not torch.compiler.is_compiling():
         # on a GPU the kernels check on the device (no host sync); here it is free
         lo, hi = int(teacher_topk_indices.min()), int(teacher_topk_indices.max())
@@ -295,13 +275,7 @@ def fused_linear_softmax_kl_div(
             v.check_float_tensor("teacher_bias", teacher_bias)
             if tuple(teacher_bias.shape) != (vocab,):
                 raise ValueError(f"teacher_bias must be ({vocab},), got {tuple(teacher_bias.shape)}")
-    if labels is not None:
-        if not isinstance(labels, Tensor):
-            raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
-        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-        if tuple(labels.shape) != lead:
-            raise ValueError(f"labels must have student_hidden's leading shape {lead}, got {tuple(labels.shape)}")
+    v.check_labels(labels, lead, "student_hidden")
     if chunk_size is not None:
         chunk_size = v.check_int("chunk_size", chunk_size)
         if chunk_size < 1:
@@ -325,8 +299,6 @@ def _reference_fused_linear(*args):
 def _fused_linear_softmax_kl_div(backend, hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight,
                                  teacher_bias, temperature, divergence, beta, reduction, labels, ignore_index, t2_scale,
                                  chunk_size):
-    from kdkernels.ops.response_linear import auto_chunk_rows
-
     lead, vocab = tuple(hidden.shape[:-1]), weight.shape[0]
     flat_hidden = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     rows = flat_hidden.shape[0]

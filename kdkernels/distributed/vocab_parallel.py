@@ -96,24 +96,9 @@ def vocab_parallel_softmax_kl_div(
 
 def _check_local(student_logits, teacher_logits, temperature, divergence, beta, reduction, labels, ignore_index,
                  t2_scale, backend):
-    v.check_float_tensor("student_logits", student_logits)
-    v.check_float_tensor("teacher_logits", teacher_logits)
-    v.check_min_dim("student_logits", student_logits, 1, "..., vocab slice")
-    v.check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
-    if labels is not None and not isinstance(labels, Tensor):
-        raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
-    v.check_same_device(student_logits=student_logits, teacher_logits=teacher_logits, labels=labels)
-    options = v.check_softmax_kl_options(temperature, divergence, beta, reduction, ignore_index, t2_scale)
+    student_logits, teacher_logits, options = v.check_softmax_kl_inputs(
+        student_logits, teacher_logits, labels, temperature, divergence, beta, reduction, ignore_index, t2_scale)
     lead, vocab = tuple(student_logits.shape[:-1]), student_logits.shape[-1]
-    if vocab < 1:
-        raise ValueError(f"student_logits must hold a vocabulary slice of >= 1 entries on every rank, got shape "
-                         f"{tuple(student_logits.shape)}")
-    if labels is not None:
-        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-        if tuple(labels.shape) != lead:
-            raise ValueError(f"labels must have the leading shape of the logits {lead}, got {tuple(labels.shape)}")
-    student_logits, teacher_logits = v.promote_floating(student_logits, teacher_logits)
     chosen = backends.resolve("softmax_kl_div", backend, student_logits.device)
     s = student_logits.reshape(-1, vocab).contiguous()
     t = teacher_logits.reshape(-1, vocab).contiguous()
