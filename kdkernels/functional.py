@@ -238,55 +238,10 @@ def fused_linear_softmax_kl_div(
     backward recomputes the chunks instead (the per-row upstream gradient is not known before).
     Extra memory: O(chunk x V) besides the gradients. 16-bit weights accumulate their gradient in fp32.
     """
-    v.check_float_tensor("student_hidden", student_hidden)
-    v.check_float_tensor("student_weight", student_weight)
-    v.check_min_dim("student_hidden", student_hidden, 1, "..., hidden")
-    if student_weight.dim() != 2 or student_weight.shape[1] != student_hidden.shape[-1]:
-        raise ValueError(f"student_weight must be (vocab, hidden) with hidden = {student_hidden.shape[-1]} (the last "
-                         f"dim of student_hidden), got {tuple(student_weight.shape)}")
-    lead, vocab = tuple(student_hidden.shape[:-1]), student_weight.shape[0]
-    if vocab < 1:
-        raise ValueError(f"student_weight must have a vocabulary of size >= 1, got shape {tuple(student_weight.shape)}")
-    if student_bias is not None:
-        v.check_float_tensor("student_bias", student_bias)
-        if tuple(student_bias.shape) != (vocab,):
-            raise ValueError(f"student_bias must be ({vocab},), got {tuple(student_bias.shape)}")
-    if (teacher_logits is None) == (teacher_hidden is None):
-        raise ValueError("give the teacher exactly once: teacher_logits, or teacher_hidden with teacher_weight")
-    if teacher_logits is not None:
-        v.check_float_tensor("teacher_logits", teacher_logits)
-        if teacher_weight is not None or teacher_bias is not None:
-            raise ValueError("teacher_weight / teacher_bias go with teacher_hidden, not with teacher_logits")
-        if tuple(teacher_logits.shape) != lead + (vocab,):
-            raise ValueError(f"teacher_logits must be {lead + (vocab,)} (student_hidden's leading shape and the "
-                             f"vocabulary of student_weight), got {tuple(teacher_logits.shape)}")
-    else:
-        v.check_float_tensor("teacher_hidden", teacher_hidden)
-        if teacher_weight is None:
-            raise ValueError("teacher_hidden needs teacher_weight (the teacher's LM-head weight)")
-        v.check_float_tensor("teacher_weight", teacher_weight)
-        if tuple(teacher_hidden.shape[:-1]) != lead or teacher_hidden.dim() != student_hidden.dim():
-            raise ValueError(f"teacher_hidden must have student_hidden's leading shape {lead}, got "
-                             f"{tuple(teacher_hidden.shape)}")
-        if teacher_weight.dim() != 2 or tuple(teacher_weight.shape) != (vocab, teacher_hidden.shape[-1]):
-            raise ValueError(f"teacher_weight must be ({vocab}, {teacher_hidden.shape[-1]}) (the student's vocabulary, "
-                             f"the teacher's hidden size), got {tuple(teacher_weight.shape)}")
-        if teacher_bias is not None:
-            v.check_float_tensor("teacher_bias", teacher_bias)
-            if tuple(teacher_bias.shape) != (vocab,):
-                raise ValueError(f"teacher_bias must be ({vocab},), got {tuple(teacher_bias.shape)}")
-    v.check_labels(labels, lead, "student_hidden")
-    if chunk_size is not None:
-        chunk_size = v.check_int("chunk_size", chunk_size)
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
-    v.check_same_device(student_hidden=student_hidden, student_weight=student_weight, student_bias=student_bias,
-                        teacher_logits=teacher_logits, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
-                        teacher_bias=teacher_bias, labels=labels)
-    temperature, divergence, beta, reduction, ignore_index, t2_scale = v.check_softmax_kl_options(
-        temperature, divergence, beta, reduction, ignore_index, t2_scale)
-    teacher = [None if t is None else t.detach() for t in (teacher_logits, teacher_hidden, teacher_weight, teacher_bias)]
-    tensors = v.promote_floating(student_hidden, student_weight, student_bias, *teacher)
+    tensors, options, chunk_size = v.check_fused_linear_softmax_kl_inputs(
+        student_hidden, student_weight, student_bias, teacher_logits, teacher_hidden, teacher_weight, teacher_bias,
+        labels, chunk_size, temperature, divergence, beta, reduction, ignore_index, t2_scale)
+    temperature, divergence, beta, reduction, ignore_index, t2_scale = options
     return _dispatch.run("fused_linear_softmax_kl_div", backend, student_hidden.device,
                          _reference_fused_linear, _fused_linear_softmax_kl_div, *tensors, temperature,
                          divergence, beta, reduction, labels, ignore_index, t2_scale, chunk_size)

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 import kdkernels
 from kdkernels import functional
-from kdkernels.distributed import vocab_parallel_softmax_kl_div
+from kdkernels.distributed import vocab_parallel_fused_linear_softmax_kl_div, vocab_parallel_softmax_kl_div
 
 ROWS, VOCAB = 5, 17
 
@@ -124,8 +124,105 @@ def bad_input(rank: int, world: int) -> str:
     return "errors on every rank"
 
 
+# ---- vocab-parallel fused linear + softmax-KL ---------------------------------------------------
+HIDDEN, TEACHER_HIDDEN = 4, 6
+
+
+def _linear_inputs(seed: int, dtype=torch.float64):
+    """Full (unsharded) inputs: hidden states, head, bias, teacher logits, teacher hidden + head + bias."""
+    gen = torch.Generator().manual_seed(seed)
+    def rand(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=gen, dtype=torch.float64)).to(dtype)
+    return dict(h=rand(ROWS, HIDDEN), w=rand(VOCAB, HIDDEN, scale=1.5), b=rand(VOCAB), z_t=rand(ROWS, VOCAB, scale=3.0),
+                h_t=rand(ROWS, TEACHER_HIDDEN), w_t=rand(VOCAB, TEACHER_HIDDEN, scale=1.5), b_t=rand(VOCAB))
+
+
+def linear_equivalence(rank: int, world: int, device: str = "cpu") -> str:
+    """Against the one-process fused_linear_softmax_kl_div of the whole head: every divergence,
+    reduction and backend, bias or not, teacher as logits or as hidden + head (+ bias), labels,
+    chunks of 1, 2 and auto rows; the hidden states' full gradient and each rank's weight/bias slices."""
+    lo, hi = slices(world)[rank]
+    dev = torch.device(device)
+    fused = ("cpu", "triton") if dev.type == "cpu" else ("cuda", "triton")
+    backends = ["torch"] + [b for b in fused
+                            if b in kdkernels.backends.implemented_backends("fused_linear_softmax_kl_div", dev)]
+    checked = 0
+    configs = itertools.product(backends, ("forward", "reverse", "jsd"), ("batchmean", "sum", "mean", "none"))
+    for i, (backend, divergence, reduction) in enumerate(configs):
+        x = _linear_inputs(i)
+        with_bias, teacher_as_logits = i % 2 == 0, i % 3 != 0
+        labels = torch.tensor([1, -100, 3, 0, -100]) if i % 4 in (1, 2) else None
+        kw = dict(temperature=1.0 + (i % 3) * 0.75, divergence=divergence, beta=0.3, reduction=reduction,
+                  labels=labels, t2_scale=i % 4 != 1)
+        full_teacher = (dict(teacher_logits=x["z_t"]) if teacher_as_logits else
+                        dict(teacher_hidden=x["h_t"], teacher_weight=x["w_t"], teacher_bias=x["b_t"] if i % 5 else None))
+        h_ref, w_ref = x["h"].clone().requires_grad_(True), x["w"].clone().requires_grad_(True)
+        b_ref = x["b"].clone().requires_grad_(True) if with_bias else None
+        ref = functional.fused_linear_softmax_kl_div(h_ref, w_ref, b_ref, backend="torch", **full_teacher, **kw)
+        local_teacher = {k: (None if t is None else (t if k == "teacher_hidden" else
+                                                     (t[:, lo:hi] if k == "teacher_logits" else t[lo:hi])).to(dev))
+                         for k, t in full_teacher.items()}
+        h = x["h"].to(dev).requires_grad_(True)
+        w = x["w"][lo:hi].to(dev).requires_grad_(True)
+        b = x["b"][lo:hi].to(dev).requires_grad_(True) if with_bias else None
+        if labels is not None:
+            kw["labels"] = labels.to(dev)
+        out = vocab_parallel_fused_linear_softmax_kl_div(h, w, b, backend=backend, chunk_size=(1, 2, None)[i % 3],
+                                                         **local_teacher, **kw).cpu()
+        what = f"{backend} {divergence} {reduction} config {i}"
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12, msg=lambda m: f"loss, {what}: {m}")
+        upstream = torch.rand(ref.shape, generator=torch.Generator().manual_seed(100 + i), dtype=ref.dtype) + 0.5
+        wanted = [h_ref, w_ref] + ([b_ref] if with_bias else [])
+        got = [h, w] + ([b] if with_bias else [])
+        g_ref = torch.autograd.grad(ref, wanted, upstream)
+        g = torch.autograd.grad(out, got, upstream)
+        for name, a, r in zip(("hidden", "weight", "bias"), g, (g_ref[0],) + tuple(t[lo:hi] for t in g_ref[1:])):
+            torch.testing.assert_close(a.cpu(), r, rtol=1e-9, atol=1e-11, msg=lambda m: f"{name} gradient, {what}: {m}")
+        checked += 1
+    # float32 and bfloat16 heads through the fused backend, against the float64 one-process loss
+    x = _linear_inputs(99)
+    ref_h = x["h"].clone().requires_grad_(True)
+    ref = functional.fused_linear_softmax_kl_div(ref_h, x["w"], x["b"], teacher_logits=x["z_t"], temperature=2.0,
+                                                 divergence="jsd", backend="torch")
+    (g_ref,) = torch.autograd.grad(ref, ref_h)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+        h = x["h"].to(dtype).to(dev).requires_grad_(True)
+        out = vocab_parallel_fused_linear_softmax_kl_div(
+            h, x["w"][lo:hi].to(dtype).to(dev), x["b"][lo:hi].to(dtype).to(dev),
+            teacher_logits=x["z_t"][:, lo:hi].to(dtype).to(dev), temperature=2.0, divergence="jsd",
+            backend=backends[-1])
+        torch.testing.assert_close(out.double().cpu(), ref, rtol=tol, atol=tol)
+        (g,) = torch.autograd.grad(out, h)
+        torch.testing.assert_close(g.double().cpu(), g_ref, rtol=10 * tol, atol=tol)
+        checked += 1
+    return f"{checked} configurations"
+
+
+def linear_bad_input(rank: int, world: int) -> str:
+    lo, hi = slices(world)[rank]
+    x = _linear_inputs(0)
+    h, w, z_t = x["h"], x["w"][lo:hi], x["z_t"][:, lo:hi]
+    rows = ROWS - 1 if rank == world - 1 else ROWS
+    _expect(ValueError, "same leading shape", lambda: vocab_parallel_fused_linear_softmax_kl_div(
+        h[:rows], w, teacher_logits=z_t[:rows]))
+    bad_w = w.to(torch.int64) if rank == 1 else w
+    _expect(TypeError, "student_weight" if rank == 1 else "rank 1 of the group rejected",
+            lambda: vocab_parallel_fused_linear_softmax_kl_div(h, bad_w, teacher_logits=z_t))
+    _expect(ValueError, "same options", lambda: vocab_parallel_fused_linear_softmax_kl_div(
+        h, w, teacher_logits=z_t, chunk_size=1 + rank))
+    bias = x["b"][lo:hi] if rank == 0 else None
+    _expect(ValueError, "optional tensors given", lambda: vocab_parallel_fused_linear_softmax_kl_div(
+        h, w, bias, teacher_logits=z_t))
+    out = vocab_parallel_fused_linear_softmax_kl_div(h, w, teacher_logits=z_t)  # the group still works
+    torch.testing.assert_close(out, functional.fused_linear_softmax_kl_div(h, x["w"], teacher_logits=x["z_t"],
+                                                                           backend="torch"), rtol=1e-10, atol=1e-12)
+    return "errors on every rank"
+
+
 SCENARIOS = {"equivalence": equivalence, "bad_input": bad_input,
-             "equivalence_cuda": lambda rank, world: equivalence(rank, world, "cuda")}
+             "equivalence_cuda": lambda rank, world: equivalence(rank, world, "cuda"),
+             "linear_equivalence": linear_equivalence, "linear_bad_input": linear_bad_input,
+             "linear_equivalence_cuda": lambda rank, world: linear_equivalence(rank, world, "cuda")}
 
 
 def run(rank: int, world: int, port: int, scenarios: list[str], results) -> None:

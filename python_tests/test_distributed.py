@@ -68,6 +68,25 @@ def test_vocab_parallel_on_cuda_tensors_over_gloo():
     assert all("configurations" in d for d in details)
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_vocab_parallel_fused_linear_matches_the_one_process_loss(world):
+    """The sharded LM head fused with the loss: loss, the hidden states' full gradient and each
+    rank's weight / bias slices against one process's fused_linear_softmax_kl_div (every option)."""
+    details = _run(world, ["linear_equivalence"])
+    assert all("configurations" in d for d in details)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_vocab_parallel_fused_linear_on_cuda_tensors_over_gloo():
+    details = _run(2, ["linear_equivalence_cuda"])
+    assert all("configurations" in d for d in details)
+
+
+def test_vocab_parallel_fused_linear_bad_input_raises_on_every_rank():
+    details = _run(2, ["linear_bad_input"])
+    assert details == ["errors on every rank"] * 2
+
+
 def test_bad_input_raises_on_every_rank_without_hanging():
     details = _run(2, ["bad_input"])
     assert details == ["errors on every rank"] * 2

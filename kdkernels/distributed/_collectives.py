@@ -3,6 +3,11 @@
 * ``agree``: every rank's metadata (shapes, options, and the error its local checks raised, if
   any) gathered on every rank, so that bad input raises the *same* error on every rank instead of
   one rank raising while the others wait in a collective forever.
+* ``check_same_on_every_rank``: what ``agree`` gathered must be the same on every rank (rows,
+  dtypes, options...): one ValueError naming the key, raised on every rank alike.
+* ``replicated_input``: the identity on a tensor every rank holds the same copy of (the hidden
+  states entering a vocabulary-sharded LM head); its backward sums the ranks' gradients, so each
+  rank's copy gets the full gradient (Megatron's "copy to the tensor-parallel region").
 * ``all_reduce_replicated``: a sum that is the final, replicated result (the loss every rank
   returns). Its backward is the identity: each rank back-propagates the same upstream gradient, and
   each rank's input contributes once. (Summing the upstream gradients, as
@@ -45,6 +50,36 @@ def agree(where: str, group, meta: dict[str, Any], error: BaseException | None) 
         exc = {"TypeError": TypeError, "ValueError": ValueError}.get(kind, RuntimeError)
         raise exc(f"{where}: rank {rank} of the group rejected its input: {message}")
     return gathered
+
+
+def check_same_on_every_rank(where: str, gathered: list[dict[str, Any]], keys, what: str, why: str) -> None:
+    """Raise (on every rank: each sees the same ``gathered``) unless every rank's ``gathered[r][key]``
+    is the same, for each (key, description) of ``keys``; ``what`` names the tensors, ``why`` says
+    what may differ."""
+    first = gathered[0]
+    for key, description in keys:
+        values = [m[key] for m in gathered]
+        if any(x != first[key] for x in values):
+            raise ValueError(f"{where}: every rank must pass {what} with the same {description} ({why}), "
+                             f"got {values} by rank")
+
+
+class _ReplicatedInput(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def replicated_input(x: torch.Tensor, group) -> torch.Tensor:
+    """x itself in the forward; the backward all-reduces (sums) the gradient over the ranks (see above)."""
+    return _ReplicatedInput.apply(x, group)
 
 
 class _AllReduceReplicated(torch.autograd.Function):

@@ -33,7 +33,8 @@ from kdkernels import _validation as v
 from kdkernels import backends, ops
 from kdkernels import reduction as red
 from kdkernels._dtypes import opmath_dtype
-from kdkernels.distributed._collectives import agree, all_reduce_replicated, all_reduce_shared, check_group
+from kdkernels.distributed._collectives import (agree, all_reduce_replicated, all_reduce_shared, check_group,
+                                                check_same_on_every_rank)
 from kdkernels.ops.response import DIVERGENCE_CODES
 from kdkernels.reference.response import divergence_of_log_probs
 
@@ -79,7 +80,7 @@ def vocab_parallel_softmax_kl_div(
     except (TypeError, ValueError, RuntimeError, NotImplementedError) as e:
         error = e
     gathered = agree(WHERE, group, meta, error)
-    _check_agreement(gathered)
+    check_same_on_every_rank(WHERE, gathered, _SAME_ON_EVERY_RANK, "logits", "only the vocabulary is sharded")
     s, t, flat_labels, lead, options, chosen = args
     temperature, divergence, beta, reduction, ignore_index, t2_scale = options
     vocab = sum(m["vocab"] for m in gathered)
@@ -87,11 +88,7 @@ def vocab_parallel_softmax_kl_div(
         rows = _eager_rows(s, t, flat_labels, group, temperature, divergence, beta, ignore_index)
     else:
         rows = _VocabParallelRows.apply(s, t, flat_labels, group, chosen, temperature, divergence, beta, ignore_index)
-    if flat_labels is not None:
-        rows = torch.where(flat_labels != ignore_index, rows, torch.zeros_like(rows))
-    if t2_scale:
-        rows = rows * (temperature * temperature)
-    return red.reduce_rows(rows, reduction, lead, vocab, flat_labels, ignore_index)
+    return finish_rows(rows, flat_labels, ignore_index, temperature, t2_scale, reduction, lead, vocab)
 
 
 def _check_local(student_logits, teacher_logits, temperature, divergence, beta, reduction, labels, ignore_index,
@@ -106,15 +103,8 @@ def _check_local(student_logits, teacher_logits, temperature, divergence, beta, 
     return s, t, flat_labels, lead, options, chosen
 
 
-def _check_agreement(gathered: list[dict]) -> None:
-    """The same rows, dtype and options on every rank (each rank sees the same list: all raise or none)."""
-    first = gathered[0]
-    for key, what in (("lead", "leading shape (rows)"), ("dtype", "dtype"), ("options", "options"),
-                      ("labels", "labels given or not")):
-        values = [m[key] for m in gathered]
-        if any(x != first[key] for x in values):
-            raise ValueError(f"{WHERE}: every rank must pass logits with the same {what} (only the vocabulary is "
-                             f"sharded), got {values} by rank")
+_SAME_ON_EVERY_RANK = (("lead", "leading shape (rows)"), ("dtype", "dtype"), ("options", "options"),
+                      ("labels", "labels given or not"))
 
 
 # ---- the global statistics ---------------------------------------------------------------------
@@ -136,37 +126,56 @@ def _stats(big: Tensor, log_total: Tensor, c_s: Tensor, c_t: Tensor) -> Tensor:
     return torch.stack([big[:, 0], log_total[:, 0], big[:, 1], log_total[:, 1], c_s, c_t], dim=1).contiguous()
 
 
+def global_rows(s, t, labels, group, backend, temperature, divergence, beta, ignore_index) -> tuple[Tensor, Tensor]:
+    """Per-row unscaled losses of the whole vocabulary (R,) and the global statistics (R, 6) the fused
+    backward op takes, from this rank's slices s, t (R, V_r) and O(rows) collectives (steps 1-3 above).
+    Not differentiable; also the per-chunk step of vocab_parallel_fused_linear_softmax_kl_div."""
+    code = DIVERGENCE_CODES[divergence]
+    _rows, stats = ops.SOFTMAX_KL.forward(backend, s, t, labels, temperature, code, beta, ignore_index, False)
+    big, log_total, d = _global_normalisers(stats, group)
+    zero = torch.zeros_like(log_total[:, 0])
+    if divergence == "jsd":
+        # the slice's shares of c_s, c_t: row sums of the gradient with the global stats and c = 0
+        # (d l / d b_j = p_j (1 - beta)(log p_j - log m_j) then; x T undoes the backward's 1/T)
+        s_op, t_op = (s, t) if s.dtype == stats.dtype else (s.to(stats.dtype), t.to(stats.dtype))
+        g_s, g_t = ops.SOFTMAX_KL.backward_ops[backend](
+            torch.ones_like(zero), s_op, t_op, labels, _stats(big, log_total, zero, zero), temperature, code,
+            beta, ignore_index, False, True, True)
+        shares = torch.stack([g_s.sum(-1, dtype=stats.dtype), g_t.sum(-1, dtype=stats.dtype)], dim=1) * temperature
+        del g_s, g_t
+        dist.all_reduce(shares, op=dist.ReduceOp.SUM, group=group)
+        c_s, c_t = shares[:, 0], shares[:, 1]
+        rows = c_s + c_t
+    else:
+        # forward: the teacher's mass Q_r weights the slice's KL; reverse: the student's P_r
+        w_col, o_col, c_col = (1, 0, 5) if divergence == "forward" else (0, 1, 4)
+        mass = (d[:, w_col] - log_total[:, w_col]).exp()
+        part = torch.where(mass > 0, mass * (stats[:, c_col] + d[:, w_col] - d[:, o_col]), torch.zeros_like(mass))
+        dist.all_reduce(part, op=dist.ReduceOp.SUM, group=group)
+        rows = part - log_total[:, w_col] + log_total[:, o_col]
+        c_s, c_t = (zero, rows) if divergence == "forward" else (rows, zero)
+    return rows, _stats(big, log_total, c_s, c_t)
+
+
+def finish_rows(rows: Tensor, flat_labels, ignore_index: int, temperature: float, t2_scale: bool, reduction: str,
+                lead: tuple, vocab: int) -> Tensor:
+    """Unscaled per-row losses -> the loss softmax_kl_div returns (ignored rows 0, T^2, the reduction
+    over the whole vocabulary ``vocab``)."""
+    if flat_labels is not None:
+        rows = torch.where(flat_labels != ignore_index, rows, torch.zeros_like(rows))
+    if t2_scale:
+        rows = rows * (temperature * temperature)
+    return red.reduce_rows(rows, reduction, lead, vocab, flat_labels, ignore_index)
+
+
 class _VocabParallelRows(torch.autograd.Function):
     """Per-row unscaled losses of the whole vocabulary (R,), from the local fused ops + row statistics."""
 
     @staticmethod
     def forward(ctx, s, t, labels, group, backend, temperature, divergence, beta, ignore_index):
-        code = DIVERGENCE_CODES[divergence]
-        _rows, stats = ops.SOFTMAX_KL.forward(backend, s, t, labels, temperature, code, beta, ignore_index, False)
-        big, log_total, d = _global_normalisers(stats, group)
-        zero = torch.zeros_like(log_total[:, 0])
-        if divergence == "jsd":
-            # the slice's shares of c_s, c_t: row sums of the gradient with the global stats and c = 0
-            # (d l / d b_j = p_j (1 - beta)(log p_j - log m_j) then; x T undoes the backward's 1/T)
-            s_op, t_op = (s, t) if s.dtype == stats.dtype else (s.to(stats.dtype), t.to(stats.dtype))
-            g_s, g_t = ops.SOFTMAX_KL.backward_ops[backend](
-                torch.ones_like(zero), s_op, t_op, labels, _stats(big, log_total, zero, zero), temperature, code,
-                beta, ignore_index, False, True, True)
-            shares = torch.stack([g_s.sum(-1, dtype=stats.dtype), g_t.sum(-1, dtype=stats.dtype)], dim=1) * temperature
-            del g_s, g_t
-            dist.all_reduce(shares, op=dist.ReduceOp.SUM, group=group)
-            c_s, c_t = shares[:, 0], shares[:, 1]
-            rows = c_s + c_t
-        else:
-            # forward: the teacher's mass Q_r weights the slice's KL; reverse: the student's P_r
-            w_col, o_col, c_col = (1, 0, 5) if divergence == "forward" else (0, 1, 4)
-            mass = (d[:, w_col] - log_total[:, w_col]).exp()
-            part = torch.where(mass > 0, mass * (stats[:, c_col] + d[:, w_col] - d[:, o_col]), torch.zeros_like(mass))
-            dist.all_reduce(part, op=dist.ReduceOp.SUM, group=group)
-            rows = part - log_total[:, w_col] + log_total[:, o_col]
-            c_s, c_t = (zero, rows) if divergence == "forward" else (rows, zero)
-        ctx.save_for_backward(s, t, labels, _stats(big, log_total, c_s, c_t))
-        ctx.options = (backend, temperature, code, beta, ignore_index)
+        rows, stats = global_rows(s, t, labels, group, backend, temperature, divergence, beta, ignore_index)
+        ctx.save_for_backward(s, t, labels, stats)
+        ctx.options = (backend, temperature, DIVERGENCE_CODES[divergence], beta, ignore_index)
         return rows
 
     @staticmethod
