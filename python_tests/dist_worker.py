@@ -175,6 +175,8 @@ def linear_equivalence(rank: int, world: int, device: str = "cpu") -> str:
         wanted = [h_ref, w_ref] + ([b_ref] if with_bias else [])
         got = [h, w] + ([b] if with_bias else [])
         g_ref = torch.autograd.grad(ref, wanted, upstream)
+        if i % 7 == 0:  # a kept graph: the first backward must leave the saved gradients intact
+            torch.autograd.grad(out, got, upstream, retain_graph=True)
         g = torch.autograd.grad(out, got, upstream)
         for name, a, r in zip(("hidden", "weight", "bias"), g, (g_ref[0],) + tuple(t[lo:hi] for t in g_ref[1:])):
             torch.testing.assert_close(a.cpu(), r, rtol=1e-9, atol=1e-11, msg=lambda m: f"{name} gradient, {what}: {m}")

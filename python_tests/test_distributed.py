@@ -98,9 +98,8 @@ def test_without_a_process_group_it_says_so():
         vocab_parallel_softmax_kl_div(torch.zeros(2, 3), torch.zeros(2, 3))
 
 
-def test_the_torchrun_byte_count_example_runs():
-    """benchmarks/vocab_parallel_bytes.py under torchrun (2 CPU ranks, tiny sizes): it completes and
-    reports vocab-parallel traffic below the naive all-gather's and the same loss."""
+def _torchrun(script: str, *args: str) -> str:
+    """benchmarks/<script> under torchrun (2 CPU ranks, 1 thread each); its stdout, after checking it succeeded."""
     import os
     import subprocess
     import sys
@@ -108,11 +107,31 @@ def test_the_torchrun_byte_count_example_runs():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           os.path.join(root, "benchmarks", "vocab_parallel_bytes.py"), "--rows", "16", "--vocab",
-                           "4000", "--repeats", "1"], capture_output=True, text=True, env=env, timeout=180)
+                           os.path.join(root, "benchmarks", script), *args], capture_output=True, text=True, env=env,
+                          timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("bytes vocab-parallel / naive"))
+    return proc.stdout
+
+
+def test_the_torchrun_byte_count_example_runs():
+    """benchmarks/vocab_parallel_bytes.py under torchrun (2 CPU ranks, tiny sizes): it completes and
+    reports vocab-parallel traffic below the naive all-gather's and the same loss."""
+    out = _torchrun("vocab_parallel_bytes.py", "--rows", "16", "--vocab", "4000", "--repeats", "1")
+    line = next(x for x in out.splitlines() if x.startswith("bytes vocab-parallel / naive"))
     ratio = float(line.split("=")[1].split()[0])
     assert 0 < ratio < 0.1, line
     loss_diff = float(line.rsplit("|loss difference| ", 1)[1])
     assert loss_diff < 1e-5, line
+
+
+def test_the_torchrun_fused_linear_example_runs():
+    """benchmarks/vocab_parallel_linear_bytes.py (tiny sizes): less traffic than the naive all-gather of
+    the head's logits, the same loss and gradients."""
+    out = _torchrun("vocab_parallel_linear_bytes.py", "--rows", "32", "--hidden", "16", "--vocab", "4000",
+                    "--repeats", "1")
+    line = next(x for x in out.splitlines() if x.startswith("bytes fused / naive"))
+    ratio = float(line.split("=")[1].split()[0])
+    assert 0 < ratio < 0.1, line
+    loss_diff = float(line.split("|loss difference| ")[1].split(";")[0])
+    grad_diff = float(line.rsplit("max |gradient difference| ", 1)[1])
+    assert loss_diff < 1e-5 and grad_diff < 1e-5, line

@@ -9,14 +9,15 @@ Exactly ``fused_linear_softmax_kl_div`` of the concatenated head (the weights' r
    slice) with a torch GEMM into a (chunk, V_r) buffer;
 2. ``vocab_parallel.global_rows``: the local fused softmax-KL forward op, O(chunk) statistics
    all-reduced, the chunk's row losses of the whole vocabulary and its global statistics;
-3. backward (recomputing 1): the local fused backward op with those statistics gives the chunk's
-   logit gradient G, turned at once into grad h = G W_r and grad W_r += G^T h, grad b_r += sum G.
+3. the local fused backward op with those statistics gives the chunk's logit gradient G, turned at
+   once into grad h = G W_r and grad W_r += G^T h, grad b_r += sum G: in the forward for the scalar
+   reductions (the backward only scales them, as the one-process op), in a backward that recomputes
+   1 for reduction "none" (the per-row upstream gradient is not known before).
 
 Why the chunk loop is here and not in the C++ / Triton loop of ``fused_linear_softmax_kl``: each chunk
 needs a collective between its logits and its gradient (the global log-sum-exps), which the one-process
-loop cannot wait for. The cost of that: the gradients are not formed in the forward (as the one-process
-op does for the scalar reductions), so the backward recomputes the logits (one more GEMM per head) and
-the step is two passes over each chunk (forward op, backward op) instead of one.
+loop cannot wait for. The cost of that: two passes over each chunk's logits (forward op, backward
+op) instead of the one-pass step's one (three for JSD).
 
 student_hidden is the same on every rank (replicated); its gradient sums the slices' contributions
 over the ranks (one all_reduce of rows x H in the backward, as Megatron's copy to the tensor-parallel
@@ -33,9 +34,11 @@ from torch import Tensor
 
 from kdkernels import _validation as v
 from kdkernels import backends, ops
+from kdkernels import reduction as red
+from kdkernels._dtypes import opmath_dtype
 from kdkernels.distributed._collectives import agree, check_group, check_same_on_every_rank, replicated_input
 from kdkernels.distributed.vocab_parallel import finish_rows, global_rows, vocab_parallel_softmax_kl_div
-from kdkernels.ops.response import DIVERGENCE_CODES
+from kdkernels.ops.response import DIVERGENCE_CODES, _graph_kept
 from kdkernels.ops.response_linear import auto_chunk_rows
 
 WHERE = "vocab_parallel_fused_linear_softmax_kl_div"
@@ -115,10 +118,17 @@ def vocab_parallel_fused_linear_softmax_kl_div(
                None if h_t is None else h_t.reshape(rows, -1).contiguous(), w_t, b_t)
     flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
     chunk = chunk_size if chunk_size is not None else auto_chunk_rows(rows, weight.shape[0], width)
-    row_losses = _VocabParallelLinearRows.apply(replicated_input(flat, group), weight, bias, teacher, flat_labels,
-                                                group, chosen, chunk, temperature, divergence, beta, ignore_index)
     vocab = sum(m["vocab"] for m in gathered)
-    return finish_rows(row_losses, flat_labels, ignore_index, temperature, t2_scale, reduction, lead, vocab)
+    inputs = (replicated_input(flat, group), weight, bias, teacher, flat_labels)
+    options = (group, chosen, chunk, temperature, divergence, beta, ignore_index)
+    if reduction == "none":
+        row_losses = _VocabParallelLinear.apply(*inputs, None, *options)
+        return finish_rows(row_losses, flat_labels, ignore_index, temperature, t2_scale, reduction, lead, vocab)
+    scale = red.row_weight(reduction, flat_labels, ignore_index, rows, vocab,
+                           flat.new_empty((), dtype=opmath_dtype(flat.dtype)))
+    if t2_scale:
+        scale = scale * (temperature * temperature)
+    return _VocabParallelLinear.apply(*inputs, scale, *options)
 
 
 def _check_local(student_hidden, student_weight, student_bias, teacher_logits, teacher_hidden, teacher_weight,
@@ -139,14 +149,42 @@ def _chunk_logits(hidden, weight, bias, teacher, r0: int, r1: int) -> tuple[Tens
     return z_s.contiguous(), z_teacher.contiguous()
 
 
-class _VocabParallelLinearRows(torch.autograd.Function):
-    """Per-row unscaled losses (R,) of the whole vocabulary of the sharded head; gradients to the local
-    hidden-state contribution, the weight slice and the bias slice (recomputed chunk by chunk)."""
+def _chunk_gradients(g, hidden, weight, r0, r1, grad_h, grad_w, grad_b) -> None:
+    """Turn a chunk's logit gradient g (r1 - r0, V_r) into its rows of grad_h and add to grad_w, grad_b
+    (each None where not wanted)."""
+    g = g.to(hidden.dtype)
+    if grad_h is not None:
+        torch.mm(g, weight, out=grad_h[r0:r1])
+    if grad_w is not None:
+        grad_w += (g.t() @ hidden[r0:r1]).to(grad_w.dtype)
+    if grad_b is not None:
+        grad_b += g.sum(0, dtype=grad_b.dtype)
+
+
+def _gradient_buffers(hidden, weight, bias, need_h, need_w, need_b):
+    acc = torch.promote_types(weight.dtype, torch.float32)  # 16-bit heads accumulate in fp32
+    return (torch.empty_like(hidden) if need_h else None,
+            torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None,
+            torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None)
+
+
+class _VocabParallelLinear(torch.autograd.Function):
+    """The sharded head's loss over the whole vocabulary, chunk by chunk; gradients to the local
+    hidden-state contribution, the weight slice and the bias slice.
+
+    row_scale None (reduction "none"): returns the unscaled per-row losses (R,); the backward
+    recomputes each chunk's logits and scales its rows by the upstream gradient. row_scale a 0-d
+    tensor (the reduction's factor times T^2): returns row_scale * sum of the kept rows' losses and,
+    when a gradient is wanted, forms the gradients in the same chunk loop (upstream 1); the backward
+    only scales them, as the one-process fused op does."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, teacher, labels, group, backend, chunk, temperature, divergence, beta,
-                ignore_index):
+    def forward(ctx, hidden, weight, bias, teacher, labels, row_scale, group, backend, chunk, temperature, divergence,
+                beta, ignore_index):
         rows = hidden.shape[0]
+        code = DIVERGENCE_CODES[divergence]
+        need = ctx.needs_input_grad[:3] if row_scale is not None else (False,) * 3
+        grad_h, grad_w, grad_b = _gradient_buffers(hidden, weight, bias, *need)
         losses, stats = [], []
         with torch.no_grad():
             for r0 in range(0, rows, chunk):
@@ -157,44 +195,49 @@ class _VocabParallelLinearRows(torch.autograd.Function):
                                                       ignore_index)
                 losses.append(chunk_rows)
                 stats.append(chunk_stats)
+                if any(need):  # ignored rows get a zero gradient from the op
+                    g, _ = ops.SOFTMAX_KL.backward_ops[backend](
+                        row_scale.expand(r1 - r0).contiguous(), z_s, z_t, lab, chunk_stats, temperature, code, beta,
+                        ignore_index, False, True, False)
+                    _chunk_gradients(g, hidden, weight, r0, r1, grad_h, grad_w, grad_b)
                 del z_s, z_t
-        ctx.save_for_backward(hidden, weight, bias, *teacher, labels)
-        ctx.stats = stats
-        ctx.options = (backend, chunk, temperature, DIVERGENCE_CODES[divergence], beta, ignore_index)
-        if not losses:  # no rows: nothing to reduce over the ranks either
-            return hidden.new_zeros((0,), dtype=torch.promote_types(hidden.dtype, torch.float32))
-        return torch.cat(losses)
+        dtype = torch.promote_types(hidden.dtype, torch.float32)
+        row_losses = torch.cat(losses) if losses else hidden.new_zeros((0,), dtype=dtype)
+        ctx.options = (backend, chunk, temperature, code, beta, ignore_index)
+        if row_scale is None:
+            ctx.save_for_backward(hidden, weight, bias, *teacher, labels)
+            ctx.stats = stats
+            return row_losses
+        ctx.grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                     None if grad_b is None else grad_b.to(bias.dtype))
+        if labels is not None:
+            row_losses = torch.where(labels != ignore_index, row_losses, torch.zeros_like(row_losses))
+        return row_losses.sum() * row_scale
 
     @staticmethod
-    def backward(ctx, grad_rows):
+    def backward(ctx, grad_out):
+        nones = (None,) * 10
+        if hasattr(ctx, "grads"):  # scalar reduction: the gradients are formed already, scale them
+            if _graph_kept():  # a later backward needs them as they are
+                return tuple(None if x is None else x * grad_out.to(x.dtype) for x in ctx.grads) + nones
+            return tuple(None if x is None else x.mul_(grad_out.to(x.dtype)) for x in ctx.grads) + nones
         hidden, weight, bias, z_t, h_t, w_t, b_t, labels = ctx.saved_tensors
         backend, chunk, temperature, code, beta, ignore_index = ctx.options
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        nones = (None,) * 9
-        if not (need_h or need_w or need_b):
+        need = ctx.needs_input_grad[:3]
+        if not any(need):
             return (None,) * 3 + nones
-        rows = hidden.shape[0]
-        acc = torch.promote_types(weight.dtype, torch.float32)  # 16-bit heads accumulate in fp32
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
+        grad_h, grad_w, grad_b = _gradient_buffers(hidden, weight, bias, *need)
         with torch.no_grad():
-            for i, r0 in enumerate(range(0, rows, chunk)):
-                r1 = min(rows, r0 + chunk)
+            for i, r0 in enumerate(range(0, hidden.shape[0], chunk)):
+                r1 = min(hidden.shape[0], r0 + chunk)
                 z_s, z_teacher = _chunk_logits(hidden, weight, bias, (z_t, h_t, w_t, b_t), r0, r1)
                 lab = None if labels is None else labels[r0:r1]
                 stats = ctx.stats[i]
                 # the rows are unscaled (T^2 and the reduction are applied outside): t2_scale=False
                 g, _ = ops.SOFTMAX_KL.backward_ops[backend](
-                    grad_rows[r0:r1].to(stats.dtype).contiguous(), z_s, z_teacher, lab, stats, temperature, code,
+                    grad_out[r0:r1].to(stats.dtype).contiguous(), z_s, z_teacher, lab, stats, temperature, code,
                     beta, ignore_index, False, True, False)
                 del z_s, z_teacher
-                g = g.to(hidden.dtype)
-                if need_h:
-                    torch.mm(g, weight, out=grad_h[r0:r1])
-                if need_w:
-                    grad_w += (g.t() @ hidden[r0:r1]).to(acc)
-                if need_b:
-                    grad_b += g.sum(0, dtype=acc)
+                _chunk_gradients(g, hidden, weight, r0, r1, grad_h, grad_w, grad_b)
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype)) + nones
