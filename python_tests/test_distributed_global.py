@@ -85,3 +85,5 @@ def test_the_torchrun_global_relation_byte_count_example_runs():
         assert 0 < ratio < 1, line
         loss_diff = float(line.rsplit("|loss difference| ", 1)[1].split()[0])
         assert loss_diff < 1e-5, line
+        grad_diff = float(line.split("max |grad difference| ", 1)[1].split(";")[0])
+        assert grad_diff < 1e-6, line
