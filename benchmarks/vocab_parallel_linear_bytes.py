@@ -8,7 +8,7 @@ statistics per chunk, the hidden gradient all-reduced). The naive way (what a te
 does without it): the slice logits h W_r^T, all_gather of both sides' logit slices, the one-process
 fused softmax-KL on the full (rows, V) logits, this rank's gradient slice back through its head, the
 hidden gradient all-reduced. Bytes: the payload this rank contributes to every collective of one
-step (benchmarks/vocab_parallel_bytes.py's ByteCounter); peak extra memory: the RSS high-water mark
+step (benchmarks/_dist_bytes.py); peak extra memory: the RSS high-water mark
 of one step above the RSS before it (CPU; the gradients included). Rank 0 prints one table and writes --out.
 """
 from __future__ import annotations
@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from kdkernels import functional
 from kdkernels.bench.rss import peak_extra_bytes
 from kdkernels.distributed import vocab_parallel_fused_linear_softmax_kl_div
-from vocab_parallel_bytes import ByteCounter, _slice
+from _dist_bytes import ByteCounter  # benchmarks/ is on sys.path: the script's folder
+from vocab_parallel_bytes import _slice
 
 
 def _fused_step(h, w, z_t, temperature):

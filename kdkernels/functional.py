@@ -350,6 +350,15 @@ def _fused_projected_mse(backend, student, teacher, weight, bias, feature_dim, r
 
 
 def _check_relation_inputs(loss, student, teacher, reduction):
+    _check_relation_tensors(student, teacher, reduction)
+    if student.shape[0] < 2:
+        raise ValueError(f"student must have a batch of at least 2 samples for relation losses, got {student.shape[0]}")
+    _warn_teacher_requires_grad(loss, teacher, stacklevel=3)
+
+
+def _check_relation_tensors(student, teacher, reduction):
+    """The checks of one rank's relation inputs (kdkernels.distributed's global-batch losses too):
+    everything but the batch size >= 2, which they check on the global batch."""
     v.check_float_tensor("student", student)
     v.check_float_tensor("teacher", teacher)
     v.check_same_device(student=student, teacher=teacher)
@@ -358,12 +367,15 @@ def _check_relation_inputs(loss, student, teacher, reduction):
     v.check_min_dim("teacher", teacher, 2, "batch, features...")
     if student.shape[0] != teacher.shape[0]:
         raise ValueError(f"teacher must have the same batch size as student ({student.shape[0]}), got {teacher.shape[0]}")
-    if student.shape[0] < 2:
-        raise ValueError(f"student must have a batch of at least 2 samples for relation losses, got {student.shape[0]}")
+
+
+def _warn_teacher_requires_grad(loss, teacher, stacklevel):
+    """The relation losses' warning for a teacher that requires grad; ``stacklevel`` counts from the
+    caller of this function (3 from a loss's check: the user's line calling the loss)."""
     if teacher.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
         # Python shows this once per call site: the teacher is a target here, never trained
         warnings.warn(f"{loss}: the teacher gets no gradient from relation losses (its relations are the "
-                      f"target); pass teacher.detach() to silence this", UserWarning, stacklevel=3)
+                      f"target); pass teacher.detach() to silence this", UserWarning, stacklevel=stacklevel + 1)
 
 
 def _relation_rows(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:

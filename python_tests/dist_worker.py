@@ -221,10 +221,166 @@ def linear_bad_input(rank: int, world: int) -> str:
     return "errors on every rank"
 
 
+# ---- global-batch relation losses (python_tests/test_distributed_global.py) ----------------------
+GLOBAL_LOSSES = (("rkd_distance", {}), ("rkd_angle", {}), ("rkd", {}), ("rkd", {"angle_weight": 0.0}),
+                 ("rkd", {"distance_weight": 0.0, "angle_weight": 1.5}), ("similarity_preserving", {}))
+
+
+def global_counts(world: int) -> list[int]:
+    """Uneven rows per rank: a rank with 1 row (world 2, 3) and an empty rank in the middle (world 3)."""
+    return {2: [5, 1], 3: [1, 0, 5]}[world]
+
+
+def _global_inputs(seed: int, student_shape: tuple, teacher_shape: tuple, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    s = torch.randn(student_shape, generator=gen, dtype=torch.float64)
+    t = torch.randn(teacher_shape, generator=gen, dtype=torch.float64)
+    return s.to(dtype), t.to(dtype)
+
+
+def _global_fn(loss: str):
+    from kdkernels import distributed
+
+    return getattr(distributed, f"global_{loss}")
+
+
+def global_equivalence(rank: int, world: int, device: str = "cpu") -> str:
+    """Every loss x reduction x backend (rkd with a zero weight too): the loss against the one-process
+    loss (``functional``, backend "torch") of the concatenated batch, the gradient against its slice."""
+    counts = global_counts(world)
+    lo, hi = sum(counts[:rank]), sum(counts[: rank + 1])
+    batch = sum(counts)
+    dev = torch.device(device)
+    checked = 0
+    configs = itertools.product(GLOBAL_LOSSES, ("mean", "sum", "batchmean", "none"), ("torch", "cpu", "cuda", "triton"))
+    for i, ((loss, weights), reduction, backend) in enumerate(configs):
+        if backend not in kdkernels.backends.implemented_backends(loss, dev):
+            continue
+        # student and teacher of different feature sizes; one (B, C, H, W) student and (B, C, L) teacher
+        if i == 5:
+            s_shape, t_shape = (batch, 2, 1, 2), (batch, 3, 2)
+        else:
+            s_shape, t_shape = (batch, 3 + i % 4), (batch, 6 - i % 3)
+        s_full, t_full = _global_inputs(i, s_shape, t_shape)
+        s_ref = s_full.clone().requires_grad_(True)
+        ref = getattr(functional, loss)(s_ref, t_full, reduction=reduction, backend="torch", **weights)
+        s = s_full[lo:hi].to(dev).requires_grad_(True)
+        out = _global_fn(loss)(s, t_full[lo:hi].to(dev), reduction=reduction, backend=backend, **weights)
+        what = f"{loss} {weights} {reduction} {backend} config {i}"
+        assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)}, wanted {tuple(ref.shape)}"
+        torch.testing.assert_close(out.cpu(), ref, rtol=1e-10, atol=1e-12, msg=lambda m: f"loss, {what}: {m}")
+        # a non-uniform upstream for "none", the same on every rank
+        upstream = torch.rand(ref.shape, generator=torch.Generator().manual_seed(100 + i), dtype=ref.dtype) + 0.5
+        (g_ref,) = torch.autograd.grad(ref, s_ref, upstream)
+        (g,) = torch.autograd.grad(out, s, upstream.to(dev))
+        assert g.shape == s.shape, f"{what}: gradient shape {tuple(g.shape)}"
+        torch.testing.assert_close(g.cpu(), g_ref[lo:hi], rtol=1e-9, atol=1e-11,
+                                   msg=lambda m: f"student gradient, {what}: {m}")
+        checked += 1
+    # float32 through the last fused backend: fp32 tolerances against the float64 one-process loss
+    fused = [b for b in kdkernels.backends.implemented_backends("rkd", dev) if b != "torch"]
+    s_full, t_full = _global_inputs(99, (batch, 5), (batch, 4))
+    s = s_full[lo:hi].float().to(dev).requires_grad_(True)
+    out = _global_fn("rkd")(s, t_full[lo:hi].float().to(dev), backend=fused[-1])
+    s_ref = s_full.clone().requires_grad_(True)
+    ref = functional.rkd(s_ref, t_full, backend="torch")
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-5, atol=1e-6)
+    (g,) = torch.autograd.grad(out, s)
+    (g_ref,) = torch.autograd.grad(ref, s_ref)
+    torch.testing.assert_close(g.double().cpu(), g_ref[lo:hi], rtol=1e-4, atol=1e-6)
+    return f"{checked + 1} configurations"
+
+
+def global_bad_input(rank: int, world: int) -> str:
+    from kdkernels.distributed import global_rkd, global_rkd_distance, global_similarity_preserving
+
+    counts = global_counts(world)
+    lo, hi = sum(counts[:rank]), sum(counts[: rank + 1])
+    s_full, t_full = _global_inputs(0, (sum(counts), 4), (sum(counts), 3))
+    s, t = s_full[lo:hi], t_full[lo:hi]
+    last = world - 1
+    # student and teacher rows differ on the last rank: its own error there, naming it elsewhere
+    t_bad = t_full[lo:hi - 1] if rank == last else t
+    _expect(ValueError, "teacher must have the same batch size" if rank == last else f"rank {last} of the group rejected",
+            lambda: global_rkd_distance(s, t_bad))
+    # a feature size (student), a teacher feature shape, a dtype, an option that differ between ranks
+    _expect(ValueError, "same student feature shape", lambda: global_rkd_distance(
+        torch.randn(hi - lo, 4 + rank, dtype=torch.float64), t))
+    _expect(ValueError, "same teacher feature shape", lambda: global_similarity_preserving(
+        s, t.reshape(hi - lo, 3, 1) if rank == 1 else t))
+    _expect(ValueError, "same (student, teacher) dtypes", lambda: global_rkd_distance(
+        s.float() if rank == 1 else s, t))
+    _expect(ValueError, "same options", lambda: global_rkd_distance(s, t, reduction="sum" if rank == 1 else "mean"))
+    _expect(ValueError, "same options", lambda: global_rkd(s, t, angle_weight=2.0 + rank))
+    _expect(ValueError, "same options", lambda: global_rkd(s, t, backend="cpu" if rank == 0 else "torch"))
+    # a bad tensor / option on rank 1 only: its own error there, the same type naming rank 1 elsewhere
+    _expect(TypeError, "student" if rank == 1 else "rank 1 of the group rejected",
+            lambda: global_rkd_distance(s.to(torch.int64) if rank == 1 else s, t))
+    _expect(ValueError, "reduction" if rank == 1 else "rank 1 of the group rejected",
+            lambda: global_rkd_distance(s, t, reduction="bogus" if rank == 1 else "mean"))
+    _expect(ValueError, "angle_weight" if rank == 1 else "rank 1 of the group rejected",
+            lambda: global_rkd(s, t, angle_weight=-1.0 if rank == 1 else 2.0))
+    _expect(ValueError, "at least 2 dimension" if rank == 1 else "rank 1 of the group rejected",
+            lambda: global_rkd_distance(s[:, 0] if rank == 1 else s, t))
+    # a global batch of fewer than 2 samples, raised the same on every rank
+    few = [1] + [0] * (world - 1)
+    _expect(ValueError, "global batch must have at least 2 samples", lambda: global_rkd_distance(
+        s_full[:few[rank]], t_full[:few[rank]]))
+    # a group this rank is not in (every rank creates it, as new_group requires)
+    only_first = dist.new_group([0])
+    if rank == 0:
+        out = global_rkd_distance(s_full, t_full, group=only_first)  # a group of one: the local loss
+        torch.testing.assert_close(out, functional.rkd_distance(s_full, t_full))
+    else:
+        _expect(ValueError, "not in `group`", lambda: global_rkd_distance(s, t, group=only_first))
+    # the group still works afterwards
+    out = global_rkd_distance(s, t)
+    torch.testing.assert_close(out, functional.rkd_distance(s_full, t_full, backend="torch"), rtol=1e-10, atol=1e-12)
+    return "errors on every rank"
+
+
+def global_teacher_grad(rank: int, world: int) -> str:
+    """A teacher that requires grad: the relation losses' UserWarning, and no gradient for it; a
+    warning turned into an error on one rank raises on every rank."""
+    import warnings
+
+    from kdkernels.distributed import global_rkd_angle, global_similarity_preserving
+
+    counts = global_counts(world)
+    lo, hi = sum(counts[:rank]), sum(counts[: rank + 1])
+    s_full, t_full = _global_inputs(1, (sum(counts), 4), (sum(counts), 3))
+    s = s_full[lo:hi].clone().requires_grad_(True)
+    t = t_full[lo:hi].clone().requires_grad_(True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = global_similarity_preserving(s, t)
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert any("global_similarity_preserving: the teacher gets no gradient" in m for m in messages), messages
+    assert all(w.filename == __file__ for w in caught), [w.filename for w in caught]  # the caller's line
+    out.backward()
+    assert t.grad is None, "the teacher got a gradient"
+    assert s.grad is not None and s.grad.shape == s.shape
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        global_rkd_angle(s, t.detach()).backward()  # a detached teacher: no warning
+    # warnings are errors on rank 1 only: every rank raises, none waits
+    with warnings.catch_warnings():
+        warnings.simplefilter("error" if rank == 1 else "ignore")
+        exc_type = UserWarning if rank == 1 else RuntimeError
+        _expect(exc_type, "teacher gets no gradient", lambda: global_rkd_angle(s, t))
+    return "teacher warned, no gradient"
+
+
 SCENARIOS = {"equivalence": equivalence, "bad_input": bad_input,
              "equivalence_cuda": lambda rank, world: equivalence(rank, world, "cuda"),
+             # vocab-parallel fused linear
              "linear_equivalence": linear_equivalence, "linear_bad_input": linear_bad_input,
-             "linear_equivalence_cuda": lambda rank, world: linear_equivalence(rank, world, "cuda")}
+             "linear_equivalence_cuda": lambda rank, world: linear_equivalence(rank, world, "cuda"),
+             # global-batch relation losses
+             "global_equivalence": global_equivalence, "global_bad_input": global_bad_input,
+             "global_teacher_grad": global_teacher_grad,
+             "global_equivalence_cuda": lambda rank, world: global_equivalence(rank, world, "cuda")}
 
 
 def run(rank: int, world: int, port: int, scenarios: list[str], results) -> None:

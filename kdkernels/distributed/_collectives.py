@@ -15,6 +15,12 @@
 * ``all_reduce_shared``: a sum that every rank then uses in its *own* computation (a global
   normaliser each rank applies to its slice, before the slices' terms are summed). Its backward
   sums the upstream gradients over the ranks: d loss / d S collects every rank's use of S.
+* ``all_gather_rows``: every rank's rows (uneven counts, 0 allowed) concatenated in group-rank
+  order, for a loss every rank then computes, replicated, on the whole gathered batch. Its backward
+  is this rank's slice of the upstream gradient, no communication: every rank back-propagates the
+  same replicated loss, so its slice already is d loss / d (its rows), and each rank's rows
+  contribute once (the identity-style backward of ``all_reduce_replicated``, for a gather).
+  Each rank pads its rows to the largest count, so the all_gather has equal sizes (gloo, NCCL).
 """
 from __future__ import annotations
 
@@ -117,3 +123,35 @@ class _AllReduceShared(torch.autograd.Function):
 def all_reduce_shared(x: torch.Tensor, group) -> torch.Tensor:
     """all_reduce(x, SUM) as a new tensor; differentiable, its backward the all_reduce of the gradients."""
     return _AllReduceShared.apply(x, group)
+
+
+def _gather_padded(x: torch.Tensor, counts: list[int], group) -> torch.Tensor:
+    """all_gather of (counts[rank], ...) rows padded to max(counts) (>= 1: no empty collective),
+    the padding dropped: (sum(counts), ...) in group-rank order."""
+    width = max(1, max(counts))
+    padded = x.new_zeros((width,) + tuple(x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([part[:n] for part, n in zip(parts, counts)])
+
+
+class _AllGatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, counts: list[int], rank: int, group) -> torch.Tensor:
+        ctx.lo, ctx.hi = sum(counts[:rank]), sum(counts[: rank + 1])
+        return _gather_padded(x.detach(), counts, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad[ctx.lo: ctx.hi], None, None, None
+
+
+def all_gather_rows(x: torch.Tensor, counts: list[int], rank: int, group) -> torch.Tensor:
+    """Every rank's (counts[r], ...) rows of ``x`` concatenated in group-rank order (the same
+    trailing shape and dtype on every rank; ``counts`` every rank's row count, known to all, e.g.
+    from ``agree``). Differentiable: the backward is this rank's slice of the gradient (see above).
+    A tensor that does not require grad (a teacher) is gathered without an autograd node."""
+    if x.requires_grad and torch.is_grad_enabled():
+        return _AllGatherRows.apply(x, counts, rank, group)
+    return _gather_padded(x.detach(), counts, group)
