@@ -36,7 +36,7 @@ from torch import Tensor
 
 from kdkernels import _validation as v
 from kdkernels import backends, functional
-from kdkernels.distributed._collectives import agree, all_gather_rows, check_group
+from kdkernels.distributed._collectives import agree, all_gather_rows, check_group, check_same_on_every_rank
 
 __all__ = ["global_rkd_distance", "global_rkd_angle", "global_rkd", "global_similarity_preserving"]
 
@@ -112,17 +112,16 @@ def _check_local(where, loss, student, teacher, reduction, backend, weights) -> 
             "options": (reduction, backend, tuple(sorted(weights.items()))), "device": student.device.type}
 
 
+_SAME_ON_EVERY_RANK = (("student_features", "student feature shape (all dims but the batch)"),
+                       ("teacher_features", "teacher feature shape (all dims but the batch)"),
+                       ("dtypes", "(student, teacher) dtypes"), ("options", "options"), ("device", "device type"))
+
+
 def _check_agreement(where: str, gathered: list[dict]) -> list[int]:
     """Every rank's row count, after checking that everything but the rows is the same on every rank
     (each rank sees the same list: all raise or none)."""
-    first = gathered[0]
-    for key, what in (("student_features", "student feature shape (all dims but the batch)"),
-                      ("teacher_features", "teacher feature shape (all dims but the batch)"),
-                      ("dtypes", "(student, teacher) dtypes"), ("options", "options"), ("device", "device type")):
-        values = [m[key] for m in gathered]
-        if any(x != first[key] for x in values):
-            raise ValueError(f"{where}: every rank must pass the same {what} (only the batch is split over the "
-                             f"ranks), got {values} by rank")
+    check_same_on_every_rank(where, gathered, _SAME_ON_EVERY_RANK, "embeddings", "only the batch is split over "
+                             "the ranks")
     counts = [m["rows"] for m in gathered]
     if sum(counts) < 2:
         raise ValueError(f"{where}: the global batch must have at least 2 samples for relation losses, got "
