@@ -31,6 +31,7 @@ LOSS_OPS: dict[str, tuple[Op, ...]] = {
     # scalar reductions (gradients in the forward), "none" (per-row losses, chunks recomputed backward)
     "fused_linear_softmax_kl_div": (ops.FUSED_LINEAR_SOFTMAX_KL, ops.FUSED_LINEAR_SOFTMAX_KL_ROWS),
     "projected_mse": (ops.PROJECTED_MSE,),
+    "attention_transfer": (ops.ATTENTION_TRANSFER,),
     "rkd_distance": (ops.RKD_DISTANCE,),
     "rkd_angle": (ops.RKD_ANGLE,),
     "rkd": (ops.RKD_DISTANCE_ANGLE, ops.RKD_DISTANCE, ops.RKD_ANGLE),
@@ -57,6 +58,7 @@ CUDA_AUTO_CHOICE: dict[str, str] = {
     # cuBLAS GEMMs are the safer default until a GPU run shows the Triton tiles (not autotuned yet)
     # are at least as fast.
     "projected_mse": "cuda",
+    "attention_transfer": "triton",
 }
 
 ENV_VAR = "KDKERNELS_BACKEND"

@@ -21,7 +21,7 @@ from kdkernels._feature import rows_3d
 from kdkernels.ops.response import DIVERGENCE_CODES, TAIL_CODES
 from kdkernels.ops.response_linear import auto_chunk_rows
 
-__all__ = ["softmax_kl_div", "softmax_kl_div_topk", "fused_linear_softmax_kl_div", "projected_mse", "rkd_distance", "rkd_angle", "rkd", "similarity_preserving"]
+__all__ = ["softmax_kl_div", "softmax_kl_div_topk", "fused_linear_softmax_kl_div", "projected_mse", "attention_transfer", "rkd_distance", "rkd_angle", "rkd", "similarity_preserving"]
 
 def softmax_kl_div(
     student_logits: Tensor,
@@ -346,6 +346,59 @@ def _fused_projected_mse(backend, student, teacher, weight, bias, feature_dim, r
     if reduction == "none":  # (B, P) -> the other dims of the teacher, in order (rows_3d keeps their order)
         fd = feature_dim % teacher.dim()
         return loss.reshape(teacher.shape[:fd] + teacher.shape[fd + 1:])
+    return loss
+
+
+def attention_transfer(student: Tensor, teacher: Tensor, *, p: float = 2.0, squared: bool = True,
+                       reduction: str = "mean", backend: str = "auto") -> Tensor:
+    """Attention transfer (Zagoruyko & Komodakis, ICLR 2017) between feature maps.
+
+    Args:
+        student: (N, Cs, *spatial), teacher: (N, Ct, *spatial): channels may differ, the spatial
+            sizes (one or more dims) must match.
+        p: the power of the channel pooling a = (1/C) sum_c |F_c|^p, a real >= 1 (the paper's 2).
+        squared: l_n = sum (v_s - v_t)^2 (True, the authors' code; torchdistill's mode 'code') or
+            ||v_s - v_t||_2 (False, the paper's Eq. 2, mode 'paper'), v = a / max(||a||_2, 1e-12).
+        reduction: "mean" (sum / (N * positions), the authors' ``.pow(2).mean()``), "sum",
+            "batchmean" (sum / N) or "none" ((N,) per-sample losses).
+        backend: "auto", "torch", "cpu", "cuda" or "triton".
+
+    Gradients reach the student and, when it requires one, the teacher. The fused backends read each
+    map once in the forward, which also writes the gradients (the backward only scales them) and
+    allocate no (N, C, positions) temporary.
+    """
+    v.check_float_tensor("student", student)
+    v.check_float_tensor("teacher", teacher)
+    v.check_same_device(student=student, teacher=teacher)
+    v.check_min_dim("student", student, 3, "batch, channels, spatial...")
+    v.check_min_dim("teacher", teacher, 3, "batch, channels, spatial...")
+    if student.shape[0] != teacher.shape[0]:
+        raise ValueError(f"teacher must have the same batch size as student ({student.shape[0]}), got {teacher.shape[0]}")
+    if student.shape[2:] != teacher.shape[2:]:
+        raise ValueError(f"student and teacher must have the same spatial size, got {tuple(student.shape[2:])} and "
+                         f"{tuple(teacher.shape[2:])}")
+    for name, x in (("student", student), ("teacher", teacher)):
+        if x.shape[1] < 1:
+            raise ValueError(f"{name} must have at least 1 channel, got shape {tuple(x.shape)}")
+    p = v.check_real("p", p)
+    if not 1 <= p < float("inf"):
+        raise ValueError(f"p must be a finite number >= 1, got {p!r}")
+    squared = v.check_bool("squared", squared)
+    red.FEATURES.check(reduction)
+    student, teacher = v.promote_floating(student, teacher)
+    return _dispatch.run("attention_transfer", backend, student.device, reference.attention_transfer,
+                         _fused_attention_transfer, student, teacher, p, squared, reduction)
+
+
+def _fused_attention_transfer(backend, student, teacher, p, squared, reduction):
+    samples = student.shape[0]
+    s = student.reshape(samples, student.shape[1], -1).contiguous()
+    t = teacher.reshape(samples, teacher.shape[1], -1).contiguous()
+    grad = torch.is_grad_enabled()
+    weight = torch.tensor(red.per_sample_factor(reduction, samples, s.shape[2]), dtype=opmath_dtype(s.dtype),
+                          device=s.device)
+    loss, _gs, _gt = ops.ATTENTION_TRANSFER.forward(backend, s, t, weight, p, squared, reduction == "none",
+                                                    grad and student.requires_grad, grad and teacher.requires_grad)
     return loss
 
 

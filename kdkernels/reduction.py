@@ -117,6 +117,15 @@ def reduce_squared_error(squared_error: Tensor, reduction: str, rows: int) -> Te
     return total if reduction == "sum" else total / max(1, rows)
 
 
+def per_sample_factor(reduction: str, samples: int, positions: int) -> float:
+    """The factor a per-sample feature loss (attention transfer: one l_n per sample of ``positions``
+    spatial positions) multiplies the sum of its l_n by (``FEATURES`` names): 1 / (N S) "mean" (the
+    authors' ``.pow(2).mean()``), 1 / N "batchmean", 1 "sum" and "none". Empty inputs give 0, not NaN."""
+    if reduction in ("sum", "none"):
+        return 1.0
+    return 1.0 / max(1, samples * positions if reduction == "mean" else samples)
+
+
 # ---- RELATION --------------------------------------------------------------------------------
 def reduce_relation(loss: Tensor, reduction: str, batch: int, terms_per_row: int) -> Tensor:
     """A relation loss reduced as ``reduction`` (one of ``RELATION``). ``loss`` is the per-row losses

@@ -82,3 +82,70 @@ PROJECTED_MSE = register(OpDef(
     (an empty tensor otherwise). Returns (grad_x, grad_t, grad_weight, grad_bias); grad_x and grad_t
     have the residual's layout; a gradient that is not requested is an empty (0,) tensor.""",
 ))
+
+
+# ---- attention transfer: one-pass, like the softmax-KL step ----------------------------------
+def _at_forward_fake(student, teacher, weight, p, squared, per_row, student_grad, teacher_grad):
+    torch._check(student.dim() == 3 and teacher.dim() == 3, lambda: "student and teacher must be 3-D (N, C, S)")
+    torch._check(student.shape[0] == teacher.shape[0] and student.shape[2] == teacher.shape[2],
+                 lambda: "student and teacher must share N and S")
+    loss = student.new_empty((student.shape[0],) if per_row else (), dtype=opmath_dtype(student.dtype))
+    empty = student.new_empty((0,))
+    return (loss, torch.empty_like(student, memory_format=torch.contiguous_format) if student_grad else empty,
+            torch.empty_like(teacher, memory_format=torch.contiguous_format) if teacher_grad else empty)
+
+
+def _at_setup_context(ctx, inputs, output):
+    _loss, grad_s, grad_t = output
+    ctx.mark_non_differentiable(grad_s, grad_t)  # saved state, not results to differentiate
+    ctx.set_materialize_grads(False)  # no zero-filled upstream gradients of the feature maps' size
+    ctx.save_for_backward(grad_s, grad_t)
+
+
+def _at_backward(backward_op, ctx, grad_loss, _grad_grad_s, _grad_grad_t):
+    from kdkernels.ops.response import _graph_kept
+
+    if grad_loss is None:
+        return (None,) * 8
+    grad_s, grad_t = ctx.saved_tensors
+    if _graph_kept():  # a later backward needs the saved gradients as they are: scale copies
+        factor = grad_loss if grad_loss.dim() == 0 else grad_loss.view(-1, 1, 1)
+        grad_s, grad_t = ((g * factor).to(g.dtype) if g.numel() else g for g in (grad_s, grad_t))
+    else:  # their last use: in place, nothing to do where the upstream is exactly 1
+        backward_op(grad_loss.contiguous(), grad_s, grad_t)
+    need_s, need_t = ctx.needs_input_grad[:2]
+    return (grad_s if need_s else None, grad_t if need_t else None) + (None,) * 6
+
+
+ATTENTION_TRANSFER = register(OpDef(
+    name="attention_transfer",
+    forward_schema="(Tensor student, Tensor teacher, Tensor weight, float p, bool squared, bool per_row, "
+                   "bool student_grad, bool teacher_grad) -> (Tensor, Tensor, Tensor)",
+    backward_schema="(Tensor grad_loss, Tensor(a!) grad_student, Tensor(b!) grad_teacher) -> ()",
+    forward_fake=_at_forward_fake,
+    backward_fake=lambda grad_loss, grad_student, grad_teacher: None,
+    setup_context=_at_setup_context,
+    backward=_at_backward,
+    triton_module="kdkernels.triton.feature.attention_transfer",
+    doc="""One-pass attention transfer (Zagoruyko & Komodakis; kdkernels.reference.attention_transfer):
+    the loss and its gradients from one read of each feature map.
+
+    forward: student (N, Cs, S), teacher (N, Ct, S) contiguous, one floating dtype (S = the spatial
+    positions flattened, >= 1; Cs, Ct >= 1; N >= 0); weight 0-d op-math, the reduction's factor
+    (1 / (N S) "mean", 1 / N "batchmean", 1 "sum" / "none"); p >= 1; squared; per_row.
+    Per sample n, in op-math (float32; float64 for float64 inputs):
+      a[k] = (1/C) sum_c |F[n, c, k]|^p            (student a_s, teacher a_t: (S,))
+      nrm = max(||a||_2, 1e-12), v = a / nrm, d = v_s - v_t
+      l_n = sum_k d[k]^2 (squared) or ||d||_2 (not squared)
+    Returns (loss, grad_student, grad_teacher): loss = weight * sum_n l_n (0-d), or weight * l_n (N,)
+    when per_row; grad_student / grad_teacher = d loss / d F for an upstream gradient of 1 (of every
+    sample when per_row), contiguous, in the input's dtype, when student_grad / teacher_grad (an
+    empty (0,) tensor otherwise). The gradient, per sample:
+      g_v = weight * 2 d (squared) or weight * d / ||d|| (0 where ||d|| = 0)  (teacher: -g_v)
+      g_a = (g_v - v <v, g_v>) / nrm where ||a|| > 1e-12, else g_v / 1e-12 (the clamp passes nothing)
+      dF[c, k] = g_a[k] * (p / C) * |F|^(p-1) * sign(F)   (0 where F = 0, also for p = 1)
+    Nothing else is saved.
+    backward: grad_loss 0-d (or (N,) when per_row) op-math; scales the saved gradients in place,
+    sample n by grad_loss (or grad_loss[n]), as softmax_kl_step's backward (scale_rows_ on the
+    (N, C * S) views; nothing where the factor is exactly 1). Empty (0,) gradients are skipped.""",
+))

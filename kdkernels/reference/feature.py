@@ -1,4 +1,5 @@
-"""Reference projected MSE (docs/design.md §2.2): a FitNets-style hint through a linear / 1x1-conv regressor."""
+"""Reference feature losses (docs/design.md §2.2): projected MSE (a FitNets-style hint through a linear /
+1x1-conv regressor) and attention transfer."""
 from __future__ import annotations
 
 import functools
@@ -7,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from kdkernels._dtypes import opmath_dtype
-from kdkernels.reduction import reduce_squared_error
+from kdkernels.reduction import per_sample_factor, reduce_squared_error
 
 
 def projected_mse(
@@ -45,3 +46,35 @@ def projected_mse(
     y = F.linear(x, weight.to(dt), None if bias is None else bias.to(dt))  # (..., Dt)
     rows = t.numel() // t.shape[-1] if t.shape[-1] else 0
     return reduce_squared_error((y - t).square(), reduction, rows)
+
+
+EPS = 1e-12
+
+
+def attention_map(feature_map: torch.Tensor, p: float) -> torch.Tensor:
+    """(N, C, *spatial) -> (N, S) attention: ``mean_c |F_c|^p`` flattened, L2-normalised per sample
+    (``x / max(||x||_2, 1e-12)``, as F.normalize; an all-zero map gives 0). Op-math dtype. The
+    gradient of |x| at 0 is 0 (also for p = 1)."""
+    a = feature_map.to(opmath_dtype(feature_map.dtype)).abs().pow(p).mean(dim=1).flatten(1)
+    return F.normalize(a, p=2.0, dim=1, eps=EPS)
+
+
+def attention_transfer(student: torch.Tensor, teacher: torch.Tensor, p: float = 2.0, squared: bool = True,
+                       reduction: str = "mean") -> torch.Tensor:
+    """Attention transfer (Zagoruyko & Komodakis, ICLR 2017) between (N, Cs, *spatial) and
+    (N, Ct, *spatial) feature maps: l_n = sum_k (v_s - v_t)_k^2 (``squared``, the authors' code) or
+    ||v_s - v_t||_2 (the paper's Eq. 2; gradient 0 where it is 0), v = ``attention_map(F, p)``.
+
+    Reductions (kdkernels.reduction.per_sample_factor): "mean" sum / (N S) (the authors'
+    ``(at(s) - at(t)).pow(2).mean()``), "sum", "batchmean" sum / N, "none" (N,). Both sides are
+    differentiable (the teacher gets a gradient when it requires one)."""
+    d = attention_map(student, p) - attention_map(teacher, p)
+    sq = d.square().sum(dim=1)
+    if squared:
+        rows = sq
+    else:
+        nonzero = sq > 0
+        rows = torch.where(nonzero, torch.where(nonzero, sq, torch.ones_like(sq)).sqrt(), torch.zeros_like(sq))
+    if reduction == "none":
+        return rows
+    return rows.sum() * per_sample_factor(reduction, d.shape[0], d.shape[1])
