@@ -7,6 +7,7 @@ relation-based (RKD distance / angle, similarity-preserving) losses, each as a f
 """
 from kdkernels import backends, functional, ops, reference  # noqa: F401  (ops registers the dispatcher ops)
 from kdkernels.modules import (
+    AttentionTransferLoss,
     FusedLinearSoftmaxKLDivLoss,
     ProjectedMSELoss,
     RKDAngleLoss,
@@ -19,5 +20,5 @@ from kdkernels.modules import (
 from kdkernels.functional import topk_teacher
 
 __version__ = "0.1.0"
-__all__ = ["functional", "backends", "reference", "topk_teacher", "SoftmaxKLDivLoss", "TopKSoftmaxKLDivLoss", "FusedLinearSoftmaxKLDivLoss", "ProjectedMSELoss", "RKDDistanceLoss",
+__all__ = ["functional", "backends", "reference", "topk_teacher", "SoftmaxKLDivLoss", "TopKSoftmaxKLDivLoss", "FusedLinearSoftmaxKLDivLoss", "ProjectedMSELoss", "AttentionTransferLoss", "RKDDistanceLoss",
            "RKDAngleLoss", "SimilarityPreservingLoss", "RKDLoss"]

@@ -12,7 +12,7 @@ from kdkernels import backends
 from kdkernels import functional as F
 from kdkernels import reduction as red
 
-__all__ = ["SoftmaxKLDivLoss", "TopKSoftmaxKLDivLoss", "FusedLinearSoftmaxKLDivLoss", "ProjectedMSELoss", "RKDDistanceLoss", "RKDAngleLoss", "SimilarityPreservingLoss",
+__all__ = ["SoftmaxKLDivLoss", "TopKSoftmaxKLDivLoss", "FusedLinearSoftmaxKLDivLoss", "ProjectedMSELoss", "AttentionTransferLoss", "RKDDistanceLoss", "RKDAngleLoss", "SimilarityPreservingLoss",
            "RKDLoss"]
 
 
@@ -113,6 +113,30 @@ class ProjectedMSELoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"student_dim={self.student_dim}, teacher_dim={self.teacher_dim}, bias={self.bias is not None}, "
                 f"feature_dim={self.feature_dim}, reduction={self.reduction!r}, backend={self.backend!r}")
+
+
+class AttentionTransferLoss(nn.Module):
+    """Attention transfer between (N, Cs, *spatial) and (N, Ct, *spatial) feature maps; see
+    :func:`kdkernels.functional.attention_transfer` (p: channel-pooling power >= 1; squared: the
+    authors' code (True) or the paper's Eq. 2 (False); reduction: "mean", "sum", "batchmean", "none")."""
+
+    def __init__(self, p: float = 2.0, squared: bool = True, reduction: str = "mean", backend: str = "auto") -> None:
+        super().__init__()
+        self.p = v.check_real("p", p)
+        if not 1 <= self.p < float("inf"):
+            raise ValueError(f"p must be a finite number >= 1, got {p!r}")
+        self.squared = v.check_bool("squared", squared)
+        self.reduction = red.FEATURES.check(reduction)
+        self.backend = backends.check_name(backend)
+
+    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
+        """The loss between the student's and the teacher's maps (same N and spatial size); 0-d, or
+        (N,) for reduction="none". The teacher gets a gradient only if it requires one."""
+        return F.attention_transfer(student, teacher, p=self.p, squared=self.squared, reduction=self.reduction,
+                                    backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, squared={self.squared}, reduction={self.reduction!r}, backend={self.backend!r}"
 
 
 class _RelationLoss(nn.Module):
