@@ -7,6 +7,7 @@ floating dtypes (a bf16 student under autocast, an fp32 teacher) are computed in
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from typing import Optional
 
@@ -391,9 +392,9 @@ def attention_transfer(student: Tensor, teacher: Tensor, *, p: float = 2.0, squa
 
 
 def _fused_attention_transfer(backend, student, teacher, p, squared, reduction):
-    samples = student.shape[0]
-    s = student.reshape(samples, student.shape[1], -1).contiguous()
-    t = teacher.reshape(samples, teacher.shape[1], -1).contiguous()
+    samples, positions = student.shape[0], math.prod(student.shape[2:])
+    s = student.reshape(samples, student.shape[1], positions).contiguous()
+    t = teacher.reshape(samples, teacher.shape[1], positions).contiguous()
     grad = torch.is_grad_enabled()
     weight = torch.tensor(red.per_sample_factor(reduction, samples, s.shape[2]), dtype=opmath_dtype(s.dtype),
                           device=s.device)

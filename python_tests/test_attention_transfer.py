@@ -1,0 +1,212 @@
+"""Attention transfer (issue 15 §1; ops.ATTENTION_TRANSFER, kdkernels.reference.attention_transfer).
+
+The reference against a textbook float64 loop and the authors' composition; every fused backend
+against the reference (hypothesis over shapes with 1-3 spatial dims, channels, p, squared,
+reductions, dtypes, teacher gradients, all-zero maps); gradcheck and opcheck of the CPU op; the
+one-pass contract (what is saved, in-place scaling, kept graphs); errors.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as tnf
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+import kdkernels
+from helpers import TOLERANCES, assert_close, backend_params
+from kdkernels import functional, ops, reference
+from kdkernels import reduction as red
+
+BACKENDS = backend_params("attention_transfer")
+REDUCTIONS = list(red.FEATURES.names)
+
+
+def _maps(device, n, cs, ct, spatial, dtype, seed, zero_student=False, zero_teacher=False):
+    gen = torch.Generator().manual_seed(seed)
+    s = torch.randn(n, cs, *spatial, generator=gen, dtype=torch.float64)
+    t = torch.randn(n, ct, *spatial, generator=gen, dtype=torch.float64)
+    if zero_student and n:
+        s[0] = 0
+    if zero_teacher and n:
+        t[-1] = 0
+    if n and s.numel():  # a few exact zeros inside a map (|x|' at 0 is 0)
+        s.view(-1)[:: 7] = 0
+    return s.to(device=device, dtype=dtype), t.to(device=device, dtype=dtype)
+
+
+def _textbook(s, t, p, squared, reduction):
+    """Per sample, loops over channels and positions (float64)."""
+    rows = []
+    n_pos = s[0, 0].numel() if s.shape[0] else 0
+    for n in range(s.shape[0]):
+        maps = []
+        for f in (s[n], t[n]):
+            f = f.reshape(f.shape[0], -1).double()
+            a = sum(f[c].abs() ** p for c in range(f.shape[0])) / f.shape[0]
+            maps.append(a / max(float(torch.sqrt((a * a).sum())), 1e-12))
+        sq = float(((maps[0] - maps[1]) ** 2).sum())
+        rows.append(sq if squared else sq ** 0.5)
+    rows = torch.tensor(rows, dtype=torch.float64)
+    if reduction == "none":
+        return rows
+    denom = {"mean": max(1, s.shape[0] * n_pos), "batchmean": max(1, s.shape[0]), "sum": 1}[reduction]
+    return rows.sum() / denom
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, 2.5, 3.0])
+@pytest.mark.parametrize("squared", [True, False])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_reference_is_the_textbook_loss(p, squared, reduction):
+    s, t = _maps("cpu", 3, 4, 5, (3, 5), torch.float64, seed=1, zero_teacher=True)
+    torch.testing.assert_close(reference.attention_transfer(s, t, p, squared, reduction), _textbook(s, t, p, squared, reduction))
+
+
+def test_reference_is_the_authors_composition():
+    """Zagoruyko & Komodakis' code: at(x) = F.normalize(x.pow(2).mean(1).view(N, -1)); (at(s) - at(t)).pow(2).mean()."""
+    s, t = _maps("cpu", 4, 8, 16, (6, 6), torch.float32, seed=2)
+
+    def at(x):
+        return tnf.normalize(x.pow(2).mean(1).view(x.size(0), -1))
+
+    torch.testing.assert_close(functional.attention_transfer(s, t, backend="torch"), (at(s) - at(t)).pow(2).mean())
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@given(n=st.integers(0, 4), cs=st.integers(1, 5), ct=st.integers(1, 5),
+       spatial=st.lists(st.integers(1, 5), min_size=1, max_size=3).map(tuple),
+       p=st.sampled_from([1.0, 2.0, 3.0, 2.5]), squared=st.booleans(), reduction=st.sampled_from(REDUCTIONS),
+       dtype=st.sampled_from([torch.float32, torch.float64]), teacher_grad=st.booleans(),
+       zero_student=st.booleans(), zero_teacher=st.booleans(), seed=st.integers(0, 2**16))
+@example(n=2, cs=1, ct=1, spatial=(1,), p=1.0, squared=False, reduction="none", dtype=torch.float64,
+         teacher_grad=True, zero_student=True, zero_teacher=True, seed=0)  # both maps of sample 0/1 zero: d = 0
+@example(n=3, cs=3, ct=2, spatial=(3, 1, 2), p=2.5, squared=True, reduction="mean", dtype=torch.float32,
+         teacher_grad=True, zero_student=True, zero_teacher=False, seed=5)
+@example(n=0, cs=2, ct=3, spatial=(4,), p=2.0, squared=True, reduction="mean", dtype=torch.float32,
+         teacher_grad=False, zero_student=False, zero_teacher=False, seed=0)  # no samples: loss 0
+def test_fused_matches_reference(device, backend, n, cs, ct, spatial, p, squared, reduction, dtype, teacher_grad,
+                                 zero_student, zero_teacher, seed):
+    s, t = _maps(device, n, cs, ct, spatial, dtype, seed, zero_student, zero_teacher)
+    s_in, t_in = s.clone(), t.clone()
+    s.requires_grad_(True)
+    t.requires_grad_(teacher_grad)
+    kw = dict(p=p, squared=squared, reduction=reduction)
+    got = functional.attention_transfer(s, t, backend=backend, **kw)
+    s64 = s.detach().double().requires_grad_(True)
+    t64 = t.detach().double().requires_grad_(teacher_grad)
+    want = functional.attention_transfer(s64, t64, backend="torch", **kw)
+    assert got.shape == want.shape and got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close(got, want, dtype, what="loss")
+    up = torch.rand(want.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + 0.5
+    wanted = [s64] + ([t64] if teacher_grad else [])
+    grads = torch.autograd.grad(got, [s] + ([t] if teacher_grad else []), up.to(got.device, got.dtype))
+    grads_ref = torch.autograd.grad(want, wanted, up)
+    for name, a, b in zip(("student", "teacher"), grads, grads_ref):
+        assert a.dtype == dtype and a.shape == b.shape
+        assert_close(a.cpu(), b, dtype, what=f"{name} gradient")
+    assert torch.equal(s.detach(), s_in) and torch.equal(t.detach(), t_in)  # inputs never written
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_bfloat16_maps(device, backend):
+    s, t = _maps(device, 3, 6, 8, (5, 5), torch.bfloat16, seed=3)
+    s.requires_grad_(True)
+    got = functional.attention_transfer(s, t, backend=backend)
+    s64 = s.detach().double().requires_grad_(True)
+    want = functional.attention_transfer(s64, t.double(), backend="torch")
+    assert_close(got, want, torch.bfloat16, what="loss")
+    (g,) = torch.autograd.grad(got, s)
+    (g_ref,) = torch.autograd.grad(want, s64)
+    assert g.dtype == torch.bfloat16
+    assert_close(g.cpu(), g_ref, torch.bfloat16, what="gradient")
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_kept_graph_backward_twice(device, backend, reduction):
+    """With retain_graph the saved gradients are scaled as copies: two backwards give the same."""
+    s, t = _maps(device, 3, 4, 2, (4, 3), torch.float64, seed=4)
+    s.requires_grad_(True)
+    loss = functional.attention_transfer(s, t, reduction=reduction, backend=backend)
+    up = torch.full(loss.shape, 3.0, dtype=loss.dtype, device=loss.device)
+    (g1,) = torch.autograd.grad(loss, s, up, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, s, up)
+    torch.testing.assert_close(g1, g2)
+    s64 = s.detach().clone().requires_grad_(True)
+    (g_ref,) = torch.autograd.grad(functional.attention_transfer(s64, t, reduction=reduction, backend="torch"), s64,
+                                   up)
+    torch.testing.assert_close(g2, g_ref)
+
+
+def test_gradcheck_cpu_op():
+    if "cpu" not in kdkernels.backends.implemented_backends("attention_transfer", "cpu"):
+        pytest.skip("the C++ CPU extension is not built")
+    for p, squared, reduction in ((2.0, True, "mean"), (1.0, False, "none"), (2.5, True, "batchmean")):
+        s, t = _maps("cpu", 2, 3, 2, (3, 2), torch.float64, seed=6)
+        s.requires_grad_(True)
+        t.requires_grad_(True)
+        assert torch.autograd.gradcheck(
+            lambda a, b: functional.attention_transfer(a, b, p=p, squared=squared, reduction=reduction, backend="cpu"),
+            (s, t))
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("per_row", [False, True])
+@pytest.mark.parametrize("grads", [(True, True), (True, False), (False, True)])
+def test_opcheck(device, backend, per_row, grads):
+    s, t = _maps(device, 3, 4, 2, (5,), torch.float32, seed=7)
+    args = (s, t, torch.tensor(0.1, device=device), 2.5, not per_row, per_row, *grads)
+    torch.library.opcheck(ops.ATTENTION_TRANSFER.forward_ops[backend], args)
+    # with inputs that require grad: schema, autograd registration, fake (as softmax_kl_step's test says,
+    # the aot_dispatch checks return the saved gradients as outputs, which the partitioner rejects;
+    # the functional, which drops them, compiles: test_compile.py)
+    s_g, t_g = s.clone().requires_grad_(grads[0]), t.clone().requires_grad_(grads[1])
+    torch.library.opcheck(ops.ATTENTION_TRANSFER.forward_ops[backend], (s_g, t_g) + args[2:],
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    loss, grad_s, grad_t = ops.ATTENTION_TRANSFER.forward(backend, *args)
+    torch.library.opcheck(ops.ATTENTION_TRANSFER.backward_ops[backend], (torch.rand_like(loss) + 0.5, grad_s, grad_t))
+
+
+def test_saves_only_the_gradients():
+    """One-pass: the forward's gradients are all that is kept for the backward (not the maps)."""
+    if "cpu" not in kdkernels.backends.implemented_backends("attention_transfer", "cpu"):
+        pytest.skip("the C++ CPU extension is not built")
+    s, t = _maps("cpu", 2, 3, 4, (6,), torch.float32, seed=8)
+    s.requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+        functional.attention_transfer(s, t, backend="cpu")
+    assert [tuple(x.shape) for x in saved] == [tuple(s.shape), (0,)]
+
+
+def test_module():
+    s, t = _maps("cpu", 2, 3, 4, (5, 5), torch.float32, seed=9)
+    loss = kdkernels.AttentionTransferLoss(p=3.0, squared=False, reduction="sum")
+    torch.testing.assert_close(loss(s, t), functional.attention_transfer(s, t, p=3.0, squared=False, reduction="sum",
+                                                                        backend="torch"))
+    assert "p=3.0" in repr(loss) and "squared=False" in repr(loss)
+    with pytest.raises(ValueError, match="p must be"):
+        kdkernels.AttentionTransferLoss(p=0.5)
+
+
+@pytest.mark.parametrize("make,exc,match", [
+    (lambda: (torch.zeros(2, 3, 4), torch.zeros(2, 3, 5)), ValueError, "same spatial size"),
+    (lambda: (torch.zeros(2, 3, 4), torch.zeros(3, 3, 4)), ValueError, "same batch size"),
+    (lambda: (torch.zeros(2, 3), torch.zeros(2, 3)), ValueError, "student must have at least 3"),
+    (lambda: (torch.zeros(2, 0, 4), torch.zeros(2, 3, 4)), ValueError, "at least 1 channel"),
+    (lambda: (torch.zeros(2, 3, 4, dtype=torch.int64), torch.zeros(2, 3, 4)), TypeError, "student"),
+])
+def test_errors(make, exc, match):
+    s, t = make()
+    with pytest.raises(exc, match=match):
+        functional.attention_transfer(s, t)
+
+
+@pytest.mark.parametrize("kw,exc,match", [
+    (dict(p=0.5), ValueError, "p must be"), (dict(p=float("inf")), ValueError, "p must be"),
+    (dict(p="2"), TypeError, "p must be"), (dict(squared=1), TypeError, "squared"),
+    (dict(reduction="avg"), ValueError, "reduction"), (dict(backend="gpu"), ValueError, "backend"),
+])
+def test_option_errors(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        functional.attention_transfer(torch.zeros(2, 3, 4), torch.zeros(2, 3, 4), **kw)
