@@ -137,3 +137,29 @@ def test_relation_per_row_losses_compile_fullgraph(loss, device, backend):
     assert loss_value.shape == (10,)
     assert_close(loss_value, eager_loss, torch.float32, what="loss")
     assert_close(grad, eager_grad, torch.float32, what="grad")
+
+
+@pytest.mark.parametrize("device,backend", backend_params("attention_transfer"))
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_attention_transfer_compiles_fullgraph(device, backend, compile_backend, reduction):
+    if compile_backend == "inductor" and backend == "triton" and device.type == "cpu":
+        pytest.skip("inductor + interpreted Triton on CPU adds nothing over aot_eager; run on GPU")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    body = torch.nn.Conv2d(3, 6, 3, padding=1).to(device)
+    loss_fn = kdkernels.AttentionTransferLoss(p=2.0, reduction=reduction, backend=backend)
+
+    def step(images, teacher):
+        return loss_fn(body(images), teacher)
+
+    images = torch.randn(2, 3, 5, 5, device=device)
+    teacher = torch.randn(2, 8, 5, 5, device=device)
+    upstream = torch.rand(2, device=device) + 0.5 if reduction == "none" else torch.ones((), device=device)
+    eager_loss = step(images, teacher)
+    eager_grads = torch.autograd.grad(eager_loss, tuple(body.parameters()), upstream)
+    loss = torch.compile(step, fullgraph=True, backend=compile_backend)(images, teacher)
+    grads = torch.autograd.grad(loss, tuple(body.parameters()), upstream)
+    assert_close(loss, eager_loss, torch.float32, what="loss")
+    for g, e in zip(grads, eager_grads):
+        assert_close(g, e, torch.float32, what="grad")

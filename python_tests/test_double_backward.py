@@ -24,6 +24,8 @@ def _inputs(loss: str, device="cpu", dtype=torch.float64):
         return rand(4, 5), (rand(7, 5),), {"teacher_logits": rand(4, 7), "temperature": 2.0, "chunk_size": 3}
     if loss == "projected_mse":
         return rand(2, 3, 5), (rand(2, 3, 4), rand(4, 5), rand(4)), {}
+    if loss == "attention_transfer":  # (N, Cs, H, W) student, (N, Ct, H, W) teacher
+        return rand(2, 3, 4, 3), (rand(2, 5, 4, 3),), {"p": 2.5}
     return rand(6, 3), (rand(6, 4),), {}  # relation losses
 
 
