@@ -14,6 +14,7 @@
 // position's sum of r^2 (no atomics); the backward weights each position by g_p = grad_loss[b, p]
 // (s = 2): grad_x = s g_p (r W), grad_t = -s g_p r, grad_b = s sum g_p r in the op-math dtype, and
 // grad_W = s (g_p r)^T x with g_p r rounded to the input dtype for cuBLAS (no rounding in float32).
+#include <array>
 #include <algorithm>
 #include <cstdint>
 #include <optional>
@@ -253,7 +254,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> projected_mse_backward_cuda(const Ten
     grad_w = gw.sum(0).mul_(s).to(dtype);
   }
   if (bias_grad) {
-    grad_b = at::sum(rw, {0, fmajor ? 2 : 1}, false, opmath_dtype).mul_(s).to(dtype);
+    // a named array: torch 2.11's headers find a braced {int, int} ambiguous (IntArrayRef vs DimnameList)
+    const std::array<int64_t, 2> batch_and_rows{0, fmajor ? 2 : 1};
+    grad_b = at::sum(rw, batch_and_rows, false, opmath_dtype).mul_(s).to(dtype);
   }
   return {grad_x, grad_t, grad_w, grad_b};
 }
