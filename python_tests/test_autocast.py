@@ -13,7 +13,7 @@ import torch
 from kdkernels import functional
 from python_tests.helpers import backend_params
 
-LOSSES = ["softmax_kl_div", "projected_mse", "rkd_distance", "rkd_angle", "rkd", "similarity_preserving"]
+LOSSES = ["softmax_kl_div", "projected_mse", "attention_transfer", "rkd_distance", "rkd_angle", "rkd", "similarity_preserving"]
 
 
 def _teacher_side(loss: str, g: torch.Generator, device):
@@ -22,6 +22,8 @@ def _teacher_side(loss: str, g: torch.Generator, device):
                 torch.randn(12, generator=g).to(device))
     if loss == "softmax_kl_div":
         return (torch.randn(4, 5, 8, generator=g).to(device),)
+    if loss == "attention_transfer":  # (N, Ct, positions) maps beside the student's (4, 5, 8)
+        return (torch.randn(4, 3, 8, generator=g).to(device),)
     return (torch.randn(4, 5, 6, generator=g).to(device),)
 
 

@@ -17,7 +17,8 @@ from kdkernels import reference
 from kdkernels.backends import LOSSES
 from kdkernels.bench import baselines, impls, peers
 from kdkernels.bench.cases import Case, Inputs, get_preset, make_inputs
-from kdkernels.bench.inputs import Float64Source, projected_mse_inputs, relation_inputs, softmax_kl_inputs
+from kdkernels.bench.inputs import (Float64Source, attention_transfer_inputs, projected_mse_inputs, relation_inputs,
+                                    softmax_kl_inputs)
 
 RTOL, ATOL = 1e-5, 1e-6  # float32: the same math in a different order
 
@@ -107,6 +108,17 @@ def test_rkd_eager_weights(weights):
     _compare(lambda: baselines.rkd(s, t, *weights), lambda: reference.rkd(s, t, *weights), [s], f"rkd {weights}")
 
 
+# ------------------------------------------------------------------------ attention_transfer
+@pytest.mark.parametrize("p", [2.0, 1.0, 3.0])
+@pytest.mark.parametrize("squared", [True, False])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "batchmean", "none"])
+def test_attention_transfer_eager_equals_reference(p, squared, reduction):
+    s, t = attention_transfer_inputs(_src(), (3, 4, 5, 2), (3, 6, 5, 2), teacher_requires_grad=True)
+    kw = dict(p=p, squared=squared, reduction=reduction)
+    _compare(lambda: baselines.attention_transfer(s, t, **kw), lambda: reference.attention_transfer(s, t, **kw),
+             [s, t], f"attention_transfer p={p} squared={squared} {reduction}")
+
+
 def test_relation_eager_teacher_gets_no_gradient():
     s, t = relation_inputs(_src(3), 6, 4, 4, teacher_requires_grad=True)
     for loss in ("rkd_distance", "rkd_angle", "similarity_preserving"):
@@ -164,6 +176,18 @@ def test_torchdistill_fitnet_equals_reference(layout):
     o = {"feature_dim": fd}
     _compare(lambda: _td("projected_mse", o, Inputs((x, t, w), {"bias": b, **o})),
              lambda: reference.projected_mse(x, t, w, b, fd), [x, w, b], f"torchdistill MSE {layout}")
+
+
+@needs_td
+@pytest.mark.parametrize("squared,reduction", [(True, "mean"), (False, "batchmean")])
+def test_torchdistill_attention_transfer_equals_reference(squared, reduction):
+    """ATLoss mode 'code' is our squared "mean", mode 'paper' our norm "batchmean" (p = 2)."""
+    s, t = attention_transfer_inputs(_src(), (3, 4, 5, 2), (3, 6, 5, 2))
+    o = {"squared": squared, "reduction": reduction}
+    _compare(lambda: _td("attention_transfer", o, Inputs((s, t), {})),
+             lambda: reference.attention_transfer(s, t, **o), [s], f"torchdistill ATLoss {o}")
+    for other in ({"p": 3.0}, {"reduction": "sum"}, {"squared": False, "reduction": "mean"}):
+        assert "unavailable" in peers.torchdistill_unavailable("attention_transfer", other)
 
 
 @needs_td

@@ -31,6 +31,7 @@ inline void scale_rows_(at::Tensor& grad, const at::Tensor& factor) {
                 c10::CppTypeToScalarType<T>::value, ", got ", factor.scalar_type());
     const T* f = factor.const_data_ptr<T>();
     const int64_t f_stride = factor.dim() == 0 ? 0 : factor.stride(0);
+    if (f_stride == 0 && f[0] == T(1)) return;  // loss.backward(): not even a parallel region to start
     scalar_t* g = grad.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, R, std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(V, 1)),
                      [&](int64_t r0, int64_t r1) {

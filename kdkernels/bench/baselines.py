@@ -31,6 +31,11 @@ Family by family:
   ``log(1 - sum p_k)`` ("bucket"), summed per row, batchmean, times T^2.
 * ``projected_mse``: ``F.mse_loss(F.linear(x, W, b), t)``; an (N, C, H, W) map with
   ``feature_dim=1`` goes through ``F.conv2d(x, W[:, :, None, None], b)`` (a 1x1 convolution).
+* ``attention_transfer``: the authors' code (Zagoruyko & Komodakis; torchdistill's ``ATLoss``):
+  ``at(x) = F.normalize(x.pow(p).mean(1).flatten(1))`` -- ``x.abs().pow(p)`` for a p other than 2,
+  where a negative activation would otherwise give a complex or negative power --, then
+  ``(at(s) - at(t)).pow(2).mean()`` ("mean", squared); the paper's form ``||at(s) - at(t)||_2`` per
+  sample for ``squared=False``. The teacher side under ``torch.no_grad()`` unless it requires grad.
 * ``rkd_distance`` / ``rkd_angle`` / ``rkd``: the RKD paper's code (Park et al. 2019; torchdistill's
   ``RKDLoss``): Gram-trick distances clamped at 1e-12, diagonal zeroed, divided by their mean
   off-diagonal value, smooth-L1; angles from ``F.normalize``-d differences and ``bmm``. The teacher
@@ -46,7 +51,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["softmax_kl_div", "softmax_kl_div_topk", "fused_linear_softmax_kl_div", "projected_mse", "rkd_distance", "rkd_angle", "rkd", "similarity_preserving"]
+__all__ = ["softmax_kl_div", "softmax_kl_div_topk", "fused_linear_softmax_kl_div", "projected_mse", "attention_transfer", "rkd_distance", "rkd_angle", "rkd", "similarity_preserving"]
 
 
 # ------------------------------------------------------------------------------ response (KD)
@@ -151,6 +156,33 @@ def projected_mse(student, teacher, weight, bias=None, feature_dim=-1, reduction
         rows = teacher.numel() // teacher.shape[fd] if teacher.shape[fd] else 0
         return F.mse_loss(y, teacher, reduction="sum") / max(1, rows)
     return F.mse_loss(y, teacher, reduction=reduction)
+
+
+def _attention(x, p):
+    pooled = x.pow(2) if p == 2 else x.abs().pow(p)
+    return F.normalize(pooled.mean(1).flatten(1))
+
+
+def attention_transfer(student, teacher, p=2.0, squared=True, reduction="mean"):
+    if teacher.requires_grad:
+        at_t = _attention(teacher, p)
+    else:
+        with torch.no_grad():
+            at_t = _attention(teacher, p)
+    d = _attention(student, p) - at_t
+    if squared:
+        if reduction == "mean":
+            return d.pow(2).mean()
+        rows = d.pow(2).sum(1)
+    else:
+        rows = d.norm(dim=1)
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    if reduction == "batchmean":
+        return rows.sum() / max(1, d.shape[0])
+    return rows.sum() / max(1, d.numel())  # "mean": sum / (N * positions)
 
 
 # ------------------------------------------------------------------------------------ relation

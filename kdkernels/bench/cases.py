@@ -15,7 +15,8 @@ from typing import Any, Callable
 
 import torch
 
-from kdkernels.bench.inputs import DeviceSource, projected_mse_inputs, relation_inputs, softmax_kl_inputs
+from kdkernels.bench.inputs import (DeviceSource, attention_transfer_inputs, projected_mse_inputs, relation_inputs,
+                                    softmax_kl_inputs)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
@@ -242,6 +243,37 @@ def _pm_work(case: Case) -> float:
     return _pm_flops(case)["step"] + 30.0 * rows * dtt
 
 
+# attention_transfer -----------------------------------------------------------------------------
+def _at_sizes(case: Case) -> tuple[int, int, int, int]:
+    """(N, Cs, Ct, positions)."""
+    d = case.dims
+    return d["N"], d["Cs"], d["Ct"], d["H"] * d["W"]
+
+
+def _at_inputs(case: Case, device: torch.device, seed: int) -> Inputs:
+    d = case.dims
+    s, t = attention_transfer_inputs(DeviceSource(seed, case.torch_dtype, device), (d["N"], d["Cs"], d["H"], d["W"]),
+                                     (d["N"], d["Ct"], d["H"], d["W"]))
+    return Inputs((s, t), dict(case.options))
+
+
+def _at_label(case: Case) -> str:
+    d = case.dims
+    return f"N{d['N']} Cs{d['Cs']} Ct{d['Ct']} {d['H']}x{d['W']} {DTYPE_SHORT[case.dtype]}"
+
+
+def _at_est(case: Case, kind: str) -> float:
+    n, cs, ct, k = _at_sizes(case)
+    student, teacher = n * cs * k * OPMATH_BYTES, n * ct * k * OPMATH_BYTES
+    # eager: |F|^p of the student kept for the backward, its gradient, the teacher's transient one
+    return {"eager": 3 * student + teacher, "compile": 2 * student, "peer": 3 * student + teacher}.get(kind, student)
+
+
+def _at_work(case: Case) -> float:
+    n, cs, ct, k = _at_sizes(case)
+    return 20.0 * n * (cs + ct) * k  # pooling, normalising and the gradient sweep: memory-bound
+
+
 # relation losses --------------------------------------------------------------------------------
 def _rel_inputs(case: Case, device: torch.device, seed: int) -> Inputs:
     return Inputs(relation_inputs(DeviceSource(seed, case.torch_dtype, device), *_rel_dims(case)),
@@ -305,6 +337,8 @@ SPECS: dict[str, LossSpec] = {
                                             lambda c: _fl_flops(c)["step"] + 60.0 * c.dims["R"] * c.dims["V"],
                                             gemms=_fl_gemms),
     "projected_mse": LossSpec(_pm_inputs, _pm_label, _pm_flops, _pm_est, _pm_work, gemms=_pm_gemms),
+    # memory-bound (a channel pooling and a per-sample normalisation): the copy floor, no GEMM floor
+    "attention_transfer": LossSpec(_at_inputs, _at_label, lambda c: None, _at_est, _at_work),
     "rkd_distance": LossSpec(_rel_inputs, _rel_label, _gram_flops, _pair_est(12, 4), _pair_work, "B", 2.0,
                              gemms=_gram_gemms),
     "similarity_preserving": LossSpec(_rel_inputs, _rel_label, _gram_flops, _pair_est(10, 4), _pair_work, "B", 2.0,
@@ -363,6 +397,15 @@ FUSED_LINEAR_CPU_TARGETS = {"vs_linear_kd_step": 0.9, "mem_beyond_grads_x_eager"
 FUSED_LINEAR_SPEED_TARGET = {"vs_linear_kd_step": 0.9}  # 512 rows: chunks of 256 hold half the logits
 
 
+# issue #15 §1: attention transfer's step >= 5x the eager composition, <= 2x the copy floor (read both
+# maps, write the student gradient), memory beyond the gradient <= 10 % of the eager composition's
+AT_CPU_TARGETS = {"vs_eager_step": 5.0, "x_copy_floor": 2.0, "mem_beyond_grads_x_eager": 0.10}
+
+
+def _at(n, cs, ct, h, w, dtype="float32", targets=None, **opts) -> Case:
+    return Case("attention_transfer", {"N": n, "Cs": cs, "Ct": ct, "H": h, "W": w}, dtype, opts, "main", targets or {})
+
+
 def _fl(r, h, v, dtype="float32", targets=None, **opts) -> Case:
     return Case("fused_linear_softmax_kl_div", {"R": r, "H": h, "V": v}, dtype, {"temperature": 2.0, **opts}, "main",
                 targets or {})
@@ -395,6 +438,7 @@ def preset_cpu() -> Preset:
         _topk(1024, 32000, 64, targets=TOPK_CPU_TARGETS),
         _fl(512, 1024, 32000, targets=FUSED_LINEAR_SPEED_TARGET),
         Case("projected_mse", {"N": 16, "Cs": 128, "Ct": 256, "H": 32, "W": 32}, "float32", {"feature_dim": 1}),
+        _at(16, 128, 256, 32, 32),
         _rel("rkd_distance", 1024, 512),
         _rel("similarity_preserving", 1024, 512),
         _rel("rkd_angle", 128, 512),
@@ -413,6 +457,7 @@ def preset_full() -> Preset:
         _topk(4096, 32000, 64, tail="bucket"),
         _fl(4096, 1024, 32000, targets=FUSED_LINEAR_CPU_TARGETS),
         Case("projected_mse", {"N": 64, "Cs": 128, "Ct": 256, "H": 32, "W": 32}, "float32", {"feature_dim": 1}),
+        _at(64, 128, 256, 32, 32, targets=AT_CPU_TARGETS),
         _rel("rkd_distance", 4096, 512),
         _rel("similarity_preserving", 4096, 512),
         _rel("rkd_angle", 512, 512),
@@ -435,6 +480,7 @@ def preset_gpu() -> Preset:
         Case("fused_linear_softmax_kl_div", {"R": 8192, "H": 4096, "Ht": 4096, "V": 128256}, "bfloat16",
              {"temperature": 1.0, "divergence": "jsd", "beta": 0.5}),
         Case("projected_mse", {"R": 16384, "Ds": 768, "Dt": 4096}, "bfloat16"),
+        _at(128, 256, 512, 32, 32, "bfloat16"),
         _rel("rkd_distance", 16384, 1024, "bfloat16"),
         _rel("similarity_preserving", 16384, 1024, "bfloat16"),
         _rel("rkd_angle", 1024, 1024, "bfloat16"),
@@ -457,6 +503,7 @@ def preset_smoke(device: str = "cpu") -> Preset:
         _topk(64, 512, 8),
         _fl(64, 32, 512),
         Case("projected_mse", {"N": 2, "Cs": 8, "Ct": 16, "H": 4, "W": 4}, "float32", {"feature_dim": 1}),
+        _at(2, 8, 16, 4, 4),
         _rel("rkd_distance", 64, 16),
         _rel("similarity_preserving", 64, 16),
         _rel("rkd_angle", 16, 8),
@@ -491,6 +538,7 @@ SHAPE_FORMS = {
     "fused_linear_softmax_kl_div": "RxHxV (rows x hidden size x vocabulary), e.g. 4096x1024x32000",
     "projected_mse": "RxDsxDt (feature vectors x student dim x teacher dim, features last) or NxCsxCtxHxW "
                      "(N, Cs, H, W student maps projected to Ct channels: a 1x1 conv, feature_dim=1)",
+    "attention_transfer": "NxCsxCtxHxW (N feature maps, student and teacher channels, spatial size), e.g. 64x128x256x32x32",
     "rkd_distance": RELATION_SHAPE,
     "rkd_angle": RELATION_SHAPE,
     "rkd": RELATION_SHAPE,
@@ -518,6 +566,8 @@ def parse_shape(loss: str, text: str) -> tuple[dict[str, int], dict[str, Any]]:
         dims, opts = {"R": nums[0], "Ds": nums[1], "Dt": nums[2]}, {"feature_dim": -1}
     elif loss == "projected_mse" and n == 5:
         dims, opts = dict(zip(("N", "Cs", "Ct", "H", "W"), nums)), {"feature_dim": 1}
+    elif loss == "attention_transfer" and n == 5:
+        dims, opts = dict(zip(("N", "Cs", "Ct", "H", "W"), nums)), {}
     elif loss in ("rkd_distance", "rkd_angle", "rkd", "similarity_preserving") and n in (2, 3):
         dims = {"B": nums[0], "D": nums[1]} if n == 2 else {"B": nums[0], "Ds": nums[1], "Dt": nums[2]}
         opts = {}

@@ -15,6 +15,11 @@ bench installs it with ``pip install --no-deps torchdistill``):
   are ``SimpleLossWrapper(nn.MSELoss())`` on the output of a regressor module. The regressor here is
   the case's plain linear / 1x1 convolution (torchdistill's ``ConvReg`` adds BatchNorm and ReLU:
   another loss), so this row is torchdistill's wrapper around the eager composition. No "batchmean".
+* ``attention_transfer`` -> ``ATLoss(at_pairs, mode)``: mode "code" (the authors' code:
+  ``normalize(x.pow(2).mean(1))``, ``.pow(2).mean()``) is our p = 2, squared, "mean"; mode "paper"
+  (``normalize(x.pow(2).sum(1))``, ``||.||_2`` per sample, summed / N) is our p = 2, not squared,
+  "batchmean" (the sum over channels and the mean differ by C, which the normalisation removes).
+  Other p, reductions or pairings: unavailable.
 * ``rkd_distance`` / ``rkd_angle`` / ``rkd`` -> ``RKDLoss(dist_factor, angle_factor)`` with (1, 0),
   (0, 1) and the case's weights: the RKD paper's code (Gram-trick ``pdist``, ``d[d > 0].mean()``).
   Reductions "mean" and "sum" only (no "batchmean", no per-row "none").
@@ -40,6 +45,7 @@ NOTES = {
                                                "same work, different loss",
     ("torchdistill", "softmax_kl_div"): "torchdistill KDLoss(alpha=0) x T^2",
     ("torchdistill", "projected_mse"): "torchdistill SimpleLossWrapper(nn.MSELoss) on a plain linear/1x1-conv regressor",
+    ("torchdistill", "attention_transfer"): "torchdistill ATLoss (mode 'code': squared, mean; 'paper': norm, batchmean)",
 }
 
 
@@ -93,11 +99,21 @@ def torchdistill_unavailable(loss: str, options: dict) -> str | None:
             return "unavailable (torchdistill's KDLoss has no per-row reduction)"
     if loss == "projected_mse" and options.get("reduction", "mean") == "batchmean":
         return "unavailable (nn.MSELoss has no batchmean)"
+    if loss == "attention_transfer" and _at_mode(options) is None:
+        return "unavailable (torchdistill's ATLoss: p 2, squared with mean ('code') or not with batchmean ('paper'))"
     if loss == "similarity_preserving" and options.get("reduction", "mean") not in SP_REDUCTIONS:
         return "unavailable (SPKDLoss reductions: batchmean = our mean, sum)"
     if loss in ("rkd_distance", "rkd_angle", "rkd") and options.get("reduction", "mean") not in ("mean", "sum"):
         return "unavailable (torchdistill's RKDLoss reductions: mean, sum)"
     return None
+
+
+def _at_mode(options: dict) -> str | None:
+    """ATLoss's mode for these attention-transfer options, or None (it has no such form)."""
+    if float(options.get("p", 2.0)) != 2.0:
+        return None
+    squared, reduction = options.get("squared", True), options.get("reduction", "mean")
+    return {(True, "mean"): "code", (False, "batchmean"): "paper"}.get((bool(squared), reduction))
 
 
 def _io(path: str, tensor: torch.Tensor) -> dict:
@@ -136,6 +152,11 @@ def torchdistill_call(loss: str, options: dict, linear_or_conv: Callable) -> Cal
                    "rkd": (float(o.get("distance_weight", 1.0)), float(o.get("angle_weight", 2.0)))}[loss]
         fn = td.RKDLoss("s", "t", dist_factor=factors[0], angle_factor=factors[1],
                         reduction=o.get("reduction", "mean"))
+        return lambda inp: fn(_io("s", inp.args[0]), _io("t", inp.args[1]))
+    if loss == "attention_transfer":
+        side = {"io": "output"}
+        fn = td.ATLoss({"at": {"student": {"path": "s", **side}, "teacher": {"path": "t", **side}, "weight": 1}},
+                       mode=_at_mode(o))
         return lambda inp: fn(_io("s", inp.args[0]), _io("t", inp.args[1]))
     if loss == "similarity_preserving":
         fn = td.SPKDLoss("s", "t", reduction=SP_REDUCTIONS[o.get("reduction", "mean")])

@@ -4,12 +4,13 @@ A maker takes a random source (``source``: how values are drawn, see there) and 
 sizes and options, and returns the loss's tensor arguments:
 
 * ``response``  ``softmax_kl_inputs``    student / teacher logits, labels
-* ``feature``   ``projected_mse_inputs`` student / teacher features, weight, bias
+* ``feature``   ``projected_mse_inputs`` student / teacher features, weight, bias;
+  ``attention_transfer_inputs`` student / teacher feature maps
 * ``relation``  ``relation_inputs``      student / teacher embeddings or feature maps
 """
-from kdkernels.bench.inputs.feature import projected_mse_inputs
+from kdkernels.bench.inputs.feature import attention_transfer_inputs, projected_mse_inputs
 from kdkernels.bench.inputs.relation import relation_inputs
 from kdkernels.bench.inputs.response import softmax_kl_inputs
 from kdkernels.bench.inputs.source import DeviceSource, Float64Source
 
-__all__ = ["DeviceSource", "Float64Source", "projected_mse_inputs", "relation_inputs", "softmax_kl_inputs"]
+__all__ = ["DeviceSource", "Float64Source", "attention_transfer_inputs", "projected_mse_inputs", "relation_inputs", "softmax_kl_inputs"]

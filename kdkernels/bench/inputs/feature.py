@@ -1,4 +1,5 @@
-"""Inputs of the feature losses (projected MSE): (student features, teacher features, weight, bias or None)."""
+"""Inputs of the feature losses: projected MSE (student features, teacher features, weight, bias or
+None) and attention transfer (student and teacher feature maps)."""
 from __future__ import annotations
 
 import torch
@@ -34,3 +35,12 @@ def projected_mse_inputs(source, student_shape: tuple, teacher_shape: tuple, fea
     w = source.finish(source.fan_in_normal((dt, ds), ds), weight_requires_grad)
     b = source.finish(source.normal((dt,), bias_scale), True) if bias else None
     return x, t, w, b
+
+
+def attention_transfer_inputs(source, student_shape: tuple, teacher_shape: tuple, *, scale: float = 1.0,
+                              student_requires_grad: bool = True,
+                              teacher_requires_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student and teacher feature maps (N, C, *spatial), ``scale`` times standard normal."""
+    s = source.finish(source.normal(student_shape, scale), student_requires_grad)
+    t = source.finish(source.normal(teacher_shape, scale), teacher_requires_grad)
+    return s, t
