@@ -37,9 +37,18 @@ step "tests (CUDA + CPU; Triton compiled for real)"
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 12")
 # GPU_CHECK_QUICK=1: only the tests marked cuda, then stop (a short rerun after a fix)
 MARK=${GPU_CHECK_QUICK:+-m cuda}
-timeout -s INT -k 20 ${TEST_S:-170} $PY -m pytest python_tests -q -rfs -p no:cacheprovider $XDIST $MARK --ignore=python_tests/test_triton_compile.py \
+# GPU_CHECK_TESTS: test paths (default: the whole suite)
+timeout -s INT -k 20 ${TEST_S:-170} $PY -m pytest ${GPU_CHECK_TESTS:-python_tests} -q -rfs -p no:cacheprovider $XDIST $MARK --ignore=python_tests/test_triton_compile.py \
   >"$OUT/tests.log" 2>&1 || status=1
 tail -25 "$OUT/tests.log"
+if [ -n "${GPU_CHECK_PROBE:-}" ]; then
+  step "probe: a misshapen upstream gradient into the CUDA relation backward, under cuda-gdb (appended to tests.log)"
+  GDB=$(command -v cuda-gdb || echo /usr/local/cuda/bin/cuda-gdb)
+  timeout 60 $PY benchmarks/gpu_probe_bad_grad.py >>"$OUT/tests.log" 2>&1; echo "probe exit $?" >>"$OUT/tests.log"
+  timeout 90 "$GDB" -batch -ex "set pagination off" -ex "catch throw" -ex run -ex bt -ex continue -ex bt \
+    --args $PY benchmarks/gpu_probe_bad_grad.py rkd_angle >>"$OUT/tests.log" 2>&1
+  tail -30 "$OUT/tests.log"
+fi
 if [ -n "${GPU_CHECK_QUICK:-}" ]; then step "done (quick; status $status)"; exit $status; fi
 
 step "benchmarks (--preset gpu)"

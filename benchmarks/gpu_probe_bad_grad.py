@@ -1,0 +1,38 @@
+"""GPU probe: a misshapen upstream gradient into the CUDA relation backward ops must raise.
+
+The first H200 run (benchmarks/results/h200-first-gpu-run) saw a segmentation fault here instead of
+a RuntimeError. benchmarks/gpu_check.sh runs this under cuda-gdb (``catch throw``, then the
+backtrace at the fault) with GPU_CHECK_PROBE=1, to show where the throw and the fault happen.
+"""
+import os
+import sys
+
+import torch
+
+import kdkernels  # noqa: F401  (registers the ops)
+from kdkernels import ops
+
+DEVICE = os.environ.get("PROBE_DEVICE", "cuda")  # PROBE_DEVICE=cpu: a dry run of the script on the CPU ops
+BACKEND = "cuda" if DEVICE == "cuda" else "cpu"
+B, D = 8, 5
+s = torch.randn(B, D, device=DEVICE)
+t = torch.randn(B, D, device=DEVICE)
+names = sys.argv[1:] or ["rkd_angle", "rkd_distance", "similarity_preserving"]
+for name in names:
+    spec = getattr(ops, name.upper())
+    fwd, bwd = spec.forward_ops[BACKEND], spec.backward_ops[BACKEND]
+    with torch.no_grad():
+        out = fwd(s, t, False)
+    outs = out if isinstance(out, tuple) else (out,)
+    wrong = torch.ones(B + 1, dtype=outs[0].dtype, device=DEVICE)
+    for mode in ("no_grad", "grad"):
+        try:
+            if mode == "no_grad":
+                with torch.no_grad():
+                    bwd(wrong, s, t, *outs[1:])
+            else:
+                bwd(wrong, s, t, *outs[1:])
+            print(f"{name} [{mode}]: NO ERROR (wrong)", flush=True)
+        except RuntimeError as e:
+            print(f"{name} [{mode}]: raised: {str(e).splitlines()[0][:120]}", flush=True)
+print("probe done", flush=True)
