@@ -83,6 +83,9 @@ def _inputs(op_name: str, device: torch.device, per_row: bool):
         return head + (torch.tensor(0.5, device=device),) + options + (True, True, False)
     if op_name == "projected_mse":
         return (rand(2, 5, 6, grad=True), rand(2, 5, 4, grad=True), rand(4, 6, grad=True), rand(4, grad=True), 0)
+    if op_name == "attention_transfer":  # weight 0-d, p general (exp2 / log2), not squared, both gradients
+        return (rand(2, 3, 10, grad=True), rand(2, 4, 10, grad=True), torch.tensor(0.5, device=device), 2.5, False,
+                False, True, True)
     return (rand(9, 6, grad=True), rand(9, 4), per_row)  # the relation ops
 
 

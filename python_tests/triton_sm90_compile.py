@@ -136,6 +136,24 @@ def feature_launches():
                 for flags in ((True, False, True, bias is not None), (True, True, False, False),
                               (False, False, True, False), (False, True, False, True)):
                     k.backward(torch.ones_like(loss), x, w, residual, reduction, *flags)
+    attention_transfer_launches()
+
+
+def attention_transfer_launches():
+    from kdkernels.triton.feature import attention_transfer as k
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        opmath = torch.float64 if dtype == torch.float64 else torch.float32
+        weight = torch.tensor(0.5, dtype=opmath)
+        # one S block / several S, channel and per-sample (BLOCK_R) blocks; Cs != Ct
+        for cs, ct, positions in ((3, 5, 49), (20, 36, 1100)):
+            s = torch.randn(2, cs, positions).to(dtype)
+            t = torch.randn(2, ct, positions).to(dtype)
+            for p, squared, per_row in itertools.product((1.0, 2.0, 2.5), (True, False), (False, True)):
+                for student_grad, teacher_grad in ((True, False), (True, True), (False, True), (False, False)):
+                    _, gs, gt = k.forward(s, t, weight, p, squared, per_row, student_grad, teacher_grad)
+                    # its backward's scale_rows_ launches (factor != 1)
+                    k.backward(torch.full((2,) if per_row else (), 2.0, dtype=opmath), gs, gt)
 
 
 def relation_launches():

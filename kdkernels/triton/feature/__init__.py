@@ -1,1 +1,1 @@
-"""Triton launchers of the feature family: one module per op (projected_mse)."""
+"""Triton launchers of the feature family: one module per op (projected_mse, attention_transfer)."""
