@@ -75,6 +75,8 @@ def override_tiles(family: str, value: Any) -> Iterator[None]:
 
     * ``"response"``: the largest BLOCK_V (int) for 2- and 4-byte inputs (float64 uses half);
     * ``"feature"``: {element size: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps)};
+    * ``"attention_transfer"``: (elements per channel x position tile, largest BLOCK_S, largest
+      BLOCK_R of the per-sample sweep, num_warps);
     * ``"relation"``: (BLOCK rows, BLOCK_D, ANGLE_BLOCK).
     """
     previous = _TILE_OVERRIDES.get(family, _MISSING)
