@@ -22,6 +22,7 @@
 
 #include "../scale_rows.h"
 #include "kdkernels/attention.h"
+#include "kdkernels/feature_args.h"
 
 namespace kdkernels {
 namespace cpu {
@@ -100,18 +101,9 @@ void forward_samples(const at::Tensor& student, const at::Tensor& teacher, doubl
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_transfer_forward_cpu(
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& weight, double p, bool squared,
     bool per_row, bool student_grad, bool teacher_grad) {
+  check_attention_transfer_args(student, teacher, weight, p, "attention_transfer_forward");
   TORCH_CHECK(student.is_cpu() && teacher.is_cpu() && weight.is_cpu(),
               "attention_transfer_forward: student, teacher and weight must be CPU tensors");
-  TORCH_CHECK(student.dim() == 3 && teacher.dim() == 3, "attention_transfer_forward: student and teacher must be 3-D "
-              "(N, C, S), got ", student.sizes(), " and ", teacher.sizes());
-  TORCH_CHECK(student.size(0) == teacher.size(0) && student.size(2) == teacher.size(2),
-              "attention_transfer_forward: student and teacher must share N and S, got ", student.sizes(), " and ",
-              teacher.sizes());
-  TORCH_CHECK(student.size(1) >= 1 && teacher.size(1) >= 1, "attention_transfer_forward: at least one channel");
-  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(), "attention_transfer_forward: one dtype");
-  TORCH_CHECK(student.is_contiguous() && teacher.is_contiguous(), "attention_transfer_forward: contiguous inputs");
-  TORCH_CHECK(p >= 1.0, "attention_transfer_forward: p must be >= 1, got ", p);
-  TORCH_CHECK(weight.dim() == 0, "attention_transfer_forward: weight must be 0-d");
   const auto opmath = at::toOpMathType(student.scalar_type());
   at::Tensor rows = at::empty({student.size(0)}, student.options().dtype(opmath));
   at::Tensor grad_s = student_grad ? at::empty_like(student) : at::Tensor();
@@ -138,6 +130,7 @@ void scale_samples_(at::Tensor& grad, const at::Tensor& factor) {
 }
 
 void attention_transfer_backward_cpu(const at::Tensor& grad_loss, at::Tensor& grad_student, at::Tensor& grad_teacher) {
+  check_attention_transfer_backward_args(grad_loss, grad_student, grad_teacher, "attention_transfer_backward");
   scale_samples_(grad_student, grad_loss);
   scale_samples_(grad_teacher, grad_loss);
 }

@@ -1,6 +1,6 @@
-// Host-side argument checks and result allocation of the projected-MSE ops, shared by the CPU
-// (csrc/cpu/feature/projected_mse.cpp) and CUDA (csrc/cuda/feature/projected_mse.cu) kernels so both
-// reject and lay out alike.
+// Host-side argument checks and result allocation of the feature ops (projected MSE, attention
+// transfer), shared by the CPU (csrc/cpu/feature/*.cpp) and CUDA (csrc/cuda/feature/*.cu) kernels so
+// both reject and lay out alike.
 #pragma once
 #include <cstdint>
 #include <optional>
@@ -79,6 +79,48 @@ inline int64_t check_projected_mse_backward_args(const at::Tensor& grad_loss, co
 // Storage for a (B, P, D) result in the layout of feature.h's feature_major rule.
 inline at::Tensor empty_in_layout(int64_t B, int64_t P, int64_t D, bool fmajor, const at::TensorOptions& opts) {
   return fmajor ? at::empty({B, D, P}, opts).transpose(1, 2) : at::empty({B, P, D}, opts);
+}
+
+}  // namespace kdkernels
+
+namespace kdkernels {
+
+// ---- attention transfer (ATTENTION_TRANSFER in kdkernels/ops/feature.py) -------------------------
+// The device-independent checks of the forward's arguments; each backend adds its device rules.
+inline void check_attention_transfer_args(const at::Tensor& student, const at::Tensor& teacher,
+                                          const at::Tensor& weight, double p, const char* op) {
+  TORCH_CHECK(student.dim() == 3 && teacher.dim() == 3, op, ": student and teacher must be 3-D (N, C, S), got ",
+              student.sizes(), " and ", teacher.sizes());
+  TORCH_CHECK(student.size(0) == teacher.size(0) && student.size(2) == teacher.size(2), op,
+              ": student and teacher must share N and S, got ", student.sizes(), " and ", teacher.sizes());
+  TORCH_CHECK(student.size(1) >= 1 && teacher.size(1) >= 1, op, ": at least one channel");
+  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(), op, ": one dtype");
+  TORCH_CHECK(student.is_contiguous() && teacher.is_contiguous(), op, ": contiguous inputs");
+  TORCH_CHECK(p >= 1.0, op, ": p must be >= 1, got ", p);
+  TORCH_CHECK(weight.dim() == 0, op, ": weight must be 0-d");
+}
+
+// The backward's: each saved gradient is a contiguous (N, C, S) tensor or empty (not requested,
+// skipped); grad_loss is 0-d or (N,). Checked for both gradients before either is scaled in place.
+inline void check_attention_transfer_backward_args(const at::Tensor& grad_loss, const at::Tensor& grad_student,
+                                                   const at::Tensor& grad_teacher, const char* op) {
+  int64_t n = -1;  // the samples of the first non-empty gradient
+  for (const at::Tensor* g : {&grad_student, &grad_teacher}) {
+    if (g->numel() == 0) continue;
+    TORCH_CHECK(g->dim() == 3 && g->is_contiguous(), op, ": a saved gradient must be a contiguous (N, C, S) tensor, got ",
+                g->sizes());
+    TORCH_CHECK(n < 0 || g->size(0) == n, op, ": the saved gradients disagree on N: ", grad_student.sizes(), " and ",
+                grad_teacher.sizes());
+    n = g->size(0);
+  }
+  if (n < 0) return;  // nothing to scale
+  TORCH_CHECK(grad_student.numel() == 0 || grad_teacher.numel() == 0 ||
+                  grad_student.scalar_type() == grad_teacher.scalar_type(),
+              op, ": the saved gradients must share a dtype");
+  TORCH_CHECK(grad_loss.dim() == 0 || (grad_loss.dim() == 1 && grad_loss.size(0) == n), op,
+              ": grad_loss must be 0-d or (", n, ",), got ", grad_loss.sizes());
+  TORCH_CHECK(c10::isFloatingType(grad_loss.scalar_type()), op, ": grad_loss must be floating point, got ",
+              grad_loss.scalar_type());
 }
 
 }  // namespace kdkernels
