@@ -1,8 +1,8 @@
 """GPU probe: a misshapen upstream gradient into the CUDA relation backward ops must raise.
 
 The first H200 run (benchmarks/results/h200-first-gpu-run) saw a segmentation fault here instead of
-a RuntimeError. benchmarks/gpu_check.sh runs this under cuda-gdb (``catch throw``, then the
-backtrace at the fault) with GPU_CHECK_PROBE=1, to show where the throw and the fault happen.
+a RuntimeError. benchmarks/gpu_check.sh runs this under cuda-gdb with GPU_CHECK_PROBE=1: where it
+faults, the backtrace says in which frame.
 """
 import os
 import sys
