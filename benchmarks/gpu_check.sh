@@ -44,7 +44,7 @@ tail -25 "$OUT/tests.log"
 if [ -n "${GPU_CHECK_PROBE:-}" ]; then
   step "probe: a misshapen upstream gradient into the CUDA relation backward, under cuda-gdb (appended to tests.log)"
   GDB=$(command -v cuda-gdb || echo /usr/local/cuda/bin/cuda-gdb)
-  timeout 45 "$GDB" -batch -ex "set pagination off" -ex run -ex bt \
+  timeout ${PROBE_S:-45} "$GDB" -batch -ex "set pagination off" -ex run -ex bt \
     --args $PY benchmarks/gpu_probe_bad_grad.py rkd_angle >>"$OUT/tests.log" 2>&1
   tail -30 "$OUT/tests.log"
 fi
