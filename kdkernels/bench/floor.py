@@ -9,12 +9,14 @@ tight for the memory-bound losses (softmax-KL), a loose bound for the GEMM-bound
 **GEMM floor** (GEMM-bound losses: projected MSE, RKD distance, SP). The matrix products of a step's
 useful FLOPs (``cases.LossSpec.gemms``: projected MSE's forward and two backward products; the
 relation losses' two Gram matrices and the student's B x B x Ds gradient product), timed as plain
-``torch.mm(a, b, out=c)`` on the case's device and dtype: ``x_gemm_floor = step time / that time``.
+``torch.mm(a, b, out=c)`` on the case's device and dtype (a 4-tuple (b, m, k, n) is a batched product,
+timed as ``torch.bmm``: FSP's per-sample Gram and gradient products): ``x_gemm_floor = step time / that time``.
 A kernel that uses the Gram's symmetry (half its products) can go below 1. RKD angle and ``rkd``
 have none: their work is B^3 element-wise triples, not GEMM FLOPs.
 """
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 
@@ -81,16 +83,31 @@ class GemmFloor:
                 "shapes": [list(s) for s in self.shapes], "dtype": self.dtype, "repeats": self.repeats}
 
 
+def _batched(shape) -> tuple[int, int, int, int]:
+    """(b, m, k, n) of an (m, k, n) product (b = 1) or of a batched (b, m, k, n) one."""
+    return (1, *shape) if len(shape) == 3 else tuple(shape)
+
+
+def _operand_shapes(shape) -> tuple[tuple, tuple, tuple]:
+    """The (a, b, c) buffer shapes of one product: 2-D for torch.mm, 3-D for torch.bmm."""
+    bt, m, k, n = _batched(shape)
+    if len(shape) == 3:
+        return (m, k), (k, n), (m, n)
+    return (bt, m, k), (bt, k, n), (bt, m, n)
+
+
 def gemm_bytes(shapes, dtype: torch.dtype) -> int:
     """Memory the GEMM floor allocates: one input buffer per distinct input shape, one output per output shape."""
-    ins = {(m, k) for m, k, _ in shapes} | {(k, n) for _, k, n in shapes}
-    outs = {(m, n) for m, _, n in shapes}
-    return (sum(a * b for a, b in ins) + sum(a * b for a, b in outs)) * dtype.itemsize
+    ops = [_operand_shapes(s) for s in shapes]
+    ins = {a for a, _, _ in ops} | {b for _, b, _ in ops}
+    outs = {c for _, _, c in ops}
+    return (sum(math.prod(x) for x in ins) + sum(math.prod(x) for x in outs)) * dtype.itemsize
 
 
 def gemm_floor(shapes: list[tuple[int, int, int]], dtype: torch.dtype, device: torch.device, budget_s: float = 0.3,
                min_repeats: int = 3, max_repeats: int = 20) -> GemmFloor:
-    """Median time of ``torch.mm(a, b, out=c)`` over every (m, k, n) of ``shapes``, one after the other."""
+    """Median time of ``torch.mm(a, b, out=c)`` over every (m, k, n) of ``shapes`` (``torch.bmm`` for a
+    batched (b, m, k, n)), one after the other."""
     gen = torch.Generator(device=device).manual_seed(0)
     ins: dict = {}
     outs: dict = {}
@@ -101,11 +118,11 @@ def gemm_floor(shapes: list[tuple[int, int, int]], dtype: torch.dtype, device: t
                            else torch.empty(shape, device=device, dtype=dtype))
         return pool[shape]
 
-    prods = [(buf(ins, (m, k)), buf(ins, (k, n)), buf(outs, (m, n))) for m, k, n in shapes]
+    prods = [(buf(ins, a), buf(ins, b), buf(outs, c)) for a, b, c in map(_operand_shapes, shapes)]
 
     def one_pass():
         for a, b, c in prods:
-            torch.mm(a, b, out=c)
+            (torch.mm if a.dim() == 2 else torch.bmm)(a, b, out=c)
 
     one_pass()  # warm-up (BLAS threads, pages of the outputs)
     synchronize(device)
@@ -121,6 +138,6 @@ def gemm_floor(shapes: list[tuple[int, int, int]], dtype: torch.dtype, device: t
         times.append(clock.ms(a, b))
         if len(times) == 1:
             target = max(min_repeats, min(max_repeats, int(budget_s * 1e3 / max(times[0], 1e-6))))
-    flops = float(sum(2 * m * k * n for m, k, n in shapes))
+    flops = float(sum(2 * math.prod(_batched(s)) for s in shapes))
     del prods, ins, outs
     return GemmFloor(statistics.median(times), flops, list(shapes), str(dtype).replace("torch.", ""), len(times))
