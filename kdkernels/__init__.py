@@ -8,6 +8,7 @@ relation-based (RKD distance / angle, similarity-preserving) losses, each as a f
 from kdkernels import backends, functional, ops, reference  # noqa: F401  (ops registers the dispatcher ops)
 from kdkernels.modules import (
     AttentionTransferLoss,
+    FSPLoss,
     FusedLinearSoftmaxKLDivLoss,
     ProjectedMSELoss,
     RKDAngleLoss,
@@ -21,4 +22,4 @@ from kdkernels.functional import topk_teacher
 
 __version__ = "0.1.0"
 __all__ = ["functional", "backends", "reference", "topk_teacher", "SoftmaxKLDivLoss", "TopKSoftmaxKLDivLoss", "FusedLinearSoftmaxKLDivLoss", "ProjectedMSELoss", "AttentionTransferLoss", "RKDDistanceLoss",
-           "RKDAngleLoss", "SimilarityPreservingLoss", "RKDLoss"]
+           "RKDAngleLoss", "SimilarityPreservingLoss", "RKDLoss", "FSPLoss"]

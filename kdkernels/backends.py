@@ -36,6 +36,7 @@ LOSS_OPS: dict[str, tuple[Op, ...]] = {
     "rkd_angle": (ops.RKD_ANGLE,),
     "rkd": (ops.RKD_DISTANCE_ANGLE, ops.RKD_DISTANCE, ops.RKD_ANGLE),
     "similarity_preserving": (ops.SIMILARITY_PRESERVING,),
+    "fsp": (ops.FSP,),
 }
 LOSSES = tuple(LOSS_OPS)
 
@@ -59,6 +60,9 @@ CUDA_AUTO_CHOICE: dict[str, str] = {
     # are at least as fast.
     "projected_mse": "cuda",
     "attention_transfer": "triton",
+    # both backends run the same cuBLAS GEMMs around one small fused kernel; the Triton launcher's
+    # path is the one the interpreter tests. No GPU measurement yet.
+    "fsp": "triton",
 }
 
 ENV_VAR = "KDKERNELS_BACKEND"

@@ -22,7 +22,7 @@ from kdkernels._feature import rows_3d
 from kdkernels.ops.response import DIVERGENCE_CODES, TAIL_CODES
 from kdkernels.ops.response_linear import auto_chunk_rows
 
-__all__ = ["softmax_kl_div", "softmax_kl_div_topk", "fused_linear_softmax_kl_div", "projected_mse", "attention_transfer", "rkd_distance", "rkd_angle", "rkd", "similarity_preserving"]
+__all__ = ["softmax_kl_div", "softmax_kl_div_topk", "fused_linear_softmax_kl_div", "projected_mse", "attention_transfer", "rkd_distance", "rkd_angle", "rkd", "similarity_preserving", "fsp"]
 
 def softmax_kl_div(
     student_logits: Tensor,
@@ -526,3 +526,66 @@ def similarity_preserving(student: Tensor, teacher: Tensor, reduction: str = "me
     student, teacher = v.promote_floating(student, teacher)
     return _dispatch.run("similarity_preserving", backend, student.device, reference.similarity_preserving,
                          functools.partial(_fused_relation, ops.SIMILARITY_PRESERVING), student, teacher, reduction)
+
+
+def fsp(student_first: Tensor, student_second: Tensor, teacher_first: Tensor, teacher_second: Tensor, *,
+        reduction: str = "mean", backend: str = "auto") -> Tensor:
+    """FSP matrix loss (Yim et al., "A Gift from Knowledge Distillation", CVPR 2017) between the
+    student's and the teacher's pair of layers.
+
+    Args:
+        student_first: (N, C1, *spatial), student_second: (N, C2, *spatial): the student's two maps,
+            one spatial size (one or more dims) within the pair.
+        teacher_first: (N, C1, *spatial_t), teacher_second: (N, C2, *spatial_t): the teacher's, with
+            the student's channel counts; its spatial size may differ from the student's.
+        reduction: "mean" (sum / (N C1 C2) = ``F.mse_loss`` of the FSP matrices), "sum",
+            "batchmean" (sum / N, the paper's) or "none" ((N,) per-sample losses).
+        backend: "auto", "torch", "cpu", "cuda" or "triton".
+
+    G = A B^T / S per sample, A (C1, S) and B (C2, S) the maps flattened over their S positions:
+    (N, C1, C2). l_n = sum_ij (G_s - G_t)_ij^2, the paper's squared Frobenius norm (torchdistill's
+    FSPLoss sums the L2 norms of the difference's columns instead, not squared: a different loss).
+    Gradients reach the student's maps and those of the teacher's that require one. The fused
+    backends run the four (eight with teacher gradients: four per side) batched GEMMs through torch
+    and fuse the rest: one difference matrix that becomes the gradient in place, the gradients formed
+    in the forward (the backward only scales them), no copy of the maps.
+    """
+    maps = dict(student_first=student_first, student_second=student_second, teacher_first=teacher_first,
+                teacher_second=teacher_second)
+    for name, x in maps.items():
+        v.check_float_tensor(name, x)
+    v.check_same_device(**maps)
+    for name, x in maps.items():
+        v.check_min_dim(name, x, 3, "batch, channels, spatial...")
+    for name, x in maps.items():
+        if x.shape[0] != student_first.shape[0]:
+            raise ValueError(f"{name} must have the same batch size as student_first ({student_first.shape[0]}), "
+                             f"got {x.shape[0]}")
+    for side in ("student", "teacher"):
+        first, second = maps[f"{side}_first"], maps[f"{side}_second"]
+        if first.shape[2:] != second.shape[2:]:
+            raise ValueError(f"{side}_first and {side}_second must have the same spatial size, got "
+                             f"{tuple(first.shape[2:])} and {tuple(second.shape[2:])}")
+        if math.prod(first.shape[2:]) < 1:
+            raise ValueError(f"{side}_first must have at least 1 spatial position, got shape {tuple(first.shape)}")
+    for which in ("first", "second"):
+        s, t = maps[f"student_{which}"], maps[f"teacher_{which}"]
+        if s.shape[1] < 1:
+            raise ValueError(f"student_{which} must have at least 1 channel, got shape {tuple(s.shape)}")
+        if t.shape[1] != s.shape[1]:
+            raise ValueError(f"teacher_{which} must have student_{which}'s {s.shape[1]} channels, got {t.shape[1]}")
+    red.RELATION.check(reduction)
+    tensors = v.promote_floating(student_first, student_second, teacher_first, teacher_second)
+    return _dispatch.run("fsp", backend, student_first.device, reference.fsp, _fused_fsp, *tensors, reduction)
+
+
+def _fused_fsp(backend, student_first, student_second, teacher_first, teacher_second, reduction):
+    maps = [x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:])).contiguous()
+            for x in (student_first, student_second, teacher_first, teacher_second)]
+    samples, c1, c2 = maps[0].shape[0], maps[0].shape[1], maps[1].shape[1]
+    grad = torch.is_grad_enabled()
+    weight = torch.tensor(red.per_sample_factor(reduction, samples, c1 * c2), dtype=opmath_dtype(maps[0].dtype),
+                          device=maps[0].device)
+    wanted = [grad and x.requires_grad for x in (student_first, student_second, teacher_first, teacher_second)]
+    loss, *_grads = ops.FSP.forward(backend, *maps, weight, reduction == "none", *wanted)
+    return loss

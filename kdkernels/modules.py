@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -13,7 +13,7 @@ from kdkernels import functional as F
 from kdkernels import reduction as red
 
 __all__ = ["SoftmaxKLDivLoss", "TopKSoftmaxKLDivLoss", "FusedLinearSoftmaxKLDivLoss", "ProjectedMSELoss", "AttentionTransferLoss", "RKDDistanceLoss", "RKDAngleLoss", "SimilarityPreservingLoss",
-           "RKDLoss"]
+           "RKDLoss", "FSPLoss"]
 
 
 class SoftmaxKLDivLoss(nn.Module):
@@ -196,6 +196,51 @@ class RKDLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"distance_weight={self.distance_weight}, angle_weight={self.angle_weight}, "
                 f"reduction={self.reduction!r}, backend={self.backend!r}")
+
+
+class FSPLoss(nn.Module):
+    """FSP matrix loss over pairs of layers (Yim et al., CVPR 2017): ``forward(student_pairs,
+    teacher_pairs)`` with lists of (first, second) feature maps returns sum_i weights[i] *
+    :func:`kdkernels.functional.fsp` of pair i (the paper's lambda_i).
+
+    weights: one number per pair (default all 1; the number of pairs is then free); reduction:
+    "mean", "sum", "batchmean" (the paper's 1 / N) or "none" ((N,) per sample). The paper's squared
+    Frobenius form, not torchdistill's column norms (see :func:`kdkernels.functional.fsp`).
+    """
+
+    def __init__(self, weights: Optional[Sequence[float]] = None, reduction: str = "mean",
+                 backend: str = "auto") -> None:
+        super().__init__()
+        if weights is not None:
+            if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+                raise TypeError(f"weights must be a sequence of numbers or None, got {type(weights).__name__}")
+            weights = [v.check_real(f"weights[{i}]", w) for i, w in enumerate(weights)]
+        self.weights = weights
+        self.reduction = red.RELATION.check(reduction)
+        self.backend = backends.check_name(backend)
+
+    def forward(self, student_pairs: Sequence[tuple[Tensor, Tensor]],
+                teacher_pairs: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
+        """sum_i weights[i] * fsp(*student_pairs[i], *teacher_pairs[i]); 0-d, or (N,) for "none"."""
+        if len(student_pairs) != len(teacher_pairs):
+            raise ValueError(f"teacher_pairs must have as many pairs as student_pairs ({len(student_pairs)}), "
+                             f"got {len(teacher_pairs)}")
+        if len(student_pairs) == 0:
+            raise ValueError("student_pairs must hold at least one (first, second) pair")
+        weights = self.weights if self.weights is not None else [1.0] * len(student_pairs)
+        if len(weights) != len(student_pairs):
+            raise ValueError(f"weights has {len(weights)} entries but {len(student_pairs)} pairs were given")
+        total = None
+        for i, (w, s_pair, t_pair) in enumerate(zip(weights, student_pairs, teacher_pairs)):
+            if len(s_pair) != 2 or len(t_pair) != 2:
+                raise ValueError(f"pair {i} must be a (first, second) pair of feature maps")
+            term = F.fsp(s_pair[0], s_pair[1], t_pair[0], t_pair[1], reduction=self.reduction, backend=self.backend)
+            term = term if w == 1 else w * term
+            total = term if total is None else total + term
+        return total
+
+    def extra_repr(self) -> str:
+        return f"weights={self.weights}, reduction={self.reduction!r}, backend={self.backend!r}"
 
 
 class FusedLinearSoftmaxKLDivLoss(nn.Module):

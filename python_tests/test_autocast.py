@@ -13,7 +13,7 @@ import torch
 from kdkernels import functional
 from python_tests.helpers import backend_params
 
-LOSSES = ["softmax_kl_div", "projected_mse", "attention_transfer", "rkd_distance", "rkd_angle", "rkd", "similarity_preserving"]
+LOSSES = ["softmax_kl_div", "projected_mse", "attention_transfer", "rkd_distance", "rkd_angle", "rkd", "similarity_preserving", "fsp"]
 
 
 def _teacher_side(loss: str, g: torch.Generator, device):
@@ -24,6 +24,9 @@ def _teacher_side(loss: str, g: torch.Generator, device):
         return (torch.randn(4, 5, 8, generator=g).to(device),)
     if loss == "attention_transfer":  # (N, Ct, positions) maps beside the student's (4, 5, 8)
         return (torch.randn(4, 3, 8, generator=g).to(device),)
+    if loss == "fsp":  # the student's fp32 second map (4, 3, 8) beside its bf16 first (4, 5, 8); the teacher's pair
+        return (torch.randn(4, 3, 8, generator=g).to(device), torch.randn(4, 5, 6, generator=g).to(device),
+                torch.randn(4, 3, 6, generator=g).to(device))
     return (torch.randn(4, 5, 6, generator=g).to(device),)
 
 

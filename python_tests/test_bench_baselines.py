@@ -17,8 +17,8 @@ from kdkernels import reference
 from kdkernels.backends import LOSSES
 from kdkernels.bench import baselines, impls, peers
 from kdkernels.bench.cases import Case, Inputs, get_preset, make_inputs
-from kdkernels.bench.inputs import (Float64Source, attention_transfer_inputs, projected_mse_inputs, relation_inputs,
-                                    softmax_kl_inputs)
+from kdkernels.bench.inputs import (Float64Source, attention_transfer_inputs, fsp_inputs, projected_mse_inputs,
+                                    relation_inputs, softmax_kl_inputs)
 
 RTOL, ATOL = 1e-5, 1e-6  # float32: the same math in a different order
 
@@ -119,6 +119,15 @@ def test_attention_transfer_eager_equals_reference(p, squared, reduction):
              [s, t], f"attention_transfer p={p} squared={squared} {reduction}")
 
 
+# ------------------------------------------------------------------------------------- fsp
+@pytest.mark.parametrize("reduction", ["mean", "sum", "batchmean", "none"])
+@pytest.mark.parametrize("teacher_grad", [False, True])
+def test_fsp_eager_equals_reference(reduction, teacher_grad):
+    maps = fsp_inputs(_src(), 3, 4, 5, (3, 2), (2, 2), teacher_requires_grad=teacher_grad)
+    _compare(lambda: baselines.fsp(*maps, reduction=reduction), lambda: reference.fsp(*maps, reduction=reduction),
+             list(maps), f"fsp {reduction} teacher_grad={teacher_grad}")
+
+
 def test_relation_eager_teacher_gets_no_gradient():
     s, t = relation_inputs(_src(3), 6, 4, 4, teacher_requires_grad=True)
     for loss in ("rkd_distance", "rkd_angle", "similarity_preserving"):
@@ -214,6 +223,21 @@ def test_torchdistill_sp_is_the_l1_normalised_variant():
     g_s = torch.nn.functional.normalize(s @ s.t(), p=1, dim=1)
     g_t = torch.nn.functional.normalize(t @ t.t(), p=1, dim=1)
     _close(got, (g_t - g_s).pow(2).sum() / 64, "torchdistill SP = L1-normalised SP")
+
+
+@needs_td
+def test_torchdistill_fsp_is_the_column_norm_variant():
+    """FSPLoss sums the L2 norms of the columns of G_s - G_t (not squared) / N, where kdkernels and the
+    FSP paper take the squared Frobenius norm: a different value."""
+    maps = fsp_inputs(_src(), 3, 4, 5, (3, 3), (3, 3))
+    got = _td("fsp", {}, Inputs(maps, {}))
+    ours = reference.fsp(*maps, reduction="batchmean")
+    assert not torch.allclose(got, ours, rtol=1e-3), "torchdistill's FSP now matches ours: update peers.NOTES"
+    from kdkernels.reference.relation import fsp_matrix
+
+    d = fsp_matrix(*maps[:2]) - fsp_matrix(*maps[2:])
+    _close(got, d.norm(dim=1).sum() / 3, "torchdistill FSP = column norms / N")
+    assert "unavailable" in peers.torchdistill_unavailable("fsp", {"reduction": "none"})
 
 
 @needs_td

@@ -26,6 +26,8 @@ def _inputs(loss: str, device="cpu", dtype=torch.float64):
         return rand(2, 3, 5), (rand(2, 3, 4), rand(4, 5), rand(4)), {}
     if loss == "attention_transfer":  # (N, Cs, H, W) student, (N, Ct, H, W) teacher
         return rand(2, 3, 4, 3), (rand(2, 5, 4, 3),), {"p": 2.5}
+    if loss == "fsp":  # the student's first map; its second, the teacher's pair (another spatial size)
+        return rand(2, 3, 4, 3), (rand(2, 5, 4, 3), rand(2, 3, 2, 2), rand(2, 5, 2, 2)), {"reduction": "batchmean"}
     return rand(6, 3), (rand(6, 4),), {}  # relation losses
 
 

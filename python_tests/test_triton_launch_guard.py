@@ -86,6 +86,9 @@ def _inputs(op_name: str, device: torch.device, per_row: bool):
     if op_name == "attention_transfer":  # weight 0-d, p general (exp2 / log2), not squared, both gradients
         return (rand(2, 3, 10, grad=True), rand(2, 4, 10, grad=True), torch.tensor(0.5, device=device), 2.5, False,
                 False, True, True)
+    if op_name == "fsp":  # weight 0-d, student S 10 and teacher S 6, every map's gradient
+        return (rand(2, 3, 10, grad=True), rand(2, 4, 10, grad=True), rand(2, 3, 6, grad=True), rand(2, 4, 6, grad=True),
+                torch.tensor(0.5, device=device), per_row, True, True, True, True)
     return (rand(9, 6, grad=True), rand(9, 4), per_row)  # the relation ops
 
 

@@ -156,6 +156,34 @@ def attention_transfer_launches():
                     k.backward(torch.full((2,) if per_row else (), 2.0, dtype=opmath), gs, gt)
 
 
+def fsp_launches():
+    from kdkernels.triton.relation import fsp as k
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        opmath = torch.float64 if dtype == torch.float64 else torch.float32
+        weight = torch.tensor(0.5, dtype=opmath)
+        # one block / several blocks of (C1, C2) entries per sample; student and teacher S differ
+        for c1, c2 in ((3, 5), (40, 70)):
+            maps = [torch.randn(2, c, s).to(dtype) for c, s in ((c1, 49), (c2, 49), (c1, 16), (c2, 16))]
+            for per_row in (False, True):
+                for grads in ((True, True, False, False), (True, True, True, True), (False, False, False, True),
+                              (False, False, False, False)):
+                    _, *saved = k.forward(*maps, weight, per_row, *grads)
+                    k.backward(torch.full((2,) if per_row else (), 2.0, dtype=opmath), *saved)
+            if dtype in (torch.bfloat16, torch.float16):
+                # on a GPU the launcher writes 16-bit gradient operands (cuBLAS' inputs); on CPU tensors it
+                # takes the float32 path, so that variant is launched here directly
+                from kdkernels.triton._common import launch, tl_opmath
+
+                gram = torch.randn(2, c1 * c2)
+                out = torch.empty(2, c1 * c2, dtype=dtype)
+                block = min(k.TILES[0], triton.next_power_of_2(c1 * c2))
+                blocks = triton.cdiv(c1 * c2, block)
+                launch(k._fsp_diff_kernel, (2, blocks), gram, gram, out, out, weight, torch.empty(2, blocks), c1 * c2,
+                       blocks, 1.0 / 49, 1.0 / 16, WRITE_S=True, WRITE_T=True, DT=tl_opmath(dtype), BLOCK=block,
+                       num_warps=k.TILES[1])
+
+
 def relation_launches():
     from kdkernels.triton.relation import rkd_angle, rkd_distance, rkd_distance_angle, similarity_preserving
 
@@ -174,6 +202,7 @@ def relation_launches():
             rkd_angle.backward(g, s, t)
             rkd_distance_angle.forward(s, t, per_row)
             rkd_distance_angle.backward(g, g, s, t, stats3)
+    fsp_launches()
 
 
 FAMILIES = {"response": response_launches, "feature": feature_launches, "relation": relation_launches}

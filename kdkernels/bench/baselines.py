@@ -43,6 +43,10 @@ Family by family:
   ``d[d > 0].mean()``: the same number, without a host sync or a ``torch.compile`` graph break.
 * ``similarity_preserving``: the SP paper's (Tung & Mori 2019): ``G = f f^T``, rows L2-normalised
   (``F.normalize``), squared Frobenius norm of the difference, divided by B^2 (kdkernels' "mean").
+* ``fsp``: the usual eager code (Yim et al.; torchdistill's ``fsp_matrix``): ``G = torch.matmul(a,
+  b.transpose(1, 2)) / HW`` of the flattened maps, the teacher's under ``torch.no_grad()`` unless its
+  maps require grad, then ``F.mse_loss(G_s, G_t)`` ("mean"); the squared Frobenius norm per sample
+  for the other reductions ("batchmean" is the paper's).
 * Relation reductions are kdkernels' words (kdkernels.reduction.RELATION), applied to the
   elementwise losses.
 """
@@ -51,7 +55,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["softmax_kl_div", "softmax_kl_div_topk", "fused_linear_softmax_kl_div", "projected_mse", "attention_transfer", "rkd_distance", "rkd_angle", "rkd", "similarity_preserving"]
+__all__ = ["softmax_kl_div", "softmax_kl_div_topk", "fused_linear_softmax_kl_div", "projected_mse", "attention_transfer", "rkd_distance", "rkd_angle", "rkd", "similarity_preserving", "fsp"]
 
 
 # ------------------------------------------------------------------------------ response (KD)
@@ -245,3 +249,20 @@ def similarity_preserving(student, teacher, reduction="mean"):
     with torch.no_grad():
         g_t = F.normalize(t @ t.t(), p=2, dim=1)
     return _reduce_relation((g_t - g_s).pow(2), reduction)
+
+
+def _fsp_matrix(first, second):
+    a = first.flatten(2)
+    return torch.matmul(a, second.flatten(2).transpose(1, 2)) / a.shape[2]
+
+
+def fsp(student_first, student_second, teacher_first, teacher_second, reduction="mean"):
+    if teacher_first.requires_grad or teacher_second.requires_grad:
+        g_t = _fsp_matrix(teacher_first, teacher_second)
+    else:
+        with torch.no_grad():
+            g_t = _fsp_matrix(teacher_first, teacher_second)
+    g_s = _fsp_matrix(student_first, student_second)
+    if reduction == "mean":
+        return F.mse_loss(g_s, g_t)
+    return _reduce_relation((g_s - g_t).pow(2), reduction)

@@ -15,8 +15,8 @@ from typing import Any, Callable
 
 import torch
 
-from kdkernels.bench.inputs import (DeviceSource, attention_transfer_inputs, projected_mse_inputs, relation_inputs,
-                                    softmax_kl_inputs)
+from kdkernels.bench.inputs import (DeviceSource, attention_transfer_inputs, fsp_inputs, projected_mse_inputs,
+                                    relation_inputs, softmax_kl_inputs)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
@@ -328,6 +328,46 @@ def _angle_work(case: Case) -> float:
     return _gram_flops(case)["step"] + 60.0 * float(b) ** 3 + 2.0 * float(b) ** 3 * (ds + dt)
 
 
+# fsp -------------------------------------------------------------------------------------------
+def _fsp_sizes(case: Case) -> tuple[int, int, int, int, int]:
+    """(N, C1, C2, student positions, teacher positions); the teacher's spatial size is the student's
+    unless the case gives Ht, Wt."""
+    d = case.dims
+    return d["N"], d["C1"], d["C2"], d["H"] * d["W"], d.get("Ht", d["H"]) * d.get("Wt", d["W"])
+
+
+def _fsp_inputs(case: Case, device: torch.device, seed: int) -> Inputs:
+    d = case.dims
+    maps = fsp_inputs(DeviceSource(seed, case.torch_dtype, device), d["N"], d["C1"], d["C2"], (d["H"], d["W"]),
+                      (d.get("Ht", d["H"]), d.get("Wt", d["W"])))
+    return Inputs(maps, dict(case.options))
+
+
+def _fsp_label(case: Case) -> str:
+    d = case.dims
+    teacher = f" teacher {d['Ht']}x{d['Wt']}" if "Ht" in d else ""
+    return f"N{d['N']} C1{d['C1']} C2{d['C2']} {d['H']}x{d['W']}{teacher} {DTYPE_SHORT[case.dtype]}"
+
+
+def _fsp_gemms(case: Case) -> list[tuple[int, ...]]:
+    """The step's four batched products (b, m, k, n), teacher without grad: G_s = A_s B_s^T, G_t,
+    dA_s = g B_s, dB_s = g^T A_s."""
+    n, c1, c2, ss, st = _fsp_sizes(case)
+    return [(n, c1, ss, c2), (n, c1, st, c2), (n, c1, c2, ss), (n, c2, c1, ss)]
+
+
+def _fsp_flops(case: Case) -> dict:
+    n, c1, c2, ss, st = _fsp_sizes(case)
+    fwd, bwd = 2.0 * n * c1 * c2 * (ss + st), 4.0 * n * c1 * c2 * ss
+    return {"fwd": fwd, "bwd": bwd, "step": fwd + bwd}
+
+
+def _fsp_est(case: Case, kind: str) -> float:
+    n, c1, c2, ss, _st = _fsp_sizes(case)
+    grads, g = n * (c1 + c2) * ss * OPMATH_BYTES, n * c1 * c2 * OPMATH_BYTES
+    return grads + {"eager": 6 * g, "compile": 4 * g, "peer": 6 * g}.get(kind, 3 * g)
+
+
 SPECS: dict[str, LossSpec] = {
     "softmax_kl_div": LossSpec(_kl_inputs, _kl_label, lambda c: None, _kl_est,
                                lambda c: 80.0 * c.dims["R"] * c.dims["V"]),
@@ -348,6 +388,9 @@ SPECS: dict[str, LossSpec] = {
     "rkd_angle": LossSpec(_rel_inputs, _rel_label, lambda c: None, _angle_est, _angle_work, "B", 3.0),
     # distance + 2 x angle (RKDLoss's default weights) in one op: the angle's B^3 dominates
     "rkd": LossSpec(_rel_inputs, _rel_label, lambda c: None, _angle_est, _angle_work, "B", 3.0),
+    # GEMM-bound: four batched products a step (two Grams, the student's two gradients)
+    "fsp": LossSpec(_fsp_inputs, _fsp_label, _fsp_flops, _fsp_est, lambda c: _fsp_flops(c)["step"] * 1.2,
+                    gemms=_fsp_gemms),
 }
 
 
@@ -402,6 +445,15 @@ FUSED_LINEAR_SPEED_TARGET = {"vs_linear_kd_step": 0.9}  # 512 rows: chunks of 25
 AT_CPU_TARGETS = {"vs_eager_step": 5.0, "x_copy_floor": 2.0, "mem_beyond_grads_x_eager": 0.10}
 
 
+# issue #15 §2: the FSP step <= 1.3x its GEMM floor (the four batched GEMMs as torch.bmm), >= 1.5x the
+# eager composition, memory (beyond the gradients) no more than eager's
+FSP_CPU_TARGETS = {"x_gemm_floor": 1.3, "vs_eager_step": 1.5, "mem_beyond_grads_x_eager": 1.0}
+
+
+def _fsp(n, c1, c2, h, w, dtype="float32", targets=None, **opts) -> Case:
+    return Case("fsp", {"N": n, "C1": c1, "C2": c2, "H": h, "W": w}, dtype, opts, "main", targets or {})
+
+
 def _at(n, cs, ct, h, w, dtype="float32", targets=None, **opts) -> Case:
     return Case("attention_transfer", {"N": n, "Cs": cs, "Ct": ct, "H": h, "W": w}, dtype, opts, "main", targets or {})
 
@@ -443,6 +495,7 @@ def preset_cpu() -> Preset:
         _rel("similarity_preserving", 1024, 512),
         _rel("rkd_angle", 128, 512),
         _rel("rkd", 128, 512),
+        _fsp(16, 128, 128, 32, 32),
     ]
     return Preset("cpu", "cpu", cases, warmup=1, min_repeats=3, max_repeats=10, budget_s=0.5,
                   max_case_s=30.0, copy_mib=128,
@@ -462,6 +515,7 @@ def preset_full() -> Preset:
         _rel("similarity_preserving", 4096, 512),
         _rel("rkd_angle", 512, 512),
         _rel("rkd", 512, 512),
+        _fsp(64, 128, 128, 32, 32, targets=FSP_CPU_TARGETS),
     ]
     cases += _scaling({"rkd_distance": [1024, 2048, 4096, 8192, 16384],
                        "similarity_preserving": [1024, 2048, 4096, 8192, 16384],
@@ -485,6 +539,7 @@ def preset_gpu() -> Preset:
         _rel("similarity_preserving", 16384, 1024, "bfloat16"),
         _rel("rkd_angle", 1024, 1024, "bfloat16"),
         _rel("rkd", 1024, 1024, "bfloat16"),
+        _fsp(128, 256, 256, 32, 32, "bfloat16"),
         _kl(4096, 32000, "bfloat16"),
         _kl(4096, 128256, "bfloat16", divergence="jsd", beta=0.5),
         _kl(4096, 256000, "bfloat16"),
@@ -508,6 +563,7 @@ def preset_smoke(device: str = "cpu") -> Preset:
         _rel("similarity_preserving", 64, 16),
         _rel("rkd_angle", 16, 8),
         _rel("rkd", 16, 8),
+        _fsp(2, 4, 6, 4, 4),
         # the sweep's last point is far too big on purpose: it must be skipped by the guards, not run
         _rel("rkd_distance", 32, 16, group="scaling"),
         _rel("rkd_distance", 1 << 20, 16, group="scaling"),
@@ -543,6 +599,8 @@ SHAPE_FORMS = {
     "rkd_angle": RELATION_SHAPE,
     "rkd": RELATION_SHAPE,
     "similarity_preserving": RELATION_SHAPE,
+    "fsp": "NxC1xC2xHxW (N pairs of maps with C1 and C2 channels, one spatial size for student and teacher) or "
+           "NxC1xC2xHxWxHtxWt (the teacher's spatial size Ht x Wt), e.g. 64x128x128x32x32",
 }
 
 
@@ -568,6 +626,8 @@ def parse_shape(loss: str, text: str) -> tuple[dict[str, int], dict[str, Any]]:
         dims, opts = dict(zip(("N", "Cs", "Ct", "H", "W"), nums)), {"feature_dim": 1}
     elif loss == "attention_transfer" and n == 5:
         dims, opts = dict(zip(("N", "Cs", "Ct", "H", "W"), nums)), {}
+    elif loss == "fsp" and n in (5, 7):
+        dims, opts = dict(zip(("N", "C1", "C2", "H", "W", "Ht", "Wt"), nums)), {}
     elif loss in ("rkd_distance", "rkd_angle", "rkd", "similarity_preserving") and n in (2, 3):
         dims = {"B": nums[0], "D": nums[1]} if n == 2 else {"B": nums[0], "Ds": nums[1], "Dt": nums[2]}
         opts = {}

@@ -27,6 +27,11 @@ bench installs it with ``pip install --no-deps torchdistill``):
   with ``normalize(G, 1)`` -- ``p=1``, an L1 norm -- where the SP paper, RepDistiller and kdkernels
   use L2. Same work, different values; its row is timed and labelled so in the notes. Its
   "batchmean" divides by B^2, kdkernels' "mean"; "sum" as ours; no "batchmean" (sum / B) or "none".
+* ``fsp`` -> ``FSPLoss(fsp_pairs)`` with one pair. **Not the same loss**: it sums the L2 norms of the
+  columns of G_s - G_t (``.norm(dim=1).sum()``, not squared) and divides by N, where the FSP paper and
+  kdkernels take the squared Frobenius norm. Same work (the same four GEMMs), different values; its
+  row is timed and labelled so in the notes, for the scalar reductions (it has one normalisation of
+  its own, no "none"). 4-D maps only (it reads H, W; it max-pools a pair's maps to one size).
 
 Liger-Kernel (GPU, ``softmax_kl_div``): ``log_softmax`` of both inputs, then
 ``LigerKLDIVLoss(reduction="batchmean", log_target=True)`` (forward KL) or ``LigerJSD(beta)``,
@@ -46,6 +51,8 @@ NOTES = {
     ("torchdistill", "softmax_kl_div"): "torchdistill KDLoss(alpha=0) x T^2",
     ("torchdistill", "projected_mse"): "torchdistill SimpleLossWrapper(nn.MSELoss) on a plain linear/1x1-conv regressor",
     ("torchdistill", "attention_transfer"): "torchdistill ATLoss (mode 'code': squared, mean; 'paper': norm, batchmean)",
+    ("torchdistill", "fsp"): "torchdistill FSPLoss sums column L2 norms of G_s - G_t / N (kdkernels, paper: squared "
+                             "Frobenius): same work, different loss",
 }
 
 
@@ -103,6 +110,8 @@ def torchdistill_unavailable(loss: str, options: dict) -> str | None:
         return "unavailable (torchdistill's ATLoss: p 2, squared with mean ('code') or not with batchmean ('paper'))"
     if loss == "similarity_preserving" and options.get("reduction", "mean") not in SP_REDUCTIONS:
         return "unavailable (SPKDLoss reductions: batchmean = our mean, sum)"
+    if loss == "fsp" and options.get("reduction", "mean") == "none":
+        return "unavailable (torchdistill's FSPLoss has no per-sample reduction)"
     if loss in ("rkd_distance", "rkd_angle", "rkd") and options.get("reduction", "mean") not in ("mean", "sum"):
         return "unavailable (torchdistill's RKDLoss reductions: mean, sum)"
     return None
@@ -158,6 +167,14 @@ def torchdistill_call(loss: str, options: dict, linear_or_conv: Callable) -> Cal
         fn = td.ATLoss({"at": {"student": {"path": "s", **side}, "teacher": {"path": "t", **side}, "weight": 1}},
                        mode=_at_mode(o))
         return lambda inp: fn(_io("s", inp.args[0]), _io("t", inp.args[1]))
+    if loss == "fsp":
+        names = ("student_first", "student_second", "teacher_first", "teacher_second")
+        fn = td.FSPLoss({"pair": {**{n: {"io": "output", "path": n} for n in names}, "weight": 1}})
+
+        def call(inp):
+            maps = dict(zip(names, inp.args))
+            return fn({n: {"output": maps[n]} for n in names[:2]}, {n: {"output": maps[n]} for n in names[2:]})
+        return call
     if loss == "similarity_preserving":
         fn = td.SPKDLoss("s", "t", reduction=SP_REDUCTIONS[o.get("reduction", "mean")])
         return lambda inp: fn(_io("s", inp.args[0]), _io("t", inp.args[1]))

@@ -1,6 +1,7 @@
-"""Relation family ops: RKD distance, RKD angle, both at once, similarity-preserving (docs/design.md §2.3).
+"""Relation family ops: RKD distance, RKD angle, both at once, similarity-preserving (docs/design.md §2.3),
+and FSP (§2.6: relations between two layers; its own contract, at the end of this file).
 
-Every op takes student (B, Ds) and teacher (B, Dt) rows: 2-D, B >= 2, one floating dtype, and a
+Every op but FSP takes student (B, Ds) and teacher (B, Dt) rows: 2-D, B >= 2, one floating dtype, and a
 last argument ``per_row``. Each forward returns the loss in the op-math dtype (float32; float64 for
 float64 inputs): the per-row losses l_i, shape (B,), when ``per_row`` (row i of the (B, B) matrix;
 anchor i for angle), else their sum over all entries (B^2 for distance and SP, B^3 for angle) as a
@@ -147,4 +148,78 @@ RKD_DISTANCE_ANGLE = register(OpDef(
     both terms' pair weights into the gradient with one GEMM. Returns the two summed losses
     (unweighted) and the distance's stats (3,); the backward takes one upstream gradient per loss.
     O(B^2) memory, as the angle alone. ``per_row`` applies to both losses.""",
+))
+
+
+# ---- FSP matrix loss: one-pass, like attention transfer ----------------------------------------
+# Between two layers of one network, not between samples: its inputs are feature maps, and it has
+# attention transfer's one-pass structure (docs/decisions.md, "FSP").
+FSP_MAPS = ("student_first", "student_second", "teacher_first", "teacher_second")
+
+
+def _fsp_forward_fake(student_first, student_second, teacher_first, teacher_second, weight, per_row, *grads):
+    maps = (student_first, student_second, teacher_first, teacher_second)
+    torch._check(all(m.dim() == 3 for m in maps), lambda: "the four maps must be 3-D (N, C, S)")
+    torch._check(all(m.shape[0] == student_first.shape[0] for m in maps), lambda: "the maps must share N")
+    torch._check(student_first.shape[2] == student_second.shape[2]
+                 and teacher_first.shape[2] == teacher_second.shape[2], lambda: "the maps of a pair must share S")
+    torch._check(teacher_first.shape[1] == student_first.shape[1]
+                 and teacher_second.shape[1] == student_second.shape[1],
+                 lambda: "student and teacher must share C1 and C2")
+    loss = _loss(student_first, per_row)
+    return (loss,) + tuple(torch.empty_like(m, memory_format=torch.contiguous_format) if g else m.new_empty((0,))
+                           for m, g in zip(maps, grads))
+
+
+def _fsp_setup_context(ctx, inputs, output):
+    grads = output[1:]
+    ctx.mark_non_differentiable(*grads)  # saved state, not results to differentiate
+    ctx.set_materialize_grads(False)  # no zero-filled upstream gradients of the maps' size
+    ctx.save_for_backward(*grads)
+
+
+def _fsp_backward(backward_op, ctx, grad_loss, *_grad_grads):
+    from kdkernels.ops.response import _graph_kept
+
+    if grad_loss is None:
+        return (None,) * 10
+    grads = ctx.saved_tensors
+    if _graph_kept():  # a later backward needs the saved gradients as they are: scale copies
+        factor = grad_loss if grad_loss.dim() == 0 else grad_loss.view(-1, 1, 1)
+        grads = tuple((g * factor).to(g.dtype) if g.numel() else g for g in grads)
+    else:  # their last use: in place, nothing to do where the upstream is exactly 1
+        backward_op(grad_loss.contiguous(), *grads)
+    return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:4])) + (None,) * 6
+
+
+FSP = register(OpDef(
+    name="fsp",
+    forward_schema="(Tensor student_first, Tensor student_second, Tensor teacher_first, Tensor teacher_second, "
+                   "Tensor weight, bool per_row, bool student_first_grad, bool student_second_grad, "
+                   "bool teacher_first_grad, bool teacher_second_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    backward_schema="(Tensor grad_loss, Tensor(a!) grad_student_first, Tensor(b!) grad_student_second, "
+                    "Tensor(c!) grad_teacher_first, Tensor(d!) grad_teacher_second) -> ()",
+    forward_fake=_fsp_forward_fake,
+    backward_fake=lambda grad_loss, *grads: None,
+    setup_context=_fsp_setup_context,
+    backward=_fsp_backward,
+    triton_module="kdkernels.triton.relation.fsp",
+    doc="""One-pass FSP matrix loss (Yim et al.; kdkernels.reference.fsp): the loss and its gradients
+    in the forward, the GEMMs through torch (BLAS / cuBLAS), everything between them one fused kernel.
+
+    forward: student_first A_s (N, C1, S_s), student_second B_s (N, C2, S_s), teacher_first A_t
+    (N, C1, S_t), teacher_second B_t (N, C2, S_t): contiguous, one floating dtype, C1, C2, S >= 1,
+    N >= 0. weight 0-d op-math, the reduction's factor (1 / (N C1 C2) "mean", 1 / N "batchmean",
+    1 "sum" / "none"); per_row; one bool per map: form its gradient.
+      G_s = A_s B_s^T, G_t = A_t B_t^T         (N, C1, C2) GEMMs, accumulated and kept in op-math
+      D = G_s / S_s - G_t / S_t,  l_n = sum_ij D_ij^2   (one fused kernel, which also writes
+      g_s = 2 weight D / S_s and g_t = -2 weight D / S_t over the G buffers when gradients are wanted)
+      dA_s = g_s B_s, dB_s = g_s^T A_s, dA_t = g_t B_t, dB_t = g_t^T A_t   (GEMMs, in the input dtype)
+    Returns (loss, grad_student_first, grad_student_second, grad_teacher_first, grad_teacher_second):
+    loss = weight * sum_n l_n (0-d), or weight * l_n (N,) when per_row; each gradient d loss / d map
+    for an upstream gradient of 1 (of every sample when per_row), contiguous, in the maps' dtype, or
+    an empty (0,) tensor when its bool is false. Nothing else is saved.
+    backward: grad_loss 0-d (or (N,) when per_row) op-math; scales the saved gradients in place,
+    sample n by grad_loss (or grad_loss[n]) (scale_rows_ on the (N, C * S) views; nothing where the
+    factor is exactly 1). Empty (0,) gradients are skipped.""",
 ))

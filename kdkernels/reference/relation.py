@@ -1,5 +1,5 @@
-"""Reference relation losses (docs/design.md §2.3): RKD distance, RKD angle, their weighted sum (RKD), and
-similarity-preserving (SP).
+"""Reference relation losses (docs/design.md §2.3): RKD distance, RKD angle, their weighted sum (RKD),
+similarity-preserving (SP), and the FSP matrix loss between two layers (§2.6; its own shapes, below).
 
 Shapes: ``student`` (B, ...) and ``teacher`` (B, ...) are flattened from dim 1 to (B, Ds) and
 (B, Dt); Ds and Dt may differ. Every loss is a per-row loss l_i (row i of its (B, B) matrix, or
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from kdkernels._dtypes import opmath_dtype
-from kdkernels.reduction import reduce_relation
+from kdkernels.reduction import per_sample_factor, reduce_relation
 
 EPS = 1e-12
 
@@ -134,3 +134,29 @@ def similarity_preserving(student: torch.Tensor, teacher: torch.Tensor, reductio
     with torch.no_grad():
         g_t = normalized_gram(t)
     return _reduce_entries((g_t - normalized_gram(s)).square(), reduction)
+
+
+def fsp_matrix(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """The FSP ("flow of solution procedure") matrix of two layers' maps: (N, C1, *spatial) and
+    (N, C2, *spatial) with the same spatial size -> G = A B^T / S, (N, C1, C2), A (N, C1, S) and
+    B (N, C2, S) the maps flattened over their S spatial positions. Op-math dtype."""
+    dt = opmath_dtype(torch.promote_types(first.dtype, second.dtype))
+    a = first.to(dt).flatten(2)
+    b = second.to(dt).flatten(2)
+    return torch.matmul(a, b.transpose(1, 2)) / a.shape[2]
+
+
+def fsp(student_first: torch.Tensor, student_second: torch.Tensor, teacher_first: torch.Tensor,
+        teacher_second: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """FSP matrix loss (Yim et al., CVPR 2017): l_n = sum_ij (G_s - G_t)_ij^2 per sample, the squared
+    Frobenius distance of ``fsp_matrix`` of the student's and the teacher's pair.
+
+    Reductions (kdkernels.reduction.per_sample_factor with the C1 * C2 matrix entries): "mean"
+    sum / (N C1 C2) (= ``F.mse_loss`` of the two matrices), "sum", "batchmean" sum / N (the paper's
+    1 / N), "none" (N,). Both sides are differentiable (the teacher's maps get a gradient when they
+    require one). Op-math: float64 if any map is float64, else float32."""
+    d = fsp_matrix(student_first, student_second) - fsp_matrix(teacher_first, teacher_second)
+    rows = d.square().sum(dim=(1, 2))
+    if reduction == "none":
+        return rows
+    return rows.sum() * per_sample_factor(reduction, d.shape[0], d.shape[1] * d.shape[2])

@@ -77,7 +77,8 @@ def override_tiles(family: str, value: Any) -> Iterator[None]:
     * ``"feature"``: {element size: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps)};
     * ``"attention_transfer"``: (elements per channel x position tile, largest BLOCK_S, largest
       BLOCK_R of the per-sample sweep, num_warps);
-    * ``"relation"``: (BLOCK rows, BLOCK_D, ANGLE_BLOCK).
+    * ``"relation"``: (BLOCK rows, BLOCK_D, ANGLE_BLOCK);
+    * ``"fsp"``: (largest BLOCK of (C1, C2) entries per program, num_warps).
     """
     previous = _TILE_OVERRIDES.get(family, _MISSING)
     _TILE_OVERRIDES[family] = value

@@ -36,3 +36,16 @@ def relation_inputs(source, batch: int, ds: int, dt: int, spatial: tuple = (), *
     elif pattern != "random":
         raise ValueError(f"unknown pattern {pattern!r}; choose from {', '.join(PATTERNS)}")
     return source.finish(s, True), source.finish(t, teacher_requires_grad)
+
+
+def fsp_inputs(source, batch: int, c1: int, c2: int, student_spatial: tuple, teacher_spatial: tuple, *,
+               scale: float = 1.0, student_requires_grad: bool = True,
+               teacher_requires_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FSP's four maps: the student's pair ``(batch, c1, *student_spatial)``, ``(batch, c2,
+    *student_spatial)`` (both require grad unless ``student_requires_grad`` is False) and the
+    teacher's ``(batch, c1, *teacher_spatial)``, ``(batch, c2, *teacher_spatial)``; ``scale`` times
+    standard normal."""
+    maps = [source.normal((batch, c) + tuple(sp), scale)
+            for c, sp in ((c1, student_spatial), (c2, student_spatial), (c1, teacher_spatial), (c2, teacher_spatial))]
+    grads = (student_requires_grad, student_requires_grad, teacher_requires_grad, teacher_requires_grad)
+    return tuple(source.finish(m, g) for m, g in zip(maps, grads))
