@@ -19,6 +19,7 @@
 
 #include <tuple>
 
+#include "../huge_pages.h"
 #include "../scale_rows.h"
 #include "kdkernels/fsp.h"
 #include "kdkernels/op_args.h"
@@ -51,9 +52,14 @@ void fused_difference(T* gs, T* gt, int64_t N, int64_t M, T inv_ss, T inv_st, T 
   });
 }
 
-// the gradient of one map: g (N, C1, C2) times the other map (transposed for the second's)
+// the gradient of one map: g (N, C1, C2) times the other map (transposed for the second's), written
+// by BLAS into a fresh (N, C, S) tensor that asks for huge pages (one write in full: 2 MiB pages
+// save most of the first-touch page faults, about a tenth of the step at N 64, C 128, 32 x 32)
 Tensor map_grad(const Tensor& g, const Tensor& other, bool first, at::ScalarType dtype) {
-  const Tensor out = at::bmm(first ? g : g.transpose(1, 2), other);
+  const Tensor lhs = first ? g : g.transpose(1, 2);
+  Tensor out = at::empty({lhs.size(0), lhs.size(1), other.size(2)}, other.options());
+  prefer_huge_pages(out);
+  at::bmm_out(out, lhs, other);
   return out.scalar_type() == dtype ? out : out.to(dtype);
 }
 
