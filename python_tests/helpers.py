@@ -49,6 +49,21 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{what}: {m}")
 
 
+def assert_grad_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "",
+                      natural: float = 0.0):
+    """A gradient against the float64 spec, both divided by the spec's largest magnitude.
+
+    ``assert_close``'s absolute floor (atol x max(1, |expected|)) suits values of order 1; a loss
+    reduced by "mean" over many entries has gradients far below 1, where that floor would accept
+    anything near zero, even all zeros. ``natural``, the size a gradient entry has for this case,
+    floors the scale at a tenth of it: a gradient that is 0 in exact arithmetic is then compared at
+    the size it would have, so a kernel's float32 round-off there is not read as a relative error."""
+    expected = expected.detach().to("cpu", torch.float64)
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    scale = max(scale, 0.1 * natural) or 1.0
+    assert_close(actual.detach().to("cpu", torch.float64) / scale, expected / scale, dtype, what=what)
+
+
 ALL_DEVICES = ("cpu", "cuda")
 
 

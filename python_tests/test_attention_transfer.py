@@ -16,26 +16,12 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import kdkernels
-from helpers import TOLERANCES, assert_close, backend_params
+from helpers import TOLERANCES, assert_close, assert_grad_close, backend_params
 from kdkernels import functional, ops, reference
 from kdkernels import reduction as red
 
 BACKENDS = backend_params("attention_transfer")
 REDUCTIONS = list(red.FEATURES.names)
-
-
-def _assert_grad_close(actual, expected, dtype, what, natural):
-    """A gradient against the float64 spec, both divided by the spec's largest magnitude: the losses'
-    "mean" divides by N * positions, so gradients are far below 1 and helpers.assert_close's
-    absolute floor (atol x max(1, |expected|)) would accept anything near zero, even all zeros.
-    ``natural`` = factor * p / (C * positions), the size of an attention-transfer gradient entry
-    (factor: the reduction's times the upstream gradient), floors the scale at a tenth of it: a
-    gradient that is 0 in exact arithmetic (a unit attention vector's own norm) is compared at the
-    size it would have, so the kernels' float32 round-off there is not read as a relative error."""
-    expected = expected.detach().double().cpu()
-    scale = expected.abs().max().item() if expected.numel() else 0.0
-    scale = max(scale, 0.1 * natural) or 1.0
-    assert_close(actual.detach().double().cpu() / scale, expected / scale, dtype, what=what)
 
 
 def _maps(device, n, cs, ct, spatial, dtype, seed, zero_student=False, zero_teacher=False):
@@ -121,7 +107,7 @@ def test_fused_matches_reference(device, backend, n, cs, ct, spatial, p, squared
     factor = red.per_sample_factor(reduction, n, positions) * 1.5  # the upstream: 0.5 .. 1.5
     for name, a, b, c in zip(("student", "teacher"), grads, grads_ref, (cs, ct)):
         assert a.dtype == dtype and a.shape == b.shape
-        _assert_grad_close(a, b, dtype, f"{name} gradient", factor * p / (c * positions))
+        assert_grad_close(a, b, dtype, f"{name} gradient", factor * p / (c * positions))
     assert torch.equal(s.detach(), s_in) and torch.equal(t.detach(), t_in)  # inputs never written
 
 
@@ -136,7 +122,7 @@ def test_bfloat16_maps(device, backend):
     (g,) = torch.autograd.grad(got, s)
     (g_ref,) = torch.autograd.grad(want, s64)
     assert g.dtype == torch.bfloat16
-    _assert_grad_close(g, g_ref, torch.bfloat16, "gradient", red.per_sample_factor("mean", 3, 25) * 2 / (6 * 25))
+    assert_grad_close(g, g_ref, torch.bfloat16, "gradient", red.per_sample_factor("mean", 3, 25) * 2 / (6 * 25))
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
@@ -172,8 +158,8 @@ def test_cpu_streamed_fp32_gradient(p):
     ref_s, ref_t = torch.autograd.grad(ref, (s64, t64))
     assert_close(loss, ref, torch.float32, what="loss")
     factor = red.per_sample_factor("mean", 40, 33 * 33) * p / (33 * 33)
-    _assert_grad_close(grad_s, ref_s, torch.float32, "grad_student", factor / 100)
-    _assert_grad_close(grad_t, ref_t, torch.float32, "grad_teacher", factor / 7)
+    assert_grad_close(grad_s, ref_s, torch.float32, "grad_student", factor / 100)
+    assert_grad_close(grad_t, ref_t, torch.float32, "grad_teacher", factor / 7)
 
 
 def test_gradcheck_cpu_op():
