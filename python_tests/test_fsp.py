@@ -17,7 +17,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import kdkernels
-from helpers import assert_close, backend_params
+from helpers import assert_close, assert_grad_close, backend_params
 from kdkernels import functional, ops, reference
 from kdkernels import reduction as red
 
@@ -110,7 +110,7 @@ def test_fused_matches_reference(device, backend, n, c1, c2, s_spatial, t_spatia
     ref_grads = torch.autograd.grad(want, [m for m, g in zip(maps64, grads) if g], up)
     for i, (a, b) in enumerate(zip(got_grads, ref_grads)):
         assert a.dtype == dtype and a.shape == b.shape
-        assert_close(a.cpu(), b, dtype, what=f"gradient {i}")
+        assert_grad_close(a, b, dtype, f"gradient {i}")
     assert all(torch.equal(m.detach(), b) for m, b in zip(maps, before))  # inputs never written
 
 
@@ -146,7 +146,7 @@ def test_bfloat16_maps(device, backend):
     grads = torch.autograd.grad(got, (sf, ss))
     for g, g_ref in zip(grads, torch.autograd.grad(want, maps64[:2])):
         assert g.dtype == torch.bfloat16
-        assert_close(g.cpu(), g_ref, torch.bfloat16, what="gradient")
+        assert_grad_close(g, g_ref, torch.bfloat16, "gradient")
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
