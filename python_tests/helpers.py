@@ -59,7 +59,8 @@ def assert_grad_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch
     floors the scale at a tenth of it: a gradient that is 0 in exact arithmetic is then compared at
     the size it would have, so a kernel's float32 round-off there is not read as a relative error."""
     expected = expected.detach().to("cpu", torch.float64)
-    scale = expected.abs().max().item() if expected.numel() else 0.0
+    finite = expected[torch.isfinite(expected)]  # NaN / inf entries are compared as such, not scaled by
+    scale = finite.abs().max().item() if finite.numel() else 0.0
     scale = max(scale, 0.1 * natural) or 1.0
     assert_close(actual.detach().to("cpu", torch.float64) / scale, expected / scale, dtype, what=what)
 

@@ -142,6 +142,40 @@ def test_kept_graph_backward_twice(device, backend, reduction):
     torch.testing.assert_close(g2, g_ref)
 
 
+GPU_BACKENDS = [b for b in BACKENDS if b.id.startswith("cuda")]
+
+
+# the CUDA kernel's launch forms (csrc/cuda/feature/attention_transfer.cu): a cluster of blocks per
+# sample when few samples (shared memory, then the global scratch for long rows), one block per sample
+# with the scratch, the scalar (unvectorised) path, a general p, a zero and a NaN sample
+GPU_CASES = {"cluster": (1, 3, 5, (64, 64), torch.float32, 2.0), "cluster-scratch": (1, 2, 3, (256, 256), torch.float32, 2.0),
+             "blocks-scratch": (300, 3, 2, (128, 128), torch.float32, 2.0), "scalar-path": (5, 4, 6, (7, 11, 13), torch.float32, 2.0),
+             "p3": (6, 5, 3, (33, 17), torch.float32, 3.0), "fp64": (2, 3, 4, (50, 50), torch.float64, 2.5)}
+
+
+@pytest.mark.parametrize("case", list(GPU_CASES))
+@pytest.mark.parametrize("device,backend", GPU_BACKENDS)
+def test_gpu_launch_forms_match_reference(device, backend, case):
+    n, cs, ct, spatial, dtype, p = GPU_CASES[case]
+    s, t = _maps(device, n, cs, ct, spatial, dtype, seed=21, zero_student=True)
+    if case == "p3":
+        s[1, 0, 0, 0] = float("nan")  # sample 1's loss and gradient are NaN, the others' are not
+    s.requires_grad_(True)
+    t.requires_grad_(True)
+    got = functional.attention_transfer(s, t, p=p, reduction="none", backend=backend)
+    s64, t64 = (x.detach().cpu().double().requires_grad_(True) for x in (s, t))
+    want = reference.attention_transfer(s64, t64, p=p, reduction="none")
+    assert_close(got, want, dtype, what="per-sample losses")
+    up = torch.linspace(0.5, 1.5, n, dtype=torch.float64)
+    grads = torch.autograd.grad(got, (s, t), up.to(got.device, got.dtype))
+    refs = torch.autograd.grad(want, (s64, t64), up)
+    positions = math.prod(spatial)
+    for name, a, b, c in zip(("student", "teacher"), grads, refs, (cs, ct)):
+        assert_grad_close(a, b, dtype, f"{case}: {name} gradient", 1.5 * p / (c * positions))
+    again = functional.attention_transfer(s, t, p=p, reduction="none", backend=backend)
+    assert torch.equal(torch.nan_to_num(got, 7.0), torch.nan_to_num(again, 7.0)), "not deterministic"
+
+
 @pytest.mark.parametrize("p", [1.0, 2.0, 2.5])
 def test_cpu_streamed_fp32_gradient(p):
     """An fp32 gradient above 16 MiB takes the CPU kernel's streaming-store path (odd S: unaligned
