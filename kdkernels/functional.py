@@ -391,10 +391,24 @@ def attention_transfer(student: Tensor, teacher: Tensor, *, p: float = 2.0, squa
                          _fused_attention_transfer, student, teacher, p, squared, reduction)
 
 
+def _float32_if_half_with_grad(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """float16 inputs of a one-pass op that will form gradients, as float32 copies.
+
+    The one-pass ops save the gradient for an upstream of 1 in the inputs' dtype, weight included;
+    in float16 the entries of a "mean" over large maps (~1e-10) underflow to 0 before the backward
+    can scale them (docs/decisions.md, "One-pass ops in float16"). Through float32 copies the op's
+    backward scales in float32 and autograd's cast rounds the scaled gradient to float16 after.
+    bfloat16 has float32's range and is left as it is."""
+    if tensors[0].dtype != torch.float16 or not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
+        return tensors
+    return tuple(t.float() for t in tensors)
+
+
 def _fused_attention_transfer(backend, student, teacher, p, squared, reduction):
     samples, positions = student.shape[0], math.prod(student.shape[2:])
     s = student.reshape(samples, student.shape[1], positions).contiguous()
     t = teacher.reshape(samples, teacher.shape[1], positions).contiguous()
+    s, t = _float32_if_half_with_grad(s, t)
     grad = torch.is_grad_enabled()
     weight = torch.tensor(red.per_sample_factor(reduction, samples, s.shape[2]), dtype=opmath_dtype(s.dtype),
                           device=s.device)
@@ -580,8 +594,8 @@ def fsp(student_first: Tensor, student_second: Tensor, teacher_first: Tensor, te
 
 
 def _fused_fsp(backend, student_first, student_second, teacher_first, teacher_second, reduction):
-    maps = [x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:])).contiguous()
-            for x in (student_first, student_second, teacher_first, teacher_second)]
+    maps = _float32_if_half_with_grad(*(x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:])).contiguous()
+                                        for x in (student_first, student_second, teacher_first, teacher_second)))
     samples, c1, c2 = maps[0].shape[0], maps[0].shape[1], maps[1].shape[1]
     grad = torch.is_grad_enabled()
     weight = torch.tensor(red.per_sample_factor(reduction, samples, c1 * c2), dtype=opmath_dtype(maps[0].dtype),

@@ -176,6 +176,23 @@ def test_gpu_launch_forms_match_reference(device, backend, case):
     assert torch.equal(torch.nan_to_num(got, 7.0), torch.nan_to_num(again, 7.0)), "not deterministic"
 
 
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_float16_gradients_do_not_underflow(device, backend):
+    """float16 maps: the gradient of a "mean" over 16 x 32 x 32 positions has entries ~1e-8, under
+    float16's subnormals' reach if it were saved in float16 before the upstream scales it; scaled by a
+    GradScaler-like upstream (2^16) it must come back as the spec's, not as zeros."""
+    s, t = _maps(device, 16, 8, 4, (32, 32), torch.float16, seed=8)
+    s.requires_grad_(True)
+    loss = functional.attention_transfer(s, t, backend=backend)
+    (g,) = torch.autograd.grad(loss * 65536.0, s)
+    s64 = s.detach().cpu().double().requires_grad_(True)
+    (g_ref,) = torch.autograd.grad(reference.attention_transfer(s64, t.cpu().double()) * 65536.0, s64)
+    assert g.dtype == torch.float16
+    representable = g_ref.abs() > 1e-5  # well above float16's subnormals once scaled
+    assert representable.float().mean() > 0.5 and (g.cpu()[representable] != 0).all()
+    assert_grad_close(g, g_ref, torch.float16, "float16 gradient")
+
+
 @pytest.mark.parametrize("p", [1.0, 2.0, 2.5])
 def test_cpu_streamed_fp32_gradient(p):
     """An fp32 gradient above 16 MiB takes the CPU kernel's streaming-store path (odd S: unaligned

@@ -133,6 +133,26 @@ def test_several_blocks_per_sample(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
+def test_float16_gradients_do_not_underflow(device, backend):
+    """float16 maps: "mean" over N C1 C2 with the 1 / S of G puts the gradient's entries near float16's
+    subnormals; scaled by a GradScaler-like upstream (2^16) they must come back as the spec's."""
+    sf, ss, tf, ts = _maps(device, 16, 32, 32, (32, 32), (32, 32), torch.float16, seed=4)
+    sf.requires_grad_(True)
+    ss.requires_grad_(True)
+    loss = functional.fsp(sf, ss, tf, ts, backend=backend)
+    grads = torch.autograd.grad(loss * 65536.0, (sf, ss))
+    maps64 = [m.detach().cpu().double() for m in (sf, ss, tf, ts)]
+    maps64[0].requires_grad_(True)
+    maps64[1].requires_grad_(True)
+    refs = torch.autograd.grad(functional.fsp(*maps64, backend="torch") * 65536.0, maps64[:2])
+    for g, g_ref in zip(grads, refs):
+        assert g.dtype == torch.float16
+        representable = g_ref.abs() > 1e-5  # well above float16's subnormals once scaled
+        assert representable.float().mean() > 0.5 and (g.cpu()[representable] != 0).all()
+        assert_grad_close(g, g_ref, torch.float16, "float16 gradient")
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
 def test_bfloat16_maps(device, backend):
     sf, ss, tf, ts = _maps(device, 3, 6, 8, (5, 5), (3, 3), torch.bfloat16, seed=3)
     sf.requires_grad_(True)
