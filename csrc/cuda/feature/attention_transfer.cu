@@ -29,6 +29,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <initializer_list>
 #include <limits>
@@ -314,16 +315,63 @@ bool aligned_16(std::initializer_list<const void*> ptrs) {
   return true;
 }
 
-// Whether clusters can be launched: the device is sm_90+ and the kernel's code was compiled for it
-// (a binary JIT-compiled from older PTX has no cluster code path).
+// Per-device facts the launch needs, read once per (device, kernel) and cached: the SM count, and
+// whether clusters can be launched (the device is sm_90+ and the kernel's code was compiled for it;
+// a binary JIT-compiled from older PTX has no cluster code path). Benign races: every writer
+// stores the same value.
+constexpr int kMaxDevices = 64;
+
+inline int sm_count(int device) {
+  static std::array<std::atomic<int>, kMaxDevices> cache{};
+  if (device >= 0 && device < kMaxDevices && cache[device].load(std::memory_order_relaxed) > 0) {
+    return cache[device].load(std::memory_order_relaxed);
+  }
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  if (device >= 0 && device < kMaxDevices) cache[device].store(sms, std::memory_order_relaxed);
+  return sms;
+}
+
 template <typename Kernel>
 bool clusters_supported(Kernel kernel, int device) {
+  static std::array<std::atomic<int>, kMaxDevices> cache{};  // per kernel instantiation: 0 unknown, 1 no, 2 yes
+  if (device >= 0 && device < kMaxDevices) {
+    const int known = cache[device].load(std::memory_order_relaxed);
+    if (known != 0) return known == 2;
+  }
   int major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  if (major < 9) return false;
-  cudaFuncAttributes attr{};
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-  return attr.ptxVersion >= 90;
+  bool ok = major >= 9;
+  if (ok) {
+    cudaFuncAttributes attr{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+    ok = attr.ptxVersion >= 90;
+  }
+  if (device >= 0 && device < kMaxDevices) cache[device].store(ok ? 2 : 1, std::memory_order_relaxed);
+  return ok;
+}
+
+// The launch shape for one cluster size: blocks per sample, units per block, lanes, shared memory.
+template <typename T>
+struct LaunchShape {
+  int cluster;
+  int64_t units_per_block;
+  int lanes;
+  int64_t tile_bytes;
+  int64_t smem;  // dynamic shared memory (the scratch case: the channel-group buffer only)
+};
+
+template <int VW, typename T>
+LaunchShape<T> launch_shape(int64_t units, int cluster) {
+  LaunchShape<T> sh{};
+  sh.cluster = cluster;
+  sh.units_per_block = (units + cluster - 1) / cluster;
+  sh.lanes = kWarpSize;
+  while (sh.lanes < kThreads && sh.lanes < sh.units_per_block) sh.lanes *= 2;
+  sh.tile_bytes = 2 * sh.units_per_block * VW * static_cast<int64_t>(sizeof(T));
+  const int64_t buf_bytes = sh.lanes < kThreads ? int64_t{kThreads} * VW * static_cast<int64_t>(sizeof(T)) : 0;
+  sh.smem = buf_bytes + (sh.tile_bytes <= kTileSmemBytes ? sh.tile_bytes : 0);
+  return sh;
 }
 
 template <int KIND, int VW, typename scalar_t>
@@ -331,9 +379,9 @@ void launch(AtArgs<scalar_t> a, int64_t N, const at::Tensor& like, at::Tensor& s
   using T = at::opmath_type<scalar_t>;
   const auto kernel = attention_transfer_kernel<KIND, VW, scalar_t>;
   const int device = like.get_device();
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int sms = sm_count(device);
   const int64_t units = a.units;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   // Split samples over a cluster while the grid is under two blocks per SM and tiles stay wide.
   int cluster = 1;
   if (N < 2 * static_cast<int64_t>(sms) && units >= 2 * kMinUnitsPerBlock && clusters_supported(kernel, device)) {
@@ -342,42 +390,43 @@ void launch(AtArgs<scalar_t> a, int64_t N, const at::Tensor& like, at::Tensor& s
       cluster *= 2;
     }
   }
-  const int64_t upb = (units + cluster - 1) / cluster;
-  int lanes = kWarpSize;
-  while (lanes < kThreads && lanes < upb) lanes *= 2;
-  a.cluster = cluster;
-  a.units_per_block = static_cast<int>(upb);
-  a.lanes = lanes;
-  const int64_t tile_bytes = 2 * upb * VW * static_cast<int64_t>(sizeof(T));
-  const int64_t buf_bytes = lanes < kThreads ? int64_t{kThreads} * VW * static_cast<int64_t>(sizeof(T)) : 0;
-  int64_t smem = buf_bytes;
-  if (tile_bytes <= kTileSmemBytes) {
+  LaunchShape<T> sh = launch_shape<VW, T>(units, cluster);
+  cudaLaunchConfig_t cfg{};
+  cudaLaunchAttribute attr[1];
+  if (cluster > 1) {  // a cluster shape the device cannot schedule (e.g. a small partition): one block per sample
+    cfg.gridDim = dim3(static_cast<unsigned>(N * cluster));
+    cfg.blockDim = dim3(kThreads);
+    cfg.dynamicSmemBytes = static_cast<size_t>(sh.smem);
+    cfg.stream = stream;
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = static_cast<unsigned>(cluster);
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    int active = 0;
+    if (cudaOccupancyMaxActiveClusters(&active, kernel, &cfg) != cudaSuccess || active < 1) {
+      (void)cudaGetLastError();  // clear the query's error: it is not the launch's
+      sh = launch_shape<VW, T>(units, 1);
+    }
+  }
+  a.cluster = sh.cluster;
+  a.units_per_block = static_cast<int>(sh.units_per_block);
+  a.lanes = sh.lanes;
+  if (sh.tile_bytes <= kTileSmemBytes) {
     a.scratch = nullptr;
-    smem += tile_bytes;
   } else {  // a wide tile: a_s, a_t rows in global memory (then lanes == kThreads: no buf)
     const std::array<int64_t, 3> shape{N, 2, a.S};
     scratch_holder = at::empty(shape, like.options().dtype(c10::CppTypeToScalarType<T>::value));
     a.scratch = scratch_holder.data_ptr<T>();
   }
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const dim3 grid(static_cast<unsigned>(N * cluster));
-  if (cluster == 1) {
-    kernel<<<grid, kThreads, static_cast<size_t>(smem), stream>>>(a);
+  const dim3 grid(static_cast<unsigned>(N * sh.cluster));
+  if (sh.cluster == 1) {
+    kernel<<<grid, kThreads, static_cast<size_t>(sh.smem), stream>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
-  cudaLaunchConfig_t cfg{};
   cfg.gridDim = grid;
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = static_cast<size_t>(smem);
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = static_cast<unsigned>(cluster);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
   C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, a));
 }
 
