@@ -38,7 +38,8 @@ from kdkernels import reduction as red
 from kdkernels._dtypes import opmath_dtype
 from kdkernels.distributed._collectives import agree, check_group, check_same_on_every_rank, replicated_input
 from kdkernels.distributed.vocab_parallel import finish_rows, global_rows, vocab_parallel_softmax_kl_div
-from kdkernels.ops.response import DIVERGENCE_CODES, _graph_kept
+from kdkernels.ops._one_pass import graph_kept
+from kdkernels.ops.response import DIVERGENCE_CODES
 from kdkernels.ops.response_linear import auto_chunk_rows
 
 WHERE = "vocab_parallel_fused_linear_softmax_kl_div"
@@ -218,7 +219,7 @@ class _VocabParallelLinear(torch.autograd.Function):
     def backward(ctx, grad_out):
         nones = (None,) * 10
         if hasattr(ctx, "grads"):  # scalar reduction: the gradients are formed already, scale them
-            if _graph_kept():  # a later backward needs them as they are
+            if graph_kept():  # a later backward needs them as they are
                 return tuple(None if x is None else x * grad_out.to(x.dtype) for x in ctx.grads) + nones
             return tuple(None if x is None else x.mul_(grad_out.to(x.dtype)) for x in ctx.grads) + nones
         hidden, weight, bias, z_t, h_t, w_t, b_t, labels = ctx.saved_tensors

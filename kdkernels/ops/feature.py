@@ -5,6 +5,7 @@ import torch
 
 from kdkernels._dtypes import opmath_dtype
 from kdkernels._feature import empty_in_layout, feature_major
+from kdkernels.ops import _one_pass as one_pass
 from kdkernels.ops._spec import OpDef, register
 from kdkernels.reduction import FEATURE_NONE
 
@@ -95,28 +96,6 @@ def _at_forward_fake(student, teacher, weight, p, squared, per_row, student_grad
             torch.empty_like(teacher, memory_format=torch.contiguous_format) if teacher_grad else empty)
 
 
-def _at_setup_context(ctx, inputs, output):
-    _loss, grad_s, grad_t = output
-    ctx.mark_non_differentiable(grad_s, grad_t)  # saved state, not results to differentiate
-    ctx.set_materialize_grads(False)  # no zero-filled upstream gradients of the feature maps' size
-    ctx.save_for_backward(grad_s, grad_t)
-
-
-def _at_backward(backward_op, ctx, grad_loss, _grad_grad_s, _grad_grad_t):
-    from kdkernels.ops.response import _graph_kept
-
-    if grad_loss is None:
-        return (None,) * 8
-    grad_s, grad_t = ctx.saved_tensors
-    if _graph_kept():  # a later backward needs the saved gradients as they are: scale copies
-        factor = grad_loss if grad_loss.dim() == 0 else grad_loss.view(-1, 1, 1)
-        grad_s, grad_t = ((g * factor).to(g.dtype) if g.numel() else g for g in (grad_s, grad_t))
-    else:  # their last use: in place, nothing to do where the upstream is exactly 1
-        backward_op(grad_loss.contiguous(), grad_s, grad_t)
-    need_s, need_t = ctx.needs_input_grad[:2]
-    return (grad_s if need_s else None, grad_t if need_t else None) + (None,) * 6
-
-
 ATTENTION_TRANSFER = register(OpDef(
     name="attention_transfer",
     forward_schema="(Tensor student, Tensor teacher, Tensor weight, float p, bool squared, bool per_row, "
@@ -124,8 +103,8 @@ ATTENTION_TRANSFER = register(OpDef(
     backward_schema="(Tensor grad_loss, Tensor(a!) grad_student, Tensor(b!) grad_teacher) -> ()",
     forward_fake=_at_forward_fake,
     backward_fake=lambda grad_loss, grad_student, grad_teacher: None,
-    setup_context=_at_setup_context,
-    backward=_at_backward,
+    setup_context=one_pass.setup_context,
+    backward=one_pass.backward,
     triton_module="kdkernels.triton.feature.attention_transfer",
     doc="""One-pass attention transfer (Zagoruyko & Komodakis; kdkernels.reference.attention_transfer):
     the loss and its gradients from one read of each feature map.

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from kdkernels._dtypes import opmath_dtype
+from kdkernels.ops import _one_pass as one_pass
 from kdkernels.ops._spec import OpDef, register
 
 
@@ -171,27 +172,6 @@ def _fsp_forward_fake(student_first, student_second, teacher_first, teacher_seco
                            for m, g in zip(maps, grads))
 
 
-def _fsp_setup_context(ctx, inputs, output):
-    grads = output[1:]
-    ctx.mark_non_differentiable(*grads)  # saved state, not results to differentiate
-    ctx.set_materialize_grads(False)  # no zero-filled upstream gradients of the maps' size
-    ctx.save_for_backward(*grads)
-
-
-def _fsp_backward(backward_op, ctx, grad_loss, *_grad_grads):
-    from kdkernels.ops.response import _graph_kept
-
-    if grad_loss is None:
-        return (None,) * 10
-    grads = ctx.saved_tensors
-    if _graph_kept():  # a later backward needs the saved gradients as they are: scale copies
-        factor = grad_loss if grad_loss.dim() == 0 else grad_loss.view(-1, 1, 1)
-        grads = tuple((g * factor).to(g.dtype) if g.numel() else g for g in grads)
-    else:  # their last use: in place, nothing to do where the upstream is exactly 1
-        backward_op(grad_loss.contiguous(), *grads)
-    return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:4])) + (None,) * 6
-
-
 FSP = register(OpDef(
     name="fsp",
     forward_schema="(Tensor student_first, Tensor student_second, Tensor teacher_first, Tensor teacher_second, "
@@ -201,8 +181,8 @@ FSP = register(OpDef(
                     "Tensor(c!) grad_teacher_first, Tensor(d!) grad_teacher_second) -> ()",
     forward_fake=_fsp_forward_fake,
     backward_fake=lambda grad_loss, *grads: None,
-    setup_context=_fsp_setup_context,
-    backward=_fsp_backward,
+    setup_context=one_pass.setup_context,
+    backward=one_pass.backward,
     triton_module="kdkernels.triton.relation.fsp",
     doc="""One-pass FSP matrix loss (Yim et al.; kdkernels.reference.fsp): the loss and its gradients
     in the forward, the GEMMs through torch (BLAS / cuBLAS), everything between them one fused kernel.

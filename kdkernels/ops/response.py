@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from kdkernels._dtypes import opmath_dtype
+from kdkernels.ops import _one_pass as one_pass
 from kdkernels.ops._spec import OpDef, register
 
 DIVERGENCE_CODES = {"forward": 0, "reverse": 1, "jsd": 2}
@@ -78,34 +79,6 @@ def _step_backward_fake(grad_loss, grad_student, grad_teacher):
     return None
 
 
-def _step_setup_context(ctx, inputs, output):
-    _loss, grad_s, grad_t = output
-    ctx.mark_non_differentiable(grad_s, grad_t)  # saved state, not results to differentiate
-    # no zero-filled "gradients" of the two gradient outputs: autograd would allocate one of the
-    # logits' size for each, in every backward
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(grad_s, grad_t)
-
-
-# The autograd engine's flag for retain_graph / create_graph: whether the graph (so the saved
-# gradients) may be used again after this backward. Outside a backward it says True.
-_graph_kept = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", lambda: True)
-
-
-def _step_backward(backward_op, ctx, grad_loss, _grad_grad_s, _grad_grad_t):
-    grad_s, grad_t = ctx.saved_tensors
-    need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    if grad_loss is None:  # the loss took no part in what is being differentiated
-        return (None,) * 12
-    if _graph_kept():
-        # a later backward (retain_graph=True, gradcheck) needs the saved gradients as they are: scale copies
-        factor = grad_loss if grad_loss.dim() == 0 else grad_loss.unsqueeze(1)
-        grad_s, grad_t = ((g * factor).to(g.dtype) if g.numel() else g for g in (grad_s, grad_t))
-    else:  # their last use: scale in place, nothing to do where the upstream is exactly 1
-        backward_op(grad_loss.contiguous(), grad_s, grad_t)
-    return (grad_s if need_s else None, grad_t if need_t else None) + (None,) * 10
-
-
 SOFTMAX_KL_STEP = register(OpDef(
     name="softmax_kl_step",
     forward_schema="(Tensor student, Tensor teacher, Tensor? labels, Tensor weight, float temperature, "
@@ -114,8 +87,8 @@ SOFTMAX_KL_STEP = register(OpDef(
     backward_schema="(Tensor grad_loss, Tensor(a!) grad_student, Tensor(b!) grad_teacher) -> ()",
     forward_fake=_step_forward_fake,
     backward_fake=_step_backward_fake,
-    setup_context=_step_setup_context,
-    backward=_step_backward,
+    setup_context=one_pass.setup_context,
+    backward=one_pass.backward,
     triton_module="kdkernels.triton.response.softmax_kl_step",
     doc="""One-pass temperature softmax-KL step: the loss and its gradients from one read of the logits.
 
@@ -148,24 +121,6 @@ def _topk_backward_fake(grad_loss, grad_student):
     return None
 
 
-def _topk_setup_context(ctx, inputs, output):
-    ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)  # as the step: no zero-filled (rows x V) upstream for the gradient output
-    ctx.save_for_backward(output[1])
-
-
-def _topk_backward(backward_op, ctx, grad_loss, _grad_grad):
-    if grad_loss is None or not ctx.needs_input_grad[0]:
-        return (None,) * 11
-    (grad_s,) = ctx.saved_tensors
-    if _graph_kept():
-        factor = grad_loss if grad_loss.dim() == 0 else grad_loss.unsqueeze(1)
-        grad_s = (grad_s * factor).to(grad_s.dtype)
-    else:
-        backward_op(grad_loss.contiguous(), grad_s)
-    return (grad_s,) + (None,) * 10
-
-
 SOFTMAX_KL_TOPK = register(OpDef(
     name="softmax_kl_topk",
     forward_schema="(Tensor student, Tensor teacher_logprobs, Tensor indices, Tensor? labels, Tensor weight, "
@@ -174,8 +129,8 @@ SOFTMAX_KL_TOPK = register(OpDef(
     backward_schema="(Tensor grad_loss, Tensor(a!) grad_student) -> ()",
     forward_fake=_topk_forward_fake,
     backward_fake=_topk_backward_fake,
-    setup_context=_topk_setup_context,
-    backward=_topk_backward,
+    setup_context=one_pass.setup_context,
+    backward=one_pass.backward,
     triton_module="kdkernels.triton.response.softmax_kl_topk",
     doc="""One-pass softmax-KL against a top-k sparse teacher (kdkernels.reference.response_topk).
 

@@ -16,7 +16,7 @@ import torch
 
 from kdkernels._dtypes import opmath_dtype
 from kdkernels.ops._spec import OpDef, register
-from kdkernels.ops.response import _graph_kept
+from kdkernels.ops import _one_pass as one_pass
 
 _INPUTS = ("Tensor hidden, Tensor weight, Tensor? bias, Tensor? teacher_logits, Tensor? teacher_hidden, "
            "Tensor? teacher_weight, Tensor? teacher_bias, Tensor? labels")
@@ -56,35 +56,14 @@ def _forward_fake(hidden, weight, bias, teacher_logits, teacher_hidden, teacher_
     return (loss,) + _grads_fake(hidden, weight, bias, hidden_grad, weight_grad, bias_grad)
 
 
-def _setup_context(ctx, inputs, output):
-    _loss, grad_h, grad_w, grad_b = output
-    ctx.mark_non_differentiable(grad_h, grad_w, grad_b)  # saved state, not results to differentiate
-    ctx.set_materialize_grads(False)  # no zero-filled upstream gradients of their size
-    ctx.save_for_backward(grad_h, grad_w, grad_b)
-
-
-def _backward(backward_op, ctx, grad_loss, *_grad_grads):
-    n_inputs = N_TENSORS + 1 + N_OPTIONS + 3
-    if grad_loss is None:
-        return (None,) * n_inputs
-    grad_h, grad_w, grad_b = ctx.saved_tensors
-    if _graph_kept():  # a later backward needs the saved gradients as they are: scale copies
-        grad_h, grad_w, grad_b = ((g * grad_loss).to(g.dtype) if g.numel() else g for g in (grad_h, grad_w, grad_b))
-    else:  # their last use: in place, nothing to do where the upstream is exactly 1
-        backward_op(grad_loss.contiguous(), grad_h, grad_w, grad_b)
-    need = ctx.needs_input_grad
-    return (grad_h if need[0] else None, grad_w if need[1] else None, grad_b if need[2] else None) + \
-        (None,) * (n_inputs - 3)
-
-
 FUSED_LINEAR_SOFTMAX_KL = register(OpDef(
     name="fused_linear_softmax_kl",
     forward_schema=f"({_INPUTS}, Tensor scale, {_OPTIONS}, {_GRADS}) -> (Tensor, Tensor, Tensor, Tensor)",
     backward_schema="(Tensor grad_loss, Tensor(a!) grad_hidden, Tensor(b!) grad_weight, Tensor(c!) grad_bias) -> ()",
     forward_fake=_forward_fake,
     backward_fake=lambda grad_loss, grad_hidden, grad_weight, grad_bias: None,
-    setup_context=_setup_context,
-    backward=_backward,
+    setup_context=one_pass.setup_context,
+    backward=one_pass.backward,
     triton_module="kdkernels.triton.response.fused_linear_softmax_kl",
     doc="""Fused linear + softmax-KL for the scalar reductions: loss and gradients in one chunked pass.
 
