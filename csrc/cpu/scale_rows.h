@@ -10,6 +10,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 
 namespace kdkernels {
@@ -43,6 +44,15 @@ inline void scale_rows_(at::Tensor& grad, const at::Tensor& factor) {
                        }
                      });
   });
+}
+
+// The saved (N, C, S) gradients of a per-sample one-pass op (attention transfer, FSP) scaled per
+// sample: scale_rows_ on their (N, C * S) views; an empty (0,) gradient (not requested) is skipped.
+inline void scale_samples_(at::Tensor& grad, const at::Tensor& factor) {
+  if (grad.numel() == 0) return;
+  const std::array<int64_t, 2> shape{grad.size(0), grad.numel() / grad.size(0)};
+  at::Tensor rows = grad.view(shape);
+  scale_rows_(rows, factor);
 }
 
 }  // namespace cpu

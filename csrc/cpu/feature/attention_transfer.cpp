@@ -178,13 +178,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_transfer_forward_cpu(
           teacher_grad ? grad_t : at::empty({0}, teacher.options())};
 }
 
-// the saved (N, C, S) gradients scaled per sample: scale_rows_ on their (N, C * S) views
-void scale_samples_(at::Tensor& grad, const at::Tensor& factor) {
-  if (grad.numel() == 0) return;
-  at::Tensor rows = grad.view({grad.size(0), grad.numel() / grad.size(0)});
-  scale_rows_(rows, factor);
-}
-
 void attention_transfer_backward_cpu(const at::Tensor& grad_loss, at::Tensor& grad_student, at::Tensor& grad_teacher) {
   check_attention_transfer_backward_args(grad_loss, grad_student, grad_teacher, "attention_transfer_backward");
   scale_samples_(grad_student, grad_loss);

@@ -514,14 +514,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_transfer_forward_cuda(
           teacher_grad ? grad_t : at::empty(empty_shape, teacher.options())};
 }
 
-// the saved (N, C, S) gradients scaled per sample: scale_rows_ on their (N, C * S) views
-void scale_samples_(at::Tensor& grad, const at::Tensor& factor) {
-  if (grad.numel() == 0) return;
-  const std::array<int64_t, 2> shape{grad.size(0), grad.numel() / grad.size(0)};
-  at::Tensor rows = grad.view(shape);
-  scale_rows_(rows, factor);
-}
-
 void attention_transfer_backward_cuda(const at::Tensor& grad_loss_in, at::Tensor& grad_student,
                                       at::Tensor& grad_teacher) {
   check_attention_transfer_backward_args(grad_loss_in, grad_student, grad_teacher, "attention_transfer_backward");

@@ -132,14 +132,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fsp_forward_cuda(
           grad(ts_grad, ot, teacher_first, false, teacher_second)};
 }
 
-// the saved (N, C, S) gradients scaled per sample: scale_rows_ on their (N, C * S) views
-void scale_samples_(Tensor& grad, const Tensor& factor) {
-  if (grad.numel() == 0) return;
-  const std::array<int64_t, 2> shape{grad.size(0), grad.numel() / grad.size(0)};
-  Tensor rows = grad.view(shape);
-  scale_rows_(rows, factor);
-}
-
 void fsp_backward_cuda(const Tensor& grad_loss_in, Tensor& grad_sf, Tensor& grad_ss, Tensor& grad_tf,
                        Tensor& grad_ts) {
   const Tensor* const grads[4] = {&grad_sf, &grad_ss, &grad_tf, &grad_ts};
